@@ -1,0 +1,180 @@
+"""Rules that involve more than one key.
+
+Each check names the sections it needs and runs only when those validated,
+so one broken section does not hide problems elsewhere.  Checks report the
+file:line of the keys involved and a concrete fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ava.config.batch import BatchPlan, BatchValue, WorldSize, solve_batch
+from ava.config.errors import Notice, Problem
+from ava.config.provenance import DEFAULT_ORIGIN, Origin
+from ava.config.schema import (UNAVAILABLE_FEATURES, DataConfig, DeepSpeedSection, HardwareConfig,
+                               ModelConfig, TrainingConfig)
+from ava.config.yaml_loader import KeyPath
+
+
+@dataclass
+class CheckContext:
+    """What the checks read and where they write."""
+
+    sections: dict[str, object]
+    origins: dict[KeyPath, Origin]
+    world: WorldSize
+    problems: list[Problem] = field(default_factory=list)
+    notices: list[Notice] = field(default_factory=list)
+    batch: BatchPlan | None = None
+
+    def origin(self, dotted: str) -> Origin:
+        return self.origins.get(tuple(dotted.split(".")), DEFAULT_ORIGIN)
+
+    def where(self, dotted: str) -> str:
+        return self.origin(dotted).where()
+
+    def key(self, dotted: str) -> str:
+        return self.origin(dotted).key or dotted
+
+    def problem(self, dotted: str, message: str, fix: str, value: object) -> None:
+        self.problems.append(Problem(self.where(dotted), self.key(dotted), message, fix, value))
+
+
+def _model(ctx: CheckContext) -> None:
+    m = ctx.sections["model"]
+    assert isinstance(m, ModelConfig)
+    if m.hidden_size % m.num_attention_heads:
+        heads = [h for h in range(1, m.hidden_size + 1) if m.hidden_size % h == 0]
+        near = sorted(heads, key=lambda h: abs(h - m.num_attention_heads))[:2]
+        ctx.problem("model.hidden_size",
+                    f"must be divisible by model.num_attention_heads = {m.num_attention_heads} "
+                    f"({ctx.where('model.num_attention_heads')}); each head gets hidden_size / heads dimensions",
+                    f"use num_attention_heads {' or '.join(map(str, sorted(near)))}, or hidden_size "
+                    f"{m.hidden_size - m.hidden_size % m.num_attention_heads + m.num_attention_heads}",
+                    m.hidden_size)
+    if m.is_moe and m.num_experts_per_token > m.num_experts:
+        ctx.problem("model.num_experts_per_token",
+                    f"a token cannot be routed to more experts than exist: model.num_experts = "
+                    f"{m.num_experts} ({ctx.where('model.num_experts')})",
+                    f"set num_experts_per_token <= {m.num_experts}, or raise num_experts",
+                    m.num_experts_per_token)
+    if m.is_moe and m.router_type == "switch" and m.num_experts_per_token != 1:
+        ctx.problem("model.router_type",
+                    f"switch routing sends each token to exactly one expert, but "
+                    f"model.num_experts_per_token = {m.num_experts_per_token} "
+                    f"({ctx.where('model.num_experts_per_token')})",
+                    f"use router_type: topk for top-{m.num_experts_per_token} routing, "
+                    "or set num_experts_per_token: 1", m.router_type)
+    for name, feature in UNAVAILABLE_FEATURES.items():
+        if getattr(m, name):
+            ctx.problem(f"model.{name}", f"{feature} is not available in Ava yet, and a switch that "
+                        "silently did nothing would mislead you", f"set {name}: false", True)
+
+
+def _training(ctx: CheckContext) -> None:
+    t = ctx.sections["training"]
+    assert isinstance(t, TrainingConfig)
+    if t.max_steps is not None and t.warmup_steps >= t.max_steps:
+        ctx.problem("training.warmup_steps",
+                    f"must be smaller than training.max_steps = {t.max_steps} ({ctx.where('training.max_steps')}); "
+                    "otherwise the learning rate never reaches its peak",
+                    f"set warmup_steps to at most {max(0, t.max_steps // 10)} (10% of max_steps is typical)",
+                    t.warmup_steps)
+    if t.lr_end > t.learning_rate:
+        ctx.problem("training.lr_end",
+                    f"must not exceed training.learning_rate = {t.learning_rate} "
+                    f"({ctx.where('training.learning_rate')}); the schedule decays towards lr_end",
+                    f"set lr_end to at most {t.learning_rate} (often a tenth of it: {t.learning_rate / 10:g})",
+                    t.lr_end)
+
+
+def _data(ctx: CheckContext) -> None:
+    d, m = ctx.sections["data"], ctx.sections["model"]
+    assert isinstance(d, DataConfig) and isinstance(m, ModelConfig)
+    if d.max_length > m.max_position_embeddings:
+        ctx.problem("data.max_length",
+                    f"exceeds model.max_position_embeddings = {m.max_position_embeddings} "
+                    f"({ctx.where('model.max_position_embeddings')}), the longest sequence the model accepts",
+                    f"set data.max_length <= {m.max_position_embeddings}, or raise max_position_embeddings",
+                    d.max_length)
+
+
+def _precision(ctx: CheckContext) -> None:
+    t, h = ctx.sections["training"], ctx.sections["hardware"]
+    assert isinstance(t, TrainingConfig) and isinstance(h, HardwareConfig)
+    p = t.mixed_precision
+    device = f"hardware '{h.name}' ({ctx.where('hardware.name')})"
+    if p == "bf16" and not h.bf16:
+        ctx.problem("training.mixed_precision", f"{device} has no bfloat16 support",
+                    "use mixed_precision: fp16 (with loss scaling) or fp32", p)
+    if p == "fp16" and not h.fp16:
+        reason = ("DeepSpeed's CPU accelerator supports fp16 only on CPUs with AMX-FP16"
+                  if h.accelerator == "cpu" else "the device has no float16 support")
+        ctx.problem("training.mixed_precision", f"fp16 is not supported by {device}: {reason}",
+                    "use mixed_precision: bf16 (or fp32)", p)
+    if p == "fp8" and not h.fp8 and h.accelerator != "auto":
+        ctx.notices.append(Notice(
+            "warning", ctx.where("training.mixed_precision"), ctx.key("training.mixed_precision"),
+            f"fp8 requested but {device} has no FP8 matrix units: FP8 will be emulated (correct "
+            "numerics, slower than bf16); use it for testing, and bf16 for speed on this hardware"))
+
+
+def _deepspeed(ctx: CheckContext) -> None:
+    ds, t = ctx.sections["deepspeed"], ctx.sections["training"]
+    assert isinstance(ds, DeepSpeedSection) and isinstance(t, TrainingConfig)
+    if ds.fp8_enabled is not None and ds.fp8_enabled != (t.mixed_precision == "fp8"):
+        ctx.problem("deepspeed.fp8_enabled",
+                    f"disagrees with the precision {t.mixed_precision!r} "
+                    f"({ctx.where('training.mixed_precision')})",
+                    "remove fp8_enabled (precision alone decides) or make them agree: precision fp8 "
+                    "with fp8_enabled true", ds.fp8_enabled)
+    if not ds.enabled and (ds.zero_stage > 0 or ds.cpu_offload or ds.nvme_offload):
+        ctx.problem("deepspeed.enabled", f"is false, but ZeRO stage {ds.zero_stage} / offload is requested "
+                    f"({ctx.where('deepspeed.zero_stage')})",
+                    "set deepspeed.enabled: true, or zero_stage: 0 and no offload", False)
+    if ds.cpu_offload and ds.zero_stage == 0:
+        ctx.problem("deepspeed.cpu_offload", "CPU offload needs ZeRO stage 1, 2 or 3, but zero_stage is 0 "
+                    f"({ctx.where('deepspeed.zero_stage')})", "set deepspeed.zero_stage: 2 (or 3)", True)
+    if ds.nvme_offload and ds.zero_stage != 3:
+        ctx.problem("deepspeed.nvme_offload", f"NVMe offload (ZeRO-Infinity) needs zero_stage 3, not "
+                    f"{ds.zero_stage} ({ctx.where('deepspeed.zero_stage')})", "set deepspeed.zero_stage: 3", True)
+    if ds.nvme_offload and not ds.nvme_path:
+        ctx.problem("deepspeed.nvme_offload", "NVMe offload needs a directory to write to",
+                    "set deepspeed.nvme_path to a directory on a local NVMe drive, e.g. /local_nvme", True)
+    if ds.cpu_offload and ds.nvme_offload:
+        ctx.problem("deepspeed.cpu_offload", "cpu_offload and nvme_offload are both on; offload goes to one place",
+                    "keep one of them", True)
+
+
+def _batch(ctx: CheckContext) -> None:
+    t, ds = ctx.sections["training"], ctx.sections["deepspeed"]
+    assert isinstance(t, TrainingConfig) and isinstance(ds, DeepSpeedSection)
+    micro = BatchValue("training.batch_size", t.batch_size, ctx.origin("training.batch_size"))
+    acc = BatchValue("training.gradient_accumulation_steps", t.gradient_accumulation_steps,
+                     ctx.origin("training.gradient_accumulation_steps"))
+    glob = BatchValue("deepspeed.train_batch_size", ds.train_batch_size, ctx.origin("deepspeed.train_batch_size"))
+    plan, problems = solve_batch(micro, acc, glob, ctx.world)
+    ctx.problems.extend(problems)
+    if plan is not None:
+        ctx.notices.extend(plan.notices)
+    ctx.batch = plan
+
+
+CHECKS: tuple[tuple[tuple[str, ...], Callable[[CheckContext], None]], ...] = (
+    (("model",), _model),
+    (("training",), _training),
+    (("data", "model"), _data),
+    (("training", "hardware"), _precision),
+    (("deepspeed", "training"), _deepspeed),
+    (("training", "deepspeed"), _batch),
+)
+
+
+def run_checks(ctx: CheckContext) -> CheckContext:
+    """Run every check whose sections validated."""
+    for needs, check in CHECKS:
+        if all(ctx.sections.get(name) is not None for name in needs):
+            check(ctx)
+    return ctx

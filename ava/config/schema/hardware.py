@@ -1,0 +1,25 @@
+"""The `hardware:` section: what the machine can do, declared by the hardware config.
+
+Precision checks compare the requested precision with these capabilities, so
+a config meant for an H100 can be validated on a laptop.  With no hardware
+config the accelerator is `auto` and the check waits for run time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ava.config.schema.base import Section
+
+
+class HardwareConfig(Section):
+    """Capabilities of the target device."""
+
+    name: str = Field("unspecified", description="Human-readable device name.")
+    accelerator: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device type.")
+    memory_gb: float | None = Field(None, gt=0, description="Memory per device in GiB.")
+    bf16: bool = Field(True, description="The device computes in bfloat16.")
+    fp16: bool = Field(True, description="The device computes in float16 (DeepSpeed fp16 on CPU needs AMX-FP16).")
+    fp8: bool = Field(False, description="The device has FP8 matrix units (Ada, Hopper, Blackwell).")

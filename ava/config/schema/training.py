@@ -1,0 +1,68 @@
+"""The `training:` section: optimisation, schedule, precision, evaluation and saving."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ava.config.schema.base import Section
+
+Precision = Literal["fp32", "fp16", "bf16", "fp8"]
+
+
+class GradientHealthConfig(Section):
+    """Adaptive clipping, explosion detection and automatic LR reduction."""
+
+    enabled: bool = Field(True, description="Turn the gradient-health monitor on.")
+    initial_clip_value: float = Field(2.0, gt=0, description="Clip threshold at step 0.")
+    final_clip_value: float = Field(0.5, gt=0, description="Clip threshold after warmup_steps.")
+    warmup_steps: int = Field(2000, ge=0, description="Steps over which the clip threshold anneals.")
+    explosion_threshold: float = Field(
+        5.0, gt=1, description="A gradient norm this many times the running baseline is an explosion.")
+    auto_reduce_lr: bool = Field(True, description="Reduce the learning rate after an explosion.")
+    lr_reduction_factor: float = Field(0.5, gt=0, lt=1, description="Multiplier applied to the LR on explosion.")
+
+
+class TrainingConfig(Section):
+    """How the model is optimised."""
+
+    batch_size: int = Field(8, gt=0, description="Per-device micro batch (sequences per forward pass).")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro batches per optimizer step.")
+
+    learning_rate: float = Field(4.2e-4, gt=0, description="Peak learning rate (after warmup).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_gradient_norm: float = Field(0.5, ge=0, description="Global gradient-norm clip; 0 disables clipping.")
+
+    num_epochs: int = Field(10, gt=0, description="Passes over the training data (max_steps stops earlier).")
+    max_steps: int | None = Field(40000, gt=0, description="Optimizer steps to run; null runs num_epochs.")
+    warmup_steps: int = Field(2000, ge=0, description="Steps of LR warmup from 0 to learning_rate.")
+    warmup_schedule: Literal["linear", "cosine"] = Field("cosine", description="Shape of the warmup.")
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup, from learning_rate to lr_end.")
+    lr_end: float = Field(1e-4, ge=0, description="Learning rate at the end of the decay.")
+
+    repetition_penalty_weight: float = Field(0.5, ge=0, description="Weight of the repeated-n-gram penalty loss.")
+    immediate_repetition_weight: float = Field(
+        1.0, ge=0, description="Weight of the penalty for repeating the previous token.")
+    min_sequence_length: int = Field(20, ge=0, description="Generated length below which EOS is penalised.")
+    eos_penalty_weight: float = Field(5.0, ge=0, description="Weight of the early-EOS penalty.")
+
+    mixed_precision: Precision = Field("fp16", description="Training precision: fp32, fp16, bf16 or fp8.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    dataloader_num_workers: int = Field(8, ge=0, description="Same value as data.dataloader_num_workers.")
+
+    eval_strategy: Literal["steps", "epoch", "no"] = Field("steps", description="When to evaluate.")
+    eval_steps: int = Field(500, gt=0, description="Evaluate every this many steps (eval_strategy: steps).")
+    save_strategy: Literal["steps", "epoch", "no"] = Field("steps", description="When to save checkpoints.")
+    save_steps: int = Field(1000, gt=0, description="Save every this many steps (save_strategy: steps).")
+    logging_steps: int = Field(50, gt=0, description="Log metrics every this many steps.")
+
+    early_stopping_patience: int | None = Field(
+        3, ge=0, description="Evaluations without improvement before stopping; null disables.")
+    early_stopping_threshold: float = Field(0.01, ge=0, description="Smallest eval-loss decrease that counts.")
+
+    gradient_health: GradientHealthConfig = Field(default_factory=GradientHealthConfig)

@@ -1,0 +1,138 @@
+"""Turn the merged tree into validated sections, translating pydantic errors.
+
+Each section is validated on its own so that a typo in `model:` does not hide
+a wrong type in `training:`: every problem in every section is reported in
+one go, located at the file and line where the user wrote the key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from ava.config import keys
+from ava.config.errors import Notice, Problem
+from ava.config.merge import MergedTree
+from ava.config.provenance import Origin
+from ava.config.schema import DEPRECATED_KEYS, SECTIONS
+from ava.config.yaml_loader import KeyPath, parse_scalar
+
+
+def validate_sections(tree: MergedTree) -> tuple[dict[str, BaseModel | None], list[Problem], list[Notice]]:
+    """Validate every section present; return the valid ones plus all problems and notices."""
+    problems: list[Problem] = []
+    valid: dict[str, BaseModel | None] = {}
+
+    for name in tree.data:
+        if name not in SECTIONS:
+            problems.append(_unknown_key((name,), tree))
+
+    for name, model in SECTIONS.items():
+        raw = tree.data.get(name)
+        if raw is None:
+            valid[name] = None if name == "rlhf" else model()
+            continue
+        if not isinstance(raw, dict):
+            problems.append(Problem(_where(tree, (name,)), name, f"'{name}' must be a mapping of keys",
+                                    f"write `{name}:` followed by indented `key: value` lines", raw))
+            continue
+        try:
+            valid[name] = model.model_validate(raw)
+        except ValidationError as exc:
+            problems.extend(_convert(name, err, tree) for err in exc.errors())
+
+    notices = [Notice("warning", tree.origins[tuple(path.split("."))].where(), path, text)
+               for path, text in DEPRECATED_KEYS.items() if tree.is_set(tuple(path.split(".")))]
+    return valid, problems, notices
+
+
+def _where(tree: MergedTree, path: KeyPath) -> str:
+    origin = _origin(tree, path)
+    return origin.where() if origin else "defaults"
+
+
+def _origin(tree: MergedTree, path: KeyPath) -> Origin | None:
+    for cut in range(len(path), 0, -1):
+        origin = tree.locations.get(path[:cut])
+        if origin is not None:
+            return origin
+    return None
+
+
+def _shown_key(tree: MergedTree, path: KeyPath) -> str:
+    origin = tree.origins.get(path)
+    return origin.key if origin and origin.key else ".".join(path)
+
+
+def _unknown_key(path: KeyPath, tree: MergedTree) -> Problem:
+    parent, bad = path[:-1], path[-1]
+    where = _where(tree, path)
+    dotted = ".".join(path)
+    options = keys.children(parent)
+    close = keys.suggest(bad, options)
+    section = ".".join(parent) or "the top level"
+    if close:
+        fix = "did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
+    else:
+        elsewhere = keys.other_sections_with(bad, exclude=parent)
+        if elsewhere:
+            fix = f"'{bad}' belongs under " + " or ".join(e.rsplit(".", 1)[0] + ":" for e in elsewhere) \
+                + f" (full key {' or '.join(elsewhere)}); move it there"
+        else:
+            fix = f"remove it; the keys allowed in {section} are: " + ", ".join(options)
+    kind = "section" if not parent else "key"
+    return Problem(where, dotted, f"unknown {kind} '{bad}' in {section}", fix)
+
+
+def _convert(section: str, err: Any, tree: MergedTree) -> Problem:
+    loc = (section, *[str(part) for part in err["loc"]])
+    path = tuple(p for p in loc if not p.isdigit())
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        return _unknown_key(path, tree)
+    info = keys.lookup(path)
+    where = _where(tree, path)
+    key = _shown_key(tree, path)
+    message = err["msg"]
+    fix = ""
+    if kind in ("int_type", "float_type", "bool_type", "int_from_float", "list_type", "string_type"):
+        expected = {"int_type": "a whole number", "int_from_float": "a whole number",
+                    "float_type": "a number", "bool_type": "true or false",
+                    "list_type": "a list such as [0.9, 0.95]", "string_type": "text"}[kind]
+        message = f"expected {expected}, got {type(value).__name__}"
+        if isinstance(value, str) and kind != "string_type" and not isinstance(parse_scalar(value), str):
+            fix = f"remove the quotes: write {value}"
+        elif kind == "bool_type":
+            fix = "write true or false (without quotes)"
+        elif info is not None:
+            fix = f"give {expected}" + (f" ({info.description.rstrip('.')})" if info.description else "")
+    elif kind == "literal_error" and info is not None and info.allowed() is not None:
+        allowed = info.allowed() or ()
+        message = f"not an allowed value; allowed: {', '.join(repr(a) for a in allowed)}"
+        close = keys.suggest(str(value), [str(a) for a in allowed])
+        fix = (f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(repr(a) for a in allowed)}")
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        message = message.replace("Input should be", "must be")
+        fix = f"choose a value in range" + (f": {info.description.rstrip('.')}" if info and info.description else "")
+    elif kind in ("too_short", "too_long"):
+        message = f"must have exactly {_length(info)} values"
+        fix = "write e.g. [0.9, 0.95]" if path[-1] == "betas" else "give the right number of values"
+    elif kind in ("model_type", "dict_type", "model_attributes_type"):
+        message = f"'{path[-1]}' must be a mapping of keys"
+        fix = f"write `{path[-1]}:` followed by indented key: value lines; keys: {', '.join(keys.children(path))}"
+    elif kind == "string_pattern_mismatch":
+        fix = "write it as `module:function`, e.g. `ava.rlhf.rewards:digit_match`"
+    else:
+        fix = info.description if info and info.description else ""
+    return Problem(where, key, message, fix, value)
+
+
+def _length(info: keys.KeyInfo | None) -> int:
+    if info is None:
+        return 2
+    for meta in info.field.metadata:
+        if hasattr(meta, "min_length") and meta.min_length is not None:
+            return int(meta.min_length)
+    return 2
