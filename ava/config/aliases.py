@@ -64,11 +64,12 @@ def resolve_aliases(tree: MergedTree) -> list[Problem]:
     if tree.is_set(BETAS):
         betas, origin = tree.get(BETAS), tree.origins[BETAS]
         if isinstance(betas, list) and len(betas) == 2:
-            for key, beta in zip(BETA_KEYS, betas):
+            for key, beta in zip(BETA_KEYS, betas, strict=True):
                 candidates = [(BETAS, beta, origin)]
                 if tree.is_set(key):
                     candidates.insert(0, (key, tree.get(key), tree.origins[key]))
                 _fold(tree, key, candidates, problems)
+                _merge_history(tree, BETAS, key)
             tree.remove(BETAS)
         # a malformed betas value stays in place for the schema to report
     return problems
@@ -87,7 +88,7 @@ def _fold(tree: MergedTree, canonical: KeyPath, candidates: list[tuple[KeyPath, 
             winners[0][2].where(), ".".join(canonical),
             f"the same setting is given twice with different values in one layer: {listed}. "
             "These keys are alternative names for one value",
-            f"keep only one of them, or give them the same value"))
+            "keep only one of them, or give them the same value"))
         return
     path, value, origin = winners[-1]
     if path != canonical:

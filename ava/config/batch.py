@@ -17,8 +17,8 @@ listing the nearest valid combinations.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from ava.config.errors import Notice, Problem
 from ava.config.provenance import DEFAULT_ORIGIN, Layer, Origin
@@ -33,7 +33,7 @@ class WorldSize:
 
     @classmethod
     def detect(cls, env: Mapping[str, str] | None = None, num_gpus: int | None = None,
-               num_nodes: int | None = None) -> "WorldSize":
+               num_nodes: int | None = None) -> WorldSize:
         """From the launcher's WORLD_SIZE, else --num_gpus x --num_nodes (a dry run), else 1.
 
         `--num_gpus` counts GPUs per node, as the deepspeed launcher does.

@@ -7,14 +7,20 @@ file:line of the keys involved and a concrete fix.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ava.config.batch import BatchPlan, BatchValue, WorldSize, solve_batch
 from ava.config.errors import Notice, Problem
 from ava.config.provenance import DEFAULT_ORIGIN, Origin
-from ava.config.schema import (UNAVAILABLE_FEATURES, DataConfig, DeepSpeedSection, HardwareConfig,
-                               ModelConfig, TrainingConfig)
+from ava.config.schema import (
+    UNAVAILABLE_FEATURES,
+    DataConfig,
+    DeepSpeedSection,
+    HardwareConfig,
+    ModelConfig,
+    TrainingConfig,
+)
 from ava.config.yaml_loader import KeyPath
 
 
@@ -22,7 +28,7 @@ from ava.config.yaml_loader import KeyPath
 class CheckContext:
     """What the checks read and where they write."""
 
-    sections: dict[str, object]
+    sections: Mapping[str, object]
     origins: dict[KeyPath, Origin]
     world: WorldSize
     problems: list[Problem] = field(default_factory=list)

@@ -8,8 +8,9 @@ fixes a config in one round trip instead of one error per run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 _MISSING = object()
 

@@ -11,7 +11,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel
@@ -94,7 +94,7 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _index() -> tuple[dict[KeyPath, KeyInfo], dict[KeyPath, type[BaseModel]]]:
     leaves: dict[KeyPath, KeyInfo] = {}
     sections: dict[KeyPath, type[BaseModel]] = {(): AvaConfig}
@@ -135,7 +135,7 @@ def children(path: KeyPath) -> list[str]:
     return list(model.model_fields) if model else []
 
 
-@lru_cache(maxsize=None)
+@cache
 def flat_names() -> dict[str, tuple[KeyPath, ...]]:
     """Flat command-line names (`--batch_size`) -> the section-level keys they may mean.
 

@@ -8,9 +8,10 @@ problem found.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ava.config.aliases import fill_aliases, resolve_aliases
 from ava.config.batch import BatchPlan, WorldSize
@@ -105,7 +106,8 @@ def load_config(files: ConfigFiles, overrides: Sequence[str] = (),
 
 def _finish(sections: dict[str, Any], tree: MergedTree, plan: BatchPlan, notices: list[Notice],
             files: ConfigFiles, overrides: tuple[str, ...]) -> ResolvedConfig:
-    data = {name: (s.model_dump(mode="json") if s is not None else None) for name, s in sections.items()}
+    data: dict[str, Any] = {name: (s.model_dump(mode="json") if s is not None else None)
+                            for name, s in sections.items()}
     origins = dict(tree.origins)
     data["training"]["batch_size"] = plan.micro
     data["training"]["gradient_accumulation_steps"] = plan.accumulation

@@ -8,8 +8,9 @@ default applies again.  Each assignment is kept in a per-key history so
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from ava.config.provenance import Assignment, Layer, Origin
 from ava.config.yaml_loader import KeyPath, LoadedYaml
@@ -22,6 +23,7 @@ class Leaf:
     path: KeyPath
     value: Any
     origin: Origin
+    parents: tuple[Origin, ...] = ()  # where each enclosing section key was written, outermost first
 
 
 @dataclass
@@ -52,7 +54,10 @@ class MergedTree:
             if not isinstance(node.get(key), dict):
                 self._forget(prefix)
                 node[key] = {}
-            self.locations.setdefault(prefix, leaf.origin)
+            if depth < len(leaf.parents):
+                self.locations[prefix] = leaf.parents[depth]
+            else:
+                self.locations.setdefault(prefix, leaf.origin)
             node = node[key]
         last = leaf.path[-1]
         self._forget(leaf.path)
@@ -81,18 +86,18 @@ class MergedTree:
 def yaml_leaves(loaded: LoadedYaml, layer: Layer) -> Iterator[Leaf]:
     """Flatten a loaded YAML file into leaf assignments, with file:line origins."""
 
-    def walk(node: dict[str, Any], prefix: KeyPath) -> Iterator[Leaf]:
+    def walk(node: dict[str, Any], prefix: KeyPath, parents: tuple[Origin, ...]) -> Iterator[Leaf]:
         for key, value in node.items():
             path = (*prefix, key)
             origin = Origin(layer, loaded.path, loaded.lines.get(path), ".".join(path))
             if isinstance(value, dict) and value:
-                yield from walk(value, path)
+                yield from walk(value, path, (*parents, origin))
             elif isinstance(value, dict):
                 continue  # `section: {}` changes nothing
             else:
-                yield Leaf(path, value, origin)
+                yield Leaf(path, value, origin, parents)
 
-    yield from walk(loaded.data, ())
+    yield from walk(loaded.data, (), ())
 
 
 def merge(layers: list[list[Leaf]]) -> MergedTree:

@@ -7,8 +7,8 @@ kept verbatim for string keys, and `null` resets a key to its default.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ava.config import keys
 from ava.config.aliases import alias_of
@@ -108,9 +108,11 @@ def _target(name: str, where: str) -> tuple[keys.KeyPath | None, Problem | None]
     if len(matches) == 1:
         return matches[0], None
     if len(matches) > 1:
-        listed = " and ".join("--" + ".".join(p) for p in matches)
+        written = keys.flat_names()[name]
+        listed = " and ".join(f"--{'.'.join(p)} ({_meaning(p)})" for p in written)
         return None, Problem(where, name, f"the flat flag --{name} is ambiguous: it could mean {listed}",
-                             f"use the dotted form, {listed}")
+                             "use the dotted form of the one you mean: "
+                             + " or ".join("--" + ".".join(p) for p in written))
     if keys.is_section((name,)):
         return None, Problem(where, name, f"'{name}' is a section, not a single value",
                              f"set one of its keys, e.g. --{name}.{keys.children((name,))[0]} VALUE")
@@ -123,6 +125,11 @@ def _target(name: str, where: str) -> tuple[keys.KeyPath | None, Problem | None]
     fix = ("did you mean " + " or ".join("--" + c for c in close) + "?") if close else \
         "run `ava config show --config FILE` to list the keys, or use the dotted form --section.key"
     return None, Problem(where, name, f"unknown option --{name}", fix)
+
+
+def _meaning(path: keys.KeyPath) -> str:
+    info = keys.lookup(path)
+    return (info.description.rstrip(".") if info and info.description else "a setting")
 
 
 def _unknown_dotted(path: keys.KeyPath, where: str) -> Problem:

@@ -115,7 +115,7 @@ def _convert(section: str, err: Any, tree: MergedTree) -> Problem:
         fix = (f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(repr(a) for a in allowed)}")
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         message = message.replace("Input should be", "must be")
-        fix = f"choose a value in range" + (f": {info.description.rstrip('.')}" if info and info.description else "")
+        fix = "choose a value in range" + (f": {info.description.rstrip('.')}" if info and info.description else "")
     elif kind in ("too_short", "too_long"):
         message = f"must have exactly {_length(info)} values"
         fix = "write e.g. [0.9, 0.95]" if path[-1] == "betas" else "give the right number of values"

@@ -95,12 +95,19 @@ def load_yaml_text(text: str, shown: str) -> LoadedYaml:
 
 def _build_mapping(loader: _AvaLoader, node: yaml.MappingNode, prefix: KeyPath,
                    out: LoadedYaml) -> dict[str, Any]:
-    loader.flatten_mapping(node)  # expands `<<: *anchor` merge keys
+    own = {id(k) for k, _ in node.value}
+    loader.flatten_mapping(node)  # expands `<<: *anchor` merge keys (merged pairs come first)
     mapping: dict[str, Any] = {}
     first_line: dict[str, int] = {}
+    merged_keys: set[str] = set()
     for key_node, value_node in node.value:
         line = key_node.start_mark.line + 1
         key = loader.construct_object(key_node, deep=True)
+        if id(key_node) not in own:
+            merged_keys.add(key)
+        elif key in merged_keys:
+            merged_keys.discard(key)  # an explicit key overrides one brought in by `<<:`
+            first_line.pop(key, None)
         if not isinstance(key, str):
             raise ConfigError([Problem(f"{out.path}:{line}", ".".join(prefix),
                                        f"key {key!r} is not a string",

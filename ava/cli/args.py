@@ -1,0 +1,71 @@
+"""The command-line arguments every entry point shares.
+
+`--config`, `--hardware_config`, `--distributed_config`, `--rlhf_config`, the
+launcher's `--local_rank`, `--num_gpus` and `--num_nodes`, and any number of
+`--key value` overrides.  Abbreviations are disabled so `--conf` is never
+silently taken for `--config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ava.config import ConfigFiles, WorldSize
+
+OVERRIDE_HELP = """\
+overrides:
+  --KEY VALUE           a flat key of one section, e.g. --batch_size 32 --learning_rate 5e-5
+  --SECTION.KEY VALUE   any key, e.g. --training.learning_rate 5e-5 --model.num_experts=8
+  --KEY null            reset a key to its default
+"""
+
+
+def add_stack_arguments(parser: argparse.ArgumentParser, *, require_config: bool = False) -> None:
+    """Add the config-file and launcher arguments."""
+    group = parser.add_argument_group("configuration (merged in this order; later wins)")
+    group.add_argument("--config", required=require_config, help="base config, e.g. configs/gpu/tiny.yaml")
+    group.add_argument("--hardware_config", help="hardware config, e.g. configs/hardware/cpu.yaml")
+    group.add_argument("--distributed_config", help="distributed config, e.g. configs/distributed/deepspeed_zero2.yaml")
+    group.add_argument("--rlhf_config", help="RLHF config, e.g. configs/rlhf/test_cpu.yaml")
+    launch = parser.add_argument_group("launcher (accepted from deepspeed/torchrun; a dry run uses them for the world size)")
+    launch.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    launch.add_argument("--num_gpus", type=int, default=None, help="GPUs per node (dry run: world size)")
+    launch.add_argument("--num_nodes", type=int, default=None, help="nodes (dry run: world size)")
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Everything needed to load one configuration."""
+
+    files: ConfigFiles
+    overrides: tuple[str, ...]
+    world: WorldSize
+
+
+def stack_from(ns: argparse.Namespace, extras: Sequence[str]) -> Stack:
+    files = ConfigFiles(ns.config, ns.hardware_config, ns.distributed_config, ns.rlhf_config)
+    world = WorldSize.detect(num_gpus=ns.num_gpus, num_nodes=ns.num_nodes)
+    return Stack(files, tuple(_without_local_rank(extras)), world)
+
+
+def _without_local_rank(extras: Sequence[str]) -> list[str]:
+    # The deepspeed launcher may pass `--local_rank=N` in forms argparse already took;
+    # anything left that is a launcher flag is dropped here, not treated as an override.
+    out: list[str] = []
+    skip = False
+    for token in extras:
+        if skip:
+            skip = False
+            continue
+        if token.startswith("--local_rank") or token.startswith("--local-rank"):
+            skip = "=" not in token
+            continue
+        out.append(token)
+    return out
+
+
+def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                   epilog=OVERRIDE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,0 +1,83 @@
+"""The `ava` console script.
+
+User errors (`ConfigError`) are printed as one paragraph per problem and exit
+with status 2, without a traceback; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+from ava import __version__
+from ava.cli import config_cmd, train_cmd
+from ava.config import ConfigError
+
+USAGE = f"""usage: ava <command> [options]
+
+Ava {__version__} -- DeepSpeed-centric training for GPT-style and MoE models.
+
+commands:
+  train                 train (same as `python train.py`)
+  config show           print the resolved configuration (--explain: with origins)
+  config explain KEY    where a key's value came from, and every layer that set it
+  config validate       validate a config stack, or every shipped combination
+  config deepspeed      print the generated DeepSpeed JSON
+  config diff A B       compare two configs resolved with the same other layers
+  config schema         print the JSON Schema of config files (for editors)
+
+`ava <command> --help` describes each command's options.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: list[str]) -> int:
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        print(f"ava {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    if command == "train":
+        return train_cmd.main(rest, prog="ava train")
+    if command == "config":
+        table: Mapping[str, Callable[[Sequence[str]], int]] = config_cmd.COMMANDS
+        if not rest or rest[0] in ("-h", "--help"):
+            print(USAGE)
+            return 0 if rest else 2
+        if rest[0] not in table:
+            return _unknown(f"config {rest[0]}", [f"config {c}" for c in table])
+        return table[rest[0]](rest[1:])
+    return _unknown(command, ["train", "config"])
+
+
+def _unknown(command: str, options: list[str]) -> int:
+    import difflib
+
+    close = difflib.get_close_matches(command, options, n=1)
+    hint = f" Did you mean `ava {close[0]}`?" if close else ""
+    print(f"ava: unknown command `{command}`.{hint} Run `ava --help` for the list.", file=sys.stderr)
+    return 2
+
+
+def train_entry(argv: Sequence[str] | None = None) -> int:
+    """Entry used by train.py: the same error handling as `ava`."""
+    try:
+        return train_cmd.main(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as exc:
+        if __import__("os").environ.get("RANK", "0") == "0":
+            print(exc.render(), file=sys.stderr)
+        return 2

@@ -1,0 +1,101 @@
+"""The schema forbids unknown keys at every depth and enforces the cross-field rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from ava.config import ConfigError, ConfigFiles, WorldSize, load_config
+
+ONE = WorldSize(1, "test")
+
+
+def _problems(write_yaml, text: str, *overrides: str) -> str:
+    path = write_yaml("c.yaml", text)
+    with pytest.raises(ConfigError) as err:
+        load_config(ConfigFiles(path), list(overrides), world=ONE)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("text, line, suggestion", [
+    ("trainig:\n  batch_size: 8\n", 1, "'training'"),
+    ("model:\n  hiden_size: 8\n", 2, "'hidden_size'"),
+    ("training:\n  gradient_health:\n    enabld: true\n", 3, "'enabled'"),
+    ("deepspeed:\n  optimizer:\n    params:\n      lrr: 0.1\n", 4, "'lr'"),
+])
+def test_misspelt_key_at_any_depth_fails_with_file_line_and_suggestion(write_yaml, text, line, suggestion):
+    message = _problems(write_yaml, text)
+    assert f"c.yaml:{line}" in message and "did you mean " + suggestion in message
+
+
+def test_key_in_the_wrong_section_says_where_it_belongs(write_yaml):
+    message = _problems(write_yaml, "training:\n  hidden_size: 8\n")
+    assert "belongs under model:" in message
+
+
+def test_every_problem_is_reported_at_once(write_yaml):
+    message = _problems(write_yaml, """\
+model:
+  hiden_size: 8
+training:
+  batch_size: "8"
+  learning_rate: -1
+data:
+  padding_side: middle
+""")
+    assert "4 problems" in message
+    for fragment in ("c.yaml:2", "c.yaml:4", "c.yaml:5", "c.yaml:7", "'left', 'right'"):
+        assert fragment in message
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("model:\n  hidden_size: 100\n  num_attention_heads: 12\n", "divisible"),
+    ("model:\n  num_experts: 4\n  num_experts_per_token: 5\n", "more experts than exist"),
+    ("model:\n  num_experts: 4\n  num_experts_per_token: 2\n  router_type: switch\n", "exactly one expert"),
+    ("training:\n  warmup_steps: 100\n  max_steps: 100\n", "smaller than training.max_steps"),
+    ("training:\n  learning_rate: 1e-4\n  lr_end: 1e-3\n", "must not exceed training.learning_rate"),
+    ("model:\n  max_position_embeddings: 128\ndata:\n  max_length: 256\n", "max_position_embeddings"),
+    ("deepspeed:\n  zero_stage: 2\n  nvme_offload: true\n  nvme_path: /nvme\n", "needs zero_stage 3"),
+    ("deepspeed:\n  cpu_offload: true\n", "needs ZeRO stage 1, 2 or 3"),
+    ("training:\n  mixed_precision: bf16\ndeepspeed:\n  fp8_enabled: true\n", "disagrees with the precision"),
+])
+def test_cross_field_rules(write_yaml, text, fragment):
+    assert fragment in _problems(write_yaml, text)
+
+
+@pytest.mark.parametrize("feature", ["use_moh", "use_moa", "use_rag", "use_cross_attention", "use_episodic_memory"])
+def test_enhanced_features_are_in_the_schema_but_true_is_not_available_yet(write_yaml, feature):
+    ok = write_yaml("ok.yaml", f"model:\n  {feature}: false\n")
+    assert getattr(load_config(ConfigFiles(ok), world=ONE).config.model, feature) is False
+    message = _problems(write_yaml, f"model:\n  {feature}: true\n")
+    assert "not available in Ava yet" in message and f"{feature}: false" in message
+
+
+def test_fp8_interval_is_accepted_with_a_warning_saying_why(write_yaml):
+    path = write_yaml("c.yaml", "deepspeed:\n  fp8_interval: 1\n")
+    r = load_config(ConfigFiles(path), world=ONE)
+    warnings = [n for n in r.notices if n.key == "deepspeed.fp8_interval"]
+    assert len(warnings) == 1 and warnings[0].where == f"{path}:2" and "no effect" in warnings[0].message
+
+
+def test_fp8_on_hardware_without_fp8_units_runs_emulated_and_says_so(write_yaml):
+    path = write_yaml("c.yaml", "hardware:\n  name: A100\n  accelerator: cuda\n  fp8: false\n"
+                                "training:\n  mixed_precision: fp8\n")
+    r = load_config(ConfigFiles(path), world=ONE)
+    assert any("emulated" in n.message for n in r.notices)
+    assert r.config.deepspeed.fp8_enabled is True
+
+
+def test_precision_the_hardware_lacks_is_an_error(write_yaml):
+    message = _problems(write_yaml, "hardware:\n  accelerator: cpu\n  fp16: false\ntraining:\n  mixed_precision: fp16\n")
+    assert "fp16 is not supported" in message and "bf16" in message
+
+
+def test_sizes_written_in_float_notation_are_whole_numbers(write_yaml):
+    path = write_yaml("c.yaml", "deepspeed:\n  reduce_bucket_size: 5e8\n")
+    assert load_config(ConfigFiles(path), world=ONE).config.deepspeed.reduce_bucket_size == 500_000_000
+    assert "whole number" in _problems(write_yaml, "deepspeed:\n  reduce_bucket_size: 2.5\n")
+
+
+def test_same_setting_twice_in_one_file_with_different_values_is_an_error(write_yaml):
+    message = _problems(write_yaml, "training:\n  batch_size: 8\ndeepspeed:\n  micro_batch_size: 4\n")
+    assert "c.yaml:2" in message and "c.yaml:4" in message and "alternative names" in message
