@@ -149,8 +149,10 @@ def _validate_all(ns: argparse.Namespace, extras: Sequence[str]) -> int:
                                    "run from the Ava checkout or pass --configs_dir PATH/TO/configs")])
     try:
         worlds = [int(w) for w in ns.world_sizes.split(",") if w.strip()]
+        if not worlds or min(worlds) < 1:
+            raise ValueError
     except ValueError:
-        raise ConfigError([Problem("command line (--world_sizes)", "", f"not a list of integers: {ns.world_sizes!r}",
+        raise ConfigError([Problem("command line (--world_sizes)", "", f"not a list of positive integers: {ns.world_sizes!r}",
                                    "write e.g. --world_sizes 1,2,8")]) from None
     gpus = sorted(root.glob("gpu/*.yaml"))
     hardware: list[Path | None] = [None, *sorted(root.glob("hardware/*.yaml"))]

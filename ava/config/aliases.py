@@ -94,8 +94,13 @@ def _fold(tree: MergedTree, canonical: KeyPath, candidates: list[tuple[KeyPath, 
     if path != canonical:
         tree.origins.pop(canonical, None)
         parent = tree.get(canonical[:-1])
+        if parent is None:
+            node = tree.data
+            for key in canonical[:-1]:
+                node = node.setdefault(key, {})
+            parent = node
         if not isinstance(parent, dict):
-            return  # the section itself is malformed; the schema reports it
+            return  # the section itself is malformed (a scalar); the schema reports it
         parent[canonical[-1]] = value
         tree.origins[canonical] = origin
         tree.locations[canonical] = origin

@@ -43,6 +43,12 @@ class WorldSize:
         if raw and raw.strip().isdigit() and int(raw) > 0:
             return cls(int(raw), "environment WORLD_SIZE (set by the launcher)")
         if num_gpus is not None or num_nodes is not None:
+            for flag, value in (("--num_gpus", num_gpus), ("--num_nodes", num_nodes)):
+                if value is not None and value < 1:
+                    from ava.config.errors import ConfigError, Problem
+
+                    raise ConfigError([Problem(f"command line ({flag} {value})", flag,
+                                               "must be at least 1", f"pass {flag} 1 or more")])
             gpus, nodes = num_gpus or 1, num_nodes or 1
             return cls(gpus * nodes, f"--num_gpus {gpus} x --num_nodes {nodes}")
         return cls(1, "default: a single process (no launcher, no --num_gpus)")
@@ -164,7 +170,8 @@ def nearest_combinations(m: int, a: int, g: int, w: int, limit: int = 4) -> list
             add(m, per_rank // m)
         if per_rank % a == 0:
             add(per_rank // a, a)
-        divisors = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+        window = range(max(1, m // 4), min(per_rank, 4 * m) + 1)  # near the requested micro batch only
+        divisors = [d for d in window if per_rank % d == 0]
         for d in sorted(divisors, key=lambda d: (abs(d - m), d))[:2]:
             add(d, per_rank // d)
     for aa in sorted({max(1, g // (m * w)), max(1, -(-g // (m * w)))}):

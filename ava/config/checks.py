@@ -52,7 +52,7 @@ def _model(ctx: CheckContext) -> None:
     m = ctx.sections["model"]
     assert isinstance(m, ModelConfig)
     if m.hidden_size % m.num_attention_heads:
-        heads = [h for h in range(1, m.hidden_size + 1) if m.hidden_size % h == 0]
+        heads = [h for h in range(1, min(m.hidden_size, 4 * m.num_attention_heads) + 1) if m.hidden_size % h == 0]
         near = sorted(heads, key=lambda h: abs(h - m.num_attention_heads))[:2]
         ctx.problem("model.hidden_size",
                     f"must be divisible by model.num_attention_heads = {m.num_attention_heads} "

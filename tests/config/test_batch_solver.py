@@ -80,3 +80,11 @@ def test_all_three_from_one_layer_disagreeing_is_never_silently_fixed():
     plan, problems = solve_batch(BatchValue("m", 8, o), BatchValue("a", 4, o), BatchValue("g", 64, o),
                                  WorldSize(1, "t"))
     assert plan is None and len(problems) == 1
+
+
+def test_huge_inconsistent_values_are_answered_quickly_not_by_scanning_every_divisor():
+    o = Origin(Layer.BASE, "b.yaml", 1)
+    # a linear divisor scan over 10**12 would never finish; the suggestions stay near the request
+    plan, problems = solve_batch(BatchValue("m", 8, o), BatchValue("a", 4, o), BatchValue("g", 10**12 + 1, o),
+                                 WorldSize(1, "t"))
+    assert plan is None and "nearest valid" in problems[0].render()

@@ -107,3 +107,10 @@ def test_rlhf_layer_sits_between_distributed_and_cli(write_yaml):
     assert r.config.training.eps == 1e-6 and r.config.rlhf is not None and r.config.rlhf.stage == "grpo"
     r2 = load_config(ConfigFiles(base, None, dist, rl), ["--training.eps", "1e-5"], world=ONE)
     assert r2.config.training.eps == 1e-5
+
+
+def test_an_alias_alone_in_a_file_is_honoured_not_dropped(write_yaml):
+    only_alias = write_yaml("d.yaml", "deepspeed:\n  micro_batch_size: 4\n  optimizer:\n    params:\n      lr: 5e-5\n")
+    r = load_config(ConfigFiles(only_alias), ["--training.lr_end", "1e-6", "--training.warmup_steps", "10"],
+                    world=ONE)
+    assert r.config.training.batch_size == 4 and r.config.training.learning_rate == 5e-5
