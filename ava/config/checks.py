@@ -60,6 +60,19 @@ def _model(ctx: CheckContext) -> None:
                     f"use num_attention_heads {' or '.join(map(str, sorted(near)))}, or hidden_size "
                     f"{m.hidden_size - m.hidden_size % m.num_attention_heads + m.num_attention_heads}",
                     m.hidden_size)
+    if m.num_attention_heads % m.kv_heads:
+        divisors = [h for h in range(1, m.num_attention_heads + 1) if m.num_attention_heads % h == 0]
+        ctx.problem("model.num_key_value_heads",
+                    f"must divide model.num_attention_heads = {m.num_attention_heads} "
+                    f"({ctx.where('model.num_attention_heads')}); each key/value head serves an equal group "
+                    "of query heads", f"use one of {', '.join(map(str, divisors))}", m.num_key_value_heads)
+    if (m.position_embedding_type == "rope" and not m.hidden_size % m.num_attention_heads
+            and m.head_dim % 2):
+        ctx.problem("model.position_embedding_type",
+                    f"rotary embeddings rotate pairs of dimensions, but each head has hidden_size / "
+                    f"num_attention_heads = {m.head_dim} (odd) dimensions",
+                    "choose hidden_size and num_attention_heads giving an even head size, or use "
+                    "position_embedding_type: learned", m.position_embedding_type)
     if m.is_moe and m.num_experts_per_token > m.num_experts:
         ctx.problem("model.num_experts_per_token",
                     f"a token cannot be routed to more experts than exist: model.num_experts = "
