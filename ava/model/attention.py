@@ -1,0 +1,53 @@
+"""Causal self-attention with grouped-query heads, through PyTorch's SDPA kernel."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ava.model.kv_cache import KVCache
+from ava.model.rotary import apply_rotary
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head or grouped-query attention.
+
+    q, k and v come from one fused projection (`qkv_proj`, rows ordered q, k, v)
+    because one large matmul is faster than three small ones; the Hugging Face
+    converters split and join it.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = hidden_size // num_heads
+        self.dropout = dropout
+        self.qkv_proj = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+            dim=-1)
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)
+        mask, causal = None, True
+        if past:
+            causal = False
+            if seq > 1:  # a chunk after a prefix: query i sees every cached key and keys up to itself
+                total = past + seq
+                mask = torch.ones(seq, total, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))

@@ -1,0 +1,66 @@
+"""All experts of one layer as stacked weight tensors, run as one grouped matmul.
+
+Stacking (E, ...) keeps the layout DeepSpeed's expert parallelism expects:
+an expert-parallel rank owns a slice along dim 0, and a ZeRO-3 leaf module
+gathers the whole stack at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ava.model.mlp import activate
+
+
+def grouped_mm_supported(dtype: torch.dtype, widths: tuple[int, ...]) -> bool:
+    """torch's grouped GEMM takes fp32/bf16/fp16 operands whose rows are multiples of 16 bytes.
+
+    Under torch.compile (torch 2.13) its shape function accepts bf16 only, so
+    other dtypes take the per-expert loop there.
+    """
+    if not hasattr(F, "grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return False
+    size = torch.tensor([], dtype=dtype).element_size()
+    return all(w * size % 16 == 0 for w in widths)
+
+
+class GroupedExperts(nn.Module):
+    """E feed-forward experts as stacked (E, in, out) weights: gate_proj and up_proj (E, H, I), down_proj (E, I, H).
+
+    gate_proj exists for swiglu only. Gate and up stay separate for the reason
+    given in `DenseMLP`: no gradient concatenation in backward.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str) -> None:
+        super().__init__()
+        self.num_experts, self.activation = num_experts, activation
+        self.gate_proj = (nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+                          if activation == "swiglu" else None)
+        self.up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.widths = (hidden_size, intermediate_size)
+
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Expert e transforms rows[offset_e : offset_e + counts[e]] (rows sorted by expert)."""
+        if rows.dtype == self.down_proj.dtype and grouped_mm_supported(rows.dtype, self.widths):
+            offsets = torch.cumsum(counts, 0).to(torch.int32)
+            up = F.grouped_mm(rows, self.up_proj, offs=offsets)
+            if self.gate_proj is not None:
+                h = F.silu(F.grouped_mm(rows, self.gate_proj, offs=offsets)) * up
+            else:
+                h = activate(up, self.activation)
+            return F.grouped_mm(h, self.down_proj, offs=offsets)
+        return self.forward_loop(rows, counts)
+
+    def forward_loop(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Reference path, one matmul per expert: for dtypes grouped_mm lacks (float64 gradcheck)."""
+        outputs = []
+        for e, chunk in enumerate(rows.split(counts.tolist())):
+            up = chunk @ self.up_proj[e]
+            h = F.silu(chunk @ self.gate_proj[e]) * up if self.gate_proj is not None else activate(up, self.activation)
+            outputs.append(h @ self.down_proj[e])
+        return torch.cat(outputs)

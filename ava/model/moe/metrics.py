@@ -1,0 +1,58 @@
+"""Per-layer expert statistics, returned by every MoE forward.
+
+They stay tensors on the model's device: turning them into Python numbers
+forces a host sync, so that happens only in `summarise_moe_stats`, which the
+trainer calls on logging steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer did in one forward."""
+
+    router_loss: torch.Tensor      # aux_coef * aux_loss + z_coef * z_loss; carries gradient
+    aux_loss: torch.Tensor         # load-balancing loss, unweighted (detached)
+    z_loss: torch.Tensor           # router z-loss, unweighted (detached)
+    load: torch.Tensor             # (E,) assignments each expert was chosen for, before capacity
+    dropped_fraction: torch.Tensor  # share of assignments dropped by the capacity limit
+    entropy: torch.Tensor          # mean entropy (nats) of the router distribution per token
+
+
+def load_cv(load: torch.Tensor) -> torch.Tensor:
+    """Coefficient of variation of expert load: 0 when perfectly even, sqrt(E-1) when one expert takes all."""
+    load = load.float()
+    return load.std(unbiased=False) / load.mean().clamp_min(1e-9)
+
+
+def summarise_moe_stats(stats: list[MoEStats]) -> dict[str, float]:
+    """Flatten per-layer stats into named floats for logs (one host sync for all of them).
+
+    Keys are `moe/layer{i}/{metric}` plus means over layers under `moe/{metric}`.
+    """
+    if not stats:
+        return {}
+    rows = []
+    for s in stats:
+        load = s.load.float()
+        rows.append(torch.stack([s.aux_loss.float(), s.z_loss.float(), load_cv(load),
+                                 s.dropped_fraction.float(), s.entropy.float(),
+                                 load.max() / load.mean().clamp_min(1e-9)]))
+    table = torch.stack(rows).cpu().tolist()
+    names = ["aux_loss", "z_loss", "load_cv", "dropped_fraction", "router_entropy", "max_load_ratio"]
+    out: dict[str, float] = {}
+    for i, row in enumerate(table):
+        for name, value in zip(names, row, strict=True):
+            out[f"moe/layer{i}/{name}"] = value
+    for j, name in enumerate(names):
+        out[f"moe/{name}"] = sum(row[j] for row in table) / len(table)
+    loads = torch.stack([s.load.float() for s in stats]).cpu().tolist()
+    for i, load in enumerate(loads):
+        for e, value in enumerate(load):
+            out[f"moe/layer{i}/load/expert{e}"] = value
+    return out

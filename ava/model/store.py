@@ -1,0 +1,91 @@
+"""An Ava model directory: `ava_model.yaml` (the model config) + `model.safetensors` (the weights).
+
+The unit that HF import produces and HF export reads. safetensors rather than
+pickles so loading a file cannot run code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import ValidationError
+
+from ava.config.schema.model import ModelConfig
+from ava.model.errors import ModelInputError
+from ava.model.transformer import AvaForCausalLM
+
+CONFIG_FILE = "ava_model.yaml"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_model_dir(model: AvaForCausalLM, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write the model's config and weights; refuses to replace an existing model unless `overwrite`."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    if (out / WEIGHTS_FILE).exists() and not overwrite:
+        raise ModelInputError(f"{out / WEIGHTS_FILE} already exists; Ava never overwrites a model silently",
+                              "choose a new output directory, or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "producer": "ava"})
+    tmp.replace(out / WEIGHTS_FILE)
+    (out / CONFIG_FILE).write_text(
+        "# Ava model config, written by Ava; the model: section of a training config.\n"
+        + yaml.safe_dump({"model": model.config.model_dump()}, sort_keys=False))
+    return out
+
+
+def load_model_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ModelInputError(f"{path} not found: {directory} is not an Ava model directory",
+                              "point at a directory written by `ava model import-hf` or a training run")
+    try:
+        data = yaml.safe_load(path.read_text())
+        return ModelConfig.model_validate(data["model"])
+    except (yaml.YAMLError, KeyError, TypeError, ValidationError) as exc:
+        raise ModelInputError(f"{path} is not a valid Ava model config: {exc}",
+                              "re-export the model, or repair the model: section of that file") from exc
+
+
+def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32) -> AvaForCausalLM:
+    """Build the model from its config and load every weight; a missing or extra tensor is an error."""
+    from safetensors.torch import load_file
+
+    config = load_model_config(directory)
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ModelInputError(f"{path} not found", "copy the weights next to ava_model.yaml, or re-export")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise ModelInputError(f"{path} cannot be read ({exc}); the file is truncated or corrupt",
+                              "restore it from the run's checkpoints or re-export it") from exc
+    model = AvaForCausalLM(config)
+    load_state_exactly(model, state, str(path))
+    return model.to(dtype)
+
+
+def load_state_exactly(model: AvaForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into `model`, reporting every missing, unexpected or mis-shaped tensor at once."""
+    expected = model.state_dict()
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if missing or extra or shapes:
+        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {extra[:5]}" if extra else "",
+                 f"shape mismatches {shapes[:5]}" if shapes else ""]
+        raise ModelInputError(f"the weights in {source} do not match the model config: "
+                              + "; ".join(p for p in parts if p),
+                              "load them with the model config they were saved with")
+    model.load_state_dict(state, strict=False)  # completeness was checked above; tied head is absent

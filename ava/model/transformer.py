@@ -1,0 +1,143 @@
+"""The decoder-only language model: embeddings, blocks, final norm, output head.
+
+Plain PyTorch: no DeepSpeed, parallelism or precision policy in here. The
+engine wraps it; `ava.model.zero3` marks its MoE layers for ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ava.config.schema.model import ModelConfig
+from ava.model.block import TransformerBlock
+from ava.model.errors import ModelInputError
+from ava.model.kv_cache import KVCache
+from ava.model.moe import MoELayer, MoEStats
+from ava.model.moe.experts import GroupedExperts
+from ava.model.norm import make_norm
+from ava.model.rotary import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    """What a forward returns. `loss` is what to backpropagate: lm_loss + router_loss."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    router_loss: torch.Tensor | None = None
+    moe_stats: list[MoEStats] = field(default_factory=list)
+
+
+class AvaForCausalLM(nn.Module):
+    """GPT-style decoder; Llama/Mixtral- or GPT-2-shaped depending on the config."""
+
+    def __init__(self, config: ModelConfig, gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = gradient_checkpointing
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
+                                if config.position_embedding_type == "learned" else None)
+        self.rotary = (RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+                       if config.position_embedding_type == "rope" else None)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        self.norm = make_norm(config.norm_type, config.hidden_size, config.layer_norm_eps, config.use_bias)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) weights, zero biases, unit norms.
+
+        Projections that write into the residual stream (attention output, FFN
+        and expert down projections) are scaled by 1/sqrt(2 * num_layers), as in
+        GPT-2 and Megatron, so the residual's variance does not grow with depth.
+        """
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, residual_std if name.endswith(("o_proj", "down_proj")) else std)
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, torch.Tensor):
+                    nn.init.zeros_(bias)
+            elif isinstance(module, GroupedExperts):
+                for weight in (module.gate_proj, module.up_proj):
+                    if weight is not None:
+                        nn.init.normal_(weight, 0.0, std)
+                nn.init.normal_(module.down_proj, 0.0, residual_std)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> CausalLMOutput:
+        """Logits for (batch, seq) `input_ids`; with `labels` (the same shape, -100 = ignore) also the loss.
+
+        Labels are aligned with the inputs and shifted inside (position t predicts t+1),
+        the Hugging Face convention, so `labels=input_ids` trains a language model.
+        """
+        seq = input_ids.shape[1]
+        past = cache.length if cache is not None else 0
+        if past + seq > self.config.max_position_embeddings:
+            raise ModelInputError(
+                f"a sequence of {past + seq} tokens is longer than model.max_position_embeddings = "
+                f"{self.config.max_position_embeddings}, the longest the model accepts",
+                f"truncate inputs to {self.config.max_position_embeddings} tokens (data.max_length), or raise "
+                "model.max_position_embeddings before training (a trained model cannot be extended this way)")
+        positions = torch.arange(past, past + seq, device=input_ids.device)
+        x = self.embed_tokens(input_ids)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(positions)
+        x = self.dropout(x)
+        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        stats: list[MoEStats] = []
+        for i, block in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x, layer_stats = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x, layer_stats = block(x, rope, cache, i)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        if cache is not None:
+            cache.advance(seq)
+        logits = self.lm_head(self.norm(x))
+        router_loss = torch.stack([s.router_loss for s in stats]).sum() if stats else None
+        out = CausalLMOutput(logits=logits, router_loss=router_loss, moe_stats=stats)
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                          labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+            out.loss = out.lm_loss + router_loss if router_loss is not None else out.lm_loss
+        return out
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    @torch.no_grad()
+    def update_router_biases(self, loads: list[torch.Tensor]) -> None:
+        """aux_loss_free routing: move each MoE layer's expert bias from that layer's summed load."""
+        for layer, load in zip(self.moe_layers(), loads, strict=True):
+            layer.router.update_bias(load, self.config.router_bias_update_rate)
+
+    def new_cache(self, batch: int, max_length: int) -> KVCache:
+        """An empty KV cache able to hold `max_length` positions."""
+        param = self.embed_tokens.weight
+        return KVCache(self.config.num_layers, batch, self.config.kv_heads, max_length, self.config.head_dim,
+                       param.dtype, param.device)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **sampling: object) -> torch.Tensor:
+        """Continue `input_ids`; see `ava.model.generate.generate` for the sampling options."""
+        from ava.model.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **sampling)  # type: ignore[arg-type]
