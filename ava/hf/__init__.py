@@ -1,0 +1,64 @@
+"""Hugging Face interchange: import Llama, Mixtral and GPT-2 checkpoints, export Ava models to them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ava.hf import gpt2, llama
+from ava.hf.checkpoint import read_hf_config, read_hf_weights, write_hf_dir
+from ava.model.errors import ModelInputError
+from ava.model.store import load_state_exactly
+from ava.model.transformer import AvaForCausalLM
+
+FAMILIES: dict[str, ModuleType] = {"llama": llama, "mixtral": llama, "gpt2": gpt2}
+
+
+def _family(model_type: str, source: Path) -> ModuleType:
+    if model_type not in FAMILIES:
+        raise ModelInputError(f"{source / 'config.json'} has model_type `{model_type}`; Ava converts "
+                              f"{', '.join(sorted(FAMILIES))}", "convert a model of one of those families")
+    return FAMILIES[model_type]
+
+
+def import_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> AvaForCausalLM:
+    """Build the Ava model equivalent to a local Hugging Face checkpoint, with its weights."""
+    source = Path(directory)
+    hf_config = read_hf_config(source)
+    family = _family(str(hf_config.get("model_type")), source)
+    try:
+        config = family.config_from_hf(hf_config)
+    except KeyError as exc:
+        raise ModelInputError(f"{source / 'config.json'} lacks `{exc.args[0]}`", "repair config.json") from exc
+    state = family.state_from_hf(read_hf_weights(source), config, str(source))
+    model = AvaForCausalLM(config)
+    load_state_exactly(model, {k: v.to(torch.float32) for k, v in state.items()}, str(source))
+    return model.to(dtype)
+
+
+def export_target(model: AvaForCausalLM) -> str:
+    """The Hugging Face family that represents this model exactly: llama, mixtral or gpt2."""
+    cfg = model.config
+    candidates = {"mixtral" if cfg.is_moe else "llama": llama, "gpt2": gpt2}
+    reasons = []
+    for name, family in candidates.items():
+        blockers = family.export_blockers(cfg)
+        if not blockers:
+            return name
+        reasons.append(f"{name}: {'; '.join(blockers)}")
+    raise ModelInputError("this model has no exact Hugging Face equivalent (" + " | ".join(reasons) + ")",
+                          "export only models shaped like Llama, Mixtral or GPT-2")
+
+
+def export_hf(model: AvaForCausalLM, directory: str | Path, dtype: torch.dtype | None = None,
+              overwrite: bool = False) -> str:
+    """Write `model` as a Hugging Face checkpoint that `from_pretrained` loads; returns the family used."""
+    target = export_target(model)
+    family = FAMILIES[target]
+    dtype = dtype or model.embed_tokens.weight.dtype
+    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    write_hf_dir(Path(directory), family.config_to_hf(model.config, dtype),
+                 family.state_to_hf(state, model.config), overwrite)
+    return target

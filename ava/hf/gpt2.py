@@ -1,0 +1,114 @@
+"""GPT-2 <-> Ava: the config keys and every weight name.
+
+GPT-2 stores its projections as `Conv1D` with (in, out) weights, the
+transpose of `nn.Linear`; its c_attn is already a fused [q | k | v] like
+Ava's qkv_proj. Checkpoints appear with and without the `transformer.` prefix
+(the original OpenAI files lack it); both are read.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ava.config.schema.model import ModelConfig
+from ava.hf.checkpoint import take
+from ava.model.errors import ModelInputError
+
+ACTIVATIONS: dict[str, Literal["gelu", "gelu_tanh"]] = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ACTIVATIONS:
+        raise ModelInputError(f"config.json uses activation_function `{act}`, which Ava's GPT-2 import does not "
+                              f"support", f"use one of {', '.join(ACTIVATIONS)}")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if hf.get(flag):
+            raise ModelInputError(f"config.json sets {flag}, which changes attention in a way Ava does not "
+                                  "implement", f"use a checkpoint with {flag} false")
+    if hf.get("scale_attn_weights") is False:
+        raise ModelInputError("config.json sets scale_attn_weights false (unscaled attention)",
+                              "use a checkpoint with scaled attention")
+    hidden = hf["n_embd"]
+    return ModelConfig(
+        hidden_size=hidden, num_layers=hf["n_layer"], num_attention_heads=hf["n_head"], num_key_value_heads=None,
+        intermediate_size=hf.get("n_inner") or 4 * hidden, vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf["n_positions"], position_embedding_type="learned", norm_type="layernorm",
+        activation=ACTIVATIONS[act], use_bias=True, tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), attention_dropout=hf.get("attn_pdrop", 0.1),
+        hidden_dropout=hf.get("resid_pdrop", 0.1), initializer_range=hf.get("initializer_range", 0.02),
+        num_experts=0, num_experts_per_token=1,
+    )
+
+
+def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    s = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+    # Causal-mask buffers some versions saved; they are not weights.
+    s = {k: v for k, v in s.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    out = {"embed_tokens.weight": take(s, "wte.weight", source),
+           "embed_positions.weight": take(s, "wpe.weight", source),
+           "norm.weight": take(s, "ln_f.weight", source), "norm.bias": take(s, "ln_f.bias", source)}
+    if "lm_head.weight" in s:
+        head = s.pop("lm_head.weight")
+        if not cfg.tie_word_embeddings:
+            out["lm_head.weight"] = head
+    elif not cfg.tie_word_embeddings:
+        take(s, "lm_head.weight", source)
+    for i in range(cfg.num_layers):
+        hf, ava = f"h.{i}.", f"layers.{i}."
+        for src, dst in (("ln_1", "attn_norm"), ("ln_2", "ffn_norm")):
+            out[ava + f"{dst}.weight"] = take(s, hf + f"{src}.weight", source)
+            out[ava + f"{dst}.bias"] = take(s, hf + f"{src}.bias", source)
+        for src, dst in (("attn.c_attn", "attn.qkv_proj"), ("attn.c_proj", "attn.o_proj"),
+                         ("mlp.c_fc", "ffn.up_proj"), ("mlp.c_proj", "ffn.down_proj")):
+            out[ava + f"{dst}.weight"] = take(s, hf + f"{src}.weight", source).t()
+            out[ava + f"{dst}.bias"] = take(s, hf + f"{src}.bias", source)
+    if s:
+        raise ModelInputError(f"{source} has tensors Ava would ignore: {sorted(s)[:5]}",
+                              "check that config.json belongs to these weights")
+    return out
+
+
+def export_blockers(cfg: ModelConfig) -> list[str]:
+    blockers = []
+    wanted = {"position_embedding_type": "learned", "norm_type": "layernorm", "use_bias": True}
+    blockers += [f"{k} must be {v}" for k, v in wanted.items() if getattr(cfg, k) != v]
+    if cfg.activation not in ("gelu", "gelu_tanh"):
+        blockers.append("activation must be gelu or gelu_tanh")
+    if cfg.kv_heads != cfg.num_attention_heads:
+        blockers.append("GPT-2 has no grouped-query attention (num_key_value_heads must be null)")
+    if cfg.is_moe:
+        blockers.append("GPT-2 is dense (num_experts must be 0 or 1)")
+    return blockers
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": cfg.hidden_size,
+        "n_layer": cfg.num_layers, "n_head": cfg.num_attention_heads, "n_inner": cfg.intermediate_size,
+        "n_positions": cfg.max_position_embeddings, "n_ctx": cfg.max_position_embeddings,
+        "vocab_size": cfg.vocab_size, "layer_norm_epsilon": cfg.layer_norm_eps,
+        "activation_function": "gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
+        "attn_pdrop": cfg.attention_dropout, "resid_pdrop": cfg.hidden_dropout, "embd_pdrop": cfg.hidden_dropout,
+        "initializer_range": cfg.initializer_range, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "scale_attn_weights": True, "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True,
+    }
+
+
+def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"transformer.wte.weight": state["embed_tokens.weight"],
+           "transformer.wpe.weight": state["embed_positions.weight"],
+           "transformer.ln_f.weight": state["norm.weight"], "transformer.ln_f.bias": state["norm.bias"]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    for i in range(cfg.num_layers):
+        hf, ava = f"transformer.h.{i}.", f"layers.{i}."
+        for dst, src in (("ln_1", "attn_norm"), ("ln_2", "ffn_norm")):
+            out[hf + f"{dst}.weight"], out[hf + f"{dst}.bias"] = state[ava + f"{src}.weight"], state[ava + f"{src}.bias"]
+        for dst, src in (("attn.c_attn", "attn.qkv_proj"), ("attn.c_proj", "attn.o_proj"),
+                         ("mlp.c_fc", "ffn.up_proj"), ("mlp.c_proj", "ffn.down_proj")):
+            out[hf + f"{dst}.weight"] = state[ava + f"{src}.weight"].t()
+            out[hf + f"{dst}.bias"] = state[ava + f"{src}.bias"]
+    return out

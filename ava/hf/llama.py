@@ -1,0 +1,175 @@
+"""Llama (dense) and Mixtral (MoE) <-> Ava: the config keys and every weight name.
+
+Ava fuses q/k/v into `attn.qkv_proj` and stacks experts as (E, in, out)
+tensors; here they are split and joined. Mixtral experts are read from the hub layout (`experts.{e}.w1/w2/w3`,
+which transformers 5 still writes by default) or the fused one
+(`mlp.experts.gate_up_proj`, written with save_original_format=False).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ava.config.schema.model import ModelConfig
+from ava.hf.checkpoint import take
+from ava.model.errors import ModelInputError
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
+
+
+def _rope_theta(hf: dict) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise ModelInputError(f"config.json uses rope scaling `{kind}`, which Ava does not implement; "
+                              "its logits would differ from the original", "use a checkpoint without rope scaling")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """Ava's model config for a Llama or Mixtral config.json."""
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, hidden // heads):
+        raise ModelInputError(f"config.json sets head_dim = {hf['head_dim']}, but Ava's heads have "
+                              f"hidden_size / num_attention_heads = {hidden // heads} dimensions",
+                              "use a checkpoint whose head_dim is hidden_size / num_attention_heads")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ModelInputError(f"config.json uses hidden_act `{hf['hidden_act']}`; Ava's SwiGLU uses silu",
+                              "use a checkpoint with hidden_act silu")
+    if hf.get("attention_bias") != hf.get("mlp_bias", hf.get("attention_bias")):
+        raise ModelInputError("config.json sets attention_bias and mlp_bias differently; Ava has one use_bias",
+                              "use a checkpoint where both are equal")
+    window = hf.get("sliding_window")
+    if window is not None and window < hf["max_position_embeddings"]:
+        raise ModelInputError(f"config.json uses sliding-window attention ({window} tokens), which Ava does "
+                              "not implement", "use a checkpoint with sliding_window null")
+    moe = hf.get("model_type") == "mixtral"
+    return ModelConfig(
+        hidden_size=hidden, num_layers=hf["num_hidden_layers"], num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads, intermediate_size=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"], max_position_embeddings=hf["max_position_embeddings"],
+        position_embedding_type="rope", rope_theta=_rope_theta(hf), norm_type="rmsnorm", activation="swiglu",
+        use_bias=bool(hf.get("attention_bias", False)), tie_word_embeddings=bool(hf.get("tie_word_embeddings")),
+        layer_norm_eps=hf.get("rms_norm_eps", 1e-6), attention_dropout=float(hf.get("attention_dropout", 0.0)),
+        hidden_dropout=0.0, initializer_range=hf.get("initializer_range", 0.02),
+        num_experts=hf.get("num_local_experts", 0) if moe else 0,
+        num_experts_per_token=hf.get("num_experts_per_tok", 2) if moe else 1,
+        expert_capacity_factor=None, router_type="topk",
+        router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.01) if moe else 0.01,
+        router_z_loss_coef=0.0 if moe else 0.001,
+    )
+
+
+def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """Ava state dict from Llama/Mixtral tensors; every tensor of the file must be used."""
+    s = dict(hf_state)
+    out = {"embed_tokens.weight": take(s, "model.embed_tokens.weight", source),
+           "norm.weight": take(s, "model.norm.weight", source)}
+    if "lm_head.weight" in s:
+        out["lm_head.weight"] = s.pop("lm_head.weight")
+    elif not cfg.tie_word_embeddings:
+        take(s, "lm_head.weight", source)
+    for i in range(cfg.num_layers):
+        hf, ava = f"model.layers.{i}.", f"layers.{i}."
+        out[ava + "attn_norm.weight"] = take(s, hf + "input_layernorm.weight", source)
+        out[ava + "ffn_norm.weight"] = take(s, hf + "post_attention_layernorm.weight", source)
+        for kind in (["weight", "bias"] if cfg.use_bias else ["weight"]):
+            out[ava + f"attn.qkv_proj.{kind}"] = torch.cat(
+                [take(s, hf + f"self_attn.{p}_proj.{kind}", source) for p in "qkv"])
+            out[ava + f"attn.o_proj.{kind}"] = take(s, hf + f"self_attn.o_proj.{kind}", source)
+        if cfg.is_moe:
+            out.update(_experts_from_hf(s, hf, ava, cfg.num_experts, source))
+        else:
+            for kind in (["weight", "bias"] if cfg.use_bias else ["weight"]):
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    out[ava + f"ffn.{proj}.{kind}"] = take(s, hf + f"mlp.{proj}.{kind}", source)
+    leftover = [k for k in s if not k.endswith("rotary_emb.inv_freq")]
+    if leftover:
+        raise ModelInputError(f"{source} has tensors Ava would ignore: {leftover[:5]}; converting would "
+                              "silently change the model", "check that config.json belongs to these weights")
+    return out
+
+
+def _experts_from_hf(s: dict[str, torch.Tensor], hf: str, ava: str, num_experts: int,
+                     source: str) -> dict[str, torch.Tensor]:
+    out = {}
+    if hf + "mlp.experts.gate_up_proj" in s:  # fused layout: (E, 2I, H) and (E, H, I)
+        out[ava + "ffn.router.gate.weight"] = take(s, hf + "mlp.gate.weight", source)
+        gate, up = take(s, hf + "mlp.experts.gate_up_proj", source).transpose(1, 2).chunk(2, dim=2)
+        out[ava + "ffn.experts.gate_proj"], out[ava + "ffn.experts.up_proj"] = gate.contiguous(), up.contiguous()
+        out[ava + "ffn.experts.down_proj"] = take(s, hf + "mlp.experts.down_proj", source).transpose(1, 2)
+        return out
+    moe = hf + "block_sparse_moe."
+    out[ava + "ffn.router.gate.weight"] = take(s, moe + "gate.weight", source)
+    for ava_name, hf_name in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+        out[ava + f"ffn.experts.{ava_name}"] = torch.stack(
+            [take(s, moe + f"experts.{e}.{hf_name}.weight", source).t() for e in range(num_experts)])
+    return out
+
+
+def export_blockers(cfg: ModelConfig) -> list[str]:
+    """Why this Ava config has no exact Llama/Mixtral equivalent (empty when it has one)."""
+    blockers = []
+    if cfg.position_embedding_type != "rope":
+        blockers.append("position_embedding_type must be rope")
+    if cfg.norm_type != "rmsnorm":
+        blockers.append("norm_type must be rmsnorm")
+    if cfg.activation != "swiglu":
+        blockers.append("activation must be swiglu")
+    if cfg.is_moe:
+        if cfg.router_type != "topk":
+            blockers.append(f"router_type {cfg.router_type} has no Mixtral equivalent (Mixtral is topk)")
+        if cfg.shared_expert_intermediate_size:
+            blockers.append("Mixtral has no shared expert (shared_expert_intermediate_size must be 0)")
+        if cfg.use_bias:
+            blockers.append("Mixtral has no biases (use_bias must be false)")
+    return blockers
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    kind = "mixtral" if cfg.is_moe else "llama"
+    hf = {
+        "architectures": [ARCHITECTURES[kind]], "model_type": kind, "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.layer_norm_eps, "rope_theta": cfg.rope_theta, "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_word_embeddings, "attention_dropout": cfg.attention_dropout,
+        "initializer_range": cfg.initializer_range, "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+    if kind == "llama":
+        hf.update(attention_bias=cfg.use_bias, mlp_bias=cfg.use_bias)
+    else:
+        hf.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_token,
+                  router_aux_loss_coef=cfg.router_aux_loss_coef, sliding_window=None, output_router_logits=False)
+    return hf
+
+
+def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hub-layout tensors (the layout every transformers version loads) from an Ava state dict."""
+    out = {"model.embed_tokens.weight": state["embed_tokens.weight"], "model.norm.weight": state["norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    for i in range(cfg.num_layers):
+        hf, ava = f"model.layers.{i}.", f"layers.{i}."
+        out[hf + "input_layernorm.weight"] = state[ava + "attn_norm.weight"]
+        out[hf + "post_attention_layernorm.weight"] = state[ava + "ffn_norm.weight"]
+        for kind in (["weight", "bias"] if cfg.use_bias else ["weight"]):
+            for name, part in zip("qkv", state[ava + f"attn.qkv_proj.{kind}"].split([q, kv, kv]), strict=True):
+                out[hf + f"self_attn.{name}_proj.{kind}"] = part
+            out[hf + f"self_attn.o_proj.{kind}"] = state[ava + f"attn.o_proj.{kind}"]
+        if cfg.is_moe:
+            moe = hf + "block_sparse_moe."
+            out[moe + "gate.weight"] = state[ava + "ffn.router.gate.weight"]
+            for ava_name, hf_name in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+                stacked = state[ava + f"ffn.experts.{ava_name}"]
+                for e in range(cfg.num_experts):
+                    out[moe + f"experts.{e}.{hf_name}.weight"] = stacked[e].t()
+        else:
+            for kind in (["weight", "bias"] if cfg.use_bias else ["weight"]):
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    out[hf + f"mlp.{proj}.{kind}"] = state[ava + f"ffn.{proj}.{kind}"]
+    return out
