@@ -11,8 +11,9 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from ava import __version__
-from ava.cli import config_cmd, train_cmd
+from ava.cli import config_cmd, model_cmd, train_cmd
 from ava.config import ConfigError
+from ava.model.errors import ModelInputError
 
 USAGE = f"""usage: ava <command> [options]
 
@@ -26,6 +27,9 @@ commands:
   config deepspeed      print the generated DeepSpeed JSON
   config diff A B       compare two configs resolved with the same other layers
   config schema         print the JSON Schema of config files (for editors)
+  model summary         parameters (total, active, per component) and FLOPs per token
+  model import-hf SRC   convert a local HF Llama/Mixtral/GPT-2 checkpoint to an Ava model
+  model export-hf SRC   write an Ava model as a HF checkpoint (from_pretrained loads it)
 
 `ava <command> --help` describes each command's options.
 """
@@ -37,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
+        return 2
+    except ModelInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -53,15 +60,17 @@ def _dispatch(args: list[str]) -> int:
     command, rest = args[0], args[1:]
     if command == "train":
         return train_cmd.main(rest, prog="ava train")
-    if command == "config":
-        table: Mapping[str, Callable[[Sequence[str]], int]] = config_cmd.COMMANDS
+    groups: dict[str, Mapping[str, Callable[[Sequence[str]], int]]] = {
+        "config": config_cmd.COMMANDS, "model": model_cmd.COMMANDS}
+    if command in groups:
+        table = groups[command]
         if not rest or rest[0] in ("-h", "--help"):
             print(USAGE)
             return 0 if rest else 2
         if rest[0] not in table:
-            return _unknown(f"config {rest[0]}", [f"config {c}" for c in table])
+            return _unknown(f"{command} {rest[0]}", [f"{command} {c}" for c in table])
         return table[rest[0]](rest[1:])
-    return _unknown(command, ["train", "config"])
+    return _unknown(command, ["train", *groups])
 
 
 def _unknown(command: str, options: list[str]) -> int:
@@ -69,7 +78,8 @@ def _unknown(command: str, options: list[str]) -> int:
 
     close = difflib.get_close_matches(command, options, n=1)
     hint = f" Did you mean `ava {close[0]}`?" if close else ""
-    print(f"ava: unknown command `{command}`.{hint} Run `ava --help` for the list.", file=sys.stderr)
+    fix = f"run `ava {close[0]}`" if close else "pick one of: " + ", ".join(f"`ava {o}`" for o in options)
+    print(f"ava: unknown command `{command}`.{hint} Run `ava --help` for the list.\n  Fix: {fix}", file=sys.stderr)
     return 2
 
 

@@ -37,5 +37,10 @@ def main(argv: Sequence[str], prog: str = "train.py") -> int:
     print(f"\nconfig OK: micro batch {b.micro} x accumulation {b.accumulation} x {b.world.size} rank(s) "
           f"= {b.global_batch} sequences = {tokens:,} tokens per optimizer step "
           f"[{b.world.source}]; precision {cfg.training.mixed_precision}; ZeRO stage {cfg.deepspeed.zero_stage}")
+    from ava.model.summary import summarise_config
+
+    m = summarise_config(cfg.model, cfg.data.max_length)
+    print(f"model: {m.total:,} parameters ({m.active_per_token:,} active per token), "
+          f"{m.training_flops_per_token / 1e6:,.1f} MFLOP per training token (`ava model summary` for details)")
     print("the training engine is not part of this version of Ava; the configuration above is what a run would use")
     return 0

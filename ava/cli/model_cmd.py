@@ -1,0 +1,98 @@
+"""`ava model summary | import-hf | export-hf`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from ava.cli.args import add_stack_arguments, new_parser, stack_from
+from ava.config import load_config
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "B", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+def summary(argv: Sequence[str]) -> int:
+    parser = new_parser("ava model summary",
+                        "Parameters (total, active per token, trainable, per component) and FLOPs per token.")
+    add_stack_arguments(parser)
+    parser.add_argument("--seq_len", type=int, default=None,
+                        help="sequence length for the attention FLOPs (default: data.max_length)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    ns, extras = parser.parse_known_args(argv)
+    stack = stack_from(ns, extras)
+    resolved = load_config(stack.files, stack.overrides, stack.world)
+    from ava.model.summary import summarise_config
+
+    model_cfg = resolved.config.model
+    seq = ns.seq_len or resolved.config.data.max_length
+    s = summarise_config(model_cfg, seq)
+    if ns.json:
+        print(json.dumps(s.as_dict(), indent=2))
+        return 0
+    top_k = 1 if model_cfg.router_type == "switch" else model_cfg.num_experts_per_token
+    kind = (f"MoE: {model_cfg.num_experts} experts, top-{top_k} ({model_cfg.router_type})"
+            if model_cfg.is_moe else "dense (monolith)")
+    rows = [("total parameters", s.total), ("active per token", s.active_per_token),
+            ("trainable", s.trainable)]
+    print(f"Model from {stack.files.config}: {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, {kind}")
+    for name, value in rows:
+        print(f"  {name:<28}{value:>16,}  ({_human(value)})")
+    print("  by component:")
+    for name, value in sorted(s.components.items(), key=lambda kv: -kv[1]):
+        print(f"    {name:<26}{value:>16,}  {100 * value / s.total:5.1f}%")
+    print(f"  FLOPs per token at seq {seq}:")
+    print(f"    {'forward':<26}{s.forward_flops_per_token:>16,}  ({_human(s.forward_flops_per_token)})")
+    print(f"    {'training (fwd+bwd)':<26}{s.training_flops_per_token:>16,}  ({_human(s.training_flops_per_token)})")
+    return 0
+
+
+def import_hf_cmd(argv: Sequence[str]) -> int:
+    parser = new_parser("ava model import-hf", "Convert a local Hugging Face Llama, Mixtral or GPT-2 checkpoint "
+                        "into an Ava model directory (ava_model.yaml + model.safetensors).")
+    parser.add_argument("source", help="Hugging Face model directory (config.json + safetensors)")
+    parser.add_argument("--out", required=True, help="Ava model directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
+    ns = parser.parse_args(argv)
+    from ava.hf import import_hf
+    from ava.model.store import save_model_dir
+    from ava.model.summary import summarise_model
+
+    model = import_hf(ns.source)
+    save_model_dir(model, ns.out, overwrite=ns.overwrite)
+    s = summarise_model(model, model.config.max_position_embeddings)
+    print(f"wrote {ns.out}: {_human(s.total)} parameters; its model: section is in {ns.out}/ava_model.yaml")
+    return 0
+
+
+def export_hf_cmd(argv: Sequence[str]) -> int:
+    parser = new_parser("ava model export-hf", "Write an Ava model directory as a Hugging Face checkpoint "
+                        "that transformers' from_pretrained loads.")
+    parser.add_argument("source", help="Ava model directory (ava_model.yaml + model.safetensors)")
+    parser.add_argument("--out", required=True, help="Hugging Face directory to write")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    ns = parser.parse_args(argv)
+    import torch
+
+    from ava.hf import export_hf
+    from ava.model.store import load_model_dir
+
+    model = load_model_dir(ns.source)
+    family = export_hf(model, ns.out, dtype=getattr(torch, ns.dtype), overwrite=ns.overwrite)
+    if model.config.is_moe and model.config.expert_capacity_factor:
+        print(f"note: the model was trained with expert_capacity_factor {model.config.expert_capacity_factor}; "
+              "Mixtral routes without a capacity limit, so its outputs differ where Ava dropped tokens",
+              file=sys.stderr)
+    print(f"wrote {ns.out} as {family}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "summary": summary, "import-hf": import_hf_cmd, "export-hf": export_hf_cmd}
