@@ -1,0 +1,132 @@
+"""Whole-model training-step throughput: Ava against Hugging Face Mixtral (and Llama), same run.
+
+    python benchmarks/model_step.py [--config configs/gpu/tiny.yaml] [--batch 8] [--seq 128] [--json out.json]
+
+Both models get identical dimensions and identical initial weights (Ava's are
+exported to the Hugging Face layout), the same batches and the same optimizer
+(torch AdamW). A step is forward, loss (including each model's router
+auxiliary loss), backward and optimizer step. MoE configs compare against
+MixtralForCausalLM and, for reference, the dense LlamaForCausalLM with the
+same attention and an FFN of the MoE's active width.
+Target: Ava >= 1.5x the tokens/s of HF Mixtral.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from ava.config.schema.model import ModelConfig  # noqa: E402
+from ava.config.yaml_loader import load_yaml_file  # noqa: E402
+from ava.hf import export_hf  # noqa: E402
+from ava.model import AvaForCausalLM  # noqa: E402
+from ava.model.summary import summarise_model  # noqa: E402
+from benchmarks.timing import interleaved, print_table, write_json  # noqa: E402
+
+
+def _model_config(path: str) -> ModelConfig:
+    """The model: section of a config file, made Mixtral-representable (dropless, topk, no dropout)."""
+    data = dict(load_yaml_file(path).data.get("model", {}))
+    data.update(expert_capacity_factor=None, router_type="topk", attention_dropout=0.0, hidden_dropout=0.0,
+                position_embedding_type="rope", norm_type="rmsnorm", activation="swiglu", use_bias=False,
+                shared_expert_intermediate_size=0)
+    for flag in ("use_moh", "use_moa", "use_rag", "use_cross_attention", "use_episodic_memory"):
+        data[flag] = False
+    return ModelConfig.model_validate(data)
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's fp32 matmul FLOP/s, measured now: the denominator of MFU."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    sec = interleaved({"mm": lambda: a @ b}, repeats)["mm"]
+    return 2 * n**3 / sec
+
+
+def _train_step(model: torch.nn.Module, batches: list[torch.Tensor], forward: Callable) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    state = {"i": 0}
+
+    def step() -> None:
+        ids = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        loss = forward(model, ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs/gpu/tiny.yaml"))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", default=None)
+    ns = parser.parse_args(argv)
+    try:
+        import transformers
+    except ImportError:
+        print("transformers is not installed (pip install -e .[dev]); nothing to compare against")
+        return 2
+    cfg = _model_config(ns.config)
+    torch.manual_seed(0)
+    ava = AvaForCausalLM(cfg).train()
+    summary = summarise_model(ava, ns.seq)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (ns.batch, ns.seq), generator=gen) for _ in range(4)]
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(ava, tmp)
+        peer_cls = transformers.MixtralForCausalLM if cfg.is_moe else transformers.LlamaForCausalLM
+        peer = peer_cls.from_pretrained(tmp, attn_implementation="sdpa").train()
+        peers = {peer_cls.__name__: peer}
+        if cfg.is_moe:  # transformers >= 5 defaults to grouped_mm experts; "eager" is its loop over experts
+            peers[f"{peer_cls.__name__} (eager experts)"] = peer_cls.from_pretrained(
+                tmp, attn_implementation="sdpa", experts_implementation="eager").train()
+    steps = {"ava": _train_step(ava, batches, lambda m, ids: m(ids, labels=ids).loss)}
+    for name, model in peers.items():
+        model.config.output_router_logits = cfg.is_moe  # HF adds its aux loss, as Ava adds its router losses
+        steps[name] = _train_step(model, batches, lambda m, ids: m(ids, labels=ids).loss)
+    if cfg.is_moe:
+        k = cfg.num_experts_per_token
+        dense_cfg = transformers.LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=k * cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.max_position_embeddings,
+            attn_implementation="sdpa")
+        llama = transformers.LlamaForCausalLM(dense_cfg).train()
+        steps["LlamaForCausalLM (dense, equal active)"] = _train_step(
+            llama, batches, lambda m, ids: m(ids, labels=ids).loss)
+    print(f"training step: {Path(ns.config).name} model ({summary.total / 1e6:.1f}M parameters, "
+          f"{summary.active_per_token / 1e6:.1f}M active), batch {ns.batch} x {ns.seq} tokens, fp32, "
+          f"{torch.get_num_threads()} threads, transformers {transformers.__version__}")
+    times = interleaved(steps, ns.repeats)
+    peak = matmul_peak_flops()
+    tokens = ns.batch * ns.seq
+    rows, results = [], []
+    for name, sec in times.items():
+        tps = tokens / sec
+        ratio = times[peer_cls.__name__] / sec
+        mfu = summary.training_flops_per_token * tps / peak if name == "ava" else float("nan")
+        rows.append([name, 1000 * sec, tps, ratio, mfu])
+        results.append({"model": name, "step_ms": 1000 * sec, "tokens_per_s": tps, "speedup_vs_peer": ratio})
+    print_table(["model", "best step ms", "tokens/s", f"x {peer_cls.__name__}", "MFU"], rows)
+    print(f"MFU = {summary.training_flops_per_token / 1e6:.1f} MFLOP/token (ava model summary) x tokens/s / "
+          f"measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    ratio = times[peer_cls.__name__] / times["ava"]
+    print(f"target: ava >= 1.5x {peer_cls.__name__} tokens/s: {ratio:.2f}x ({'met' if ratio >= 1.5 else 'NOT met'})")
+    write_json(ns.json, {"benchmark": "model_step", "config": ns.config, "batch": ns.batch, "seq": ns.seq,
+                         "matmul_peak_flops": peak, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
