@@ -1,8 +1,8 @@
 """GPT-2 <-> Ava: the config keys and every weight name.
 
 GPT-2 stores its projections as `Conv1D` with (in, out) weights, the
-transpose of `nn.Linear`; its c_attn is already a fused [q | k | v] like
-Ava's qkv_proj. Checkpoints appear with and without the `transformer.` prefix
+transpose of `nn.Linear`, and q, k, v as one fused c_attn [q | k | v], which
+is split into Ava's three projections here and joined on export. Checkpoints appear with and without the `transformer.` prefix
 (the original OpenAI files lack it); both are read.
 """
 
@@ -61,8 +61,11 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, source: s
         for src, dst in (("ln_1", "attn_norm"), ("ln_2", "ffn_norm")):
             out[ava + f"{dst}.weight"] = take(s, hf + f"{src}.weight", source)
             out[ava + f"{dst}.bias"] = take(s, hf + f"{src}.bias", source)
-        for src, dst in (("attn.c_attn", "attn.qkv_proj"), ("attn.c_proj", "attn.o_proj"),
-                         ("mlp.c_fc", "ffn.up_proj"), ("mlp.c_proj", "ffn.down_proj")):
+        qkv_weight = take(s, hf + "attn.c_attn.weight", source).t().chunk(3)
+        qkv_bias = take(s, hf + "attn.c_attn.bias", source).chunk(3)
+        for p, weight, bias in zip("qkv", qkv_weight, qkv_bias, strict=True):
+            out[ava + f"attn.{p}_proj.weight"], out[ava + f"attn.{p}_proj.bias"] = weight, bias
+        for src, dst in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "ffn.up_proj"), ("mlp.c_proj", "ffn.down_proj")):
             out[ava + f"{dst}.weight"] = take(s, hf + f"{src}.weight", source).t()
             out[ava + f"{dst}.bias"] = take(s, hf + f"{src}.bias", source)
     if s:
@@ -107,8 +110,9 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
         hf, ava = f"transformer.h.{i}.", f"layers.{i}."
         for dst, src in (("ln_1", "attn_norm"), ("ln_2", "ffn_norm")):
             out[hf + f"{dst}.weight"], out[hf + f"{dst}.bias"] = state[ava + f"{src}.weight"], state[ava + f"{src}.bias"]
-        for dst, src in (("attn.c_attn", "attn.qkv_proj"), ("attn.c_proj", "attn.o_proj"),
-                         ("mlp.c_fc", "ffn.up_proj"), ("mlp.c_proj", "ffn.down_proj")):
+        out[hf + "attn.c_attn.weight"] = torch.cat([state[ava + f"attn.{p}_proj.weight"] for p in "qkv"]).t()
+        out[hf + "attn.c_attn.bias"] = torch.cat([state[ava + f"attn.{p}_proj.bias"] for p in "qkv"])
+        for dst, src in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "ffn.up_proj"), ("mlp.c_proj", "ffn.down_proj")):
             out[hf + f"{dst}.weight"] = state[ava + f"{src}.weight"].t()
             out[hf + f"{dst}.bias"] = state[ava + f"{src}.bias"]
     return out

@@ -1,7 +1,7 @@
 """Llama (dense) and Mixtral (MoE) <-> Ava: the config keys and every weight name.
 
-Ava fuses q/k/v into `attn.qkv_proj` and stacks experts as (E, in, out)
-tensors; here they are split and joined. Mixtral experts are read from the hub layout (`experts.{e}.w1/w2/w3`,
+Ava's names follow Llama's except for the stacked (E, in, out) expert
+tensors, which are split and joined here. Mixtral experts are read from the hub layout (`experts.{e}.w1/w2/w3`,
 which transformers 5 still writes by default) or the fused one
 (`mlp.experts.gate_up_proj`, written with save_original_format=False).
 """
@@ -75,9 +75,8 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, source: s
         out[ava + "attn_norm.weight"] = take(s, hf + "input_layernorm.weight", source)
         out[ava + "ffn_norm.weight"] = take(s, hf + "post_attention_layernorm.weight", source)
         for kind in (["weight", "bias"] if cfg.use_bias else ["weight"]):
-            out[ava + f"attn.qkv_proj.{kind}"] = torch.cat(
-                [take(s, hf + f"self_attn.{p}_proj.{kind}", source) for p in "qkv"])
-            out[ava + f"attn.o_proj.{kind}"] = take(s, hf + f"self_attn.o_proj.{kind}", source)
+            for p in "qkvo":
+                out[ava + f"attn.{p}_proj.{kind}"] = take(s, hf + f"self_attn.{p}_proj.{kind}", source)
         if cfg.is_moe:
             out.update(_experts_from_hf(s, hf, ava, cfg.num_experts, source))
         else:
@@ -152,15 +151,13 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     out = {"model.embed_tokens.weight": state["embed_tokens.weight"], "model.norm.weight": state["norm.weight"]}
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     for i in range(cfg.num_layers):
         hf, ava = f"model.layers.{i}.", f"layers.{i}."
         out[hf + "input_layernorm.weight"] = state[ava + "attn_norm.weight"]
         out[hf + "post_attention_layernorm.weight"] = state[ava + "ffn_norm.weight"]
         for kind in (["weight", "bias"] if cfg.use_bias else ["weight"]):
-            for name, part in zip("qkv", state[ava + f"attn.qkv_proj.{kind}"].split([q, kv, kv]), strict=True):
-                out[hf + f"self_attn.{name}_proj.{kind}"] = part
-            out[hf + f"self_attn.o_proj.{kind}"] = state[ava + f"attn.o_proj.{kind}"]
+            for p in "qkvo":
+                out[hf + f"self_attn.{p}_proj.{kind}"] = state[ava + f"attn.{p}_proj.{kind}"]
         if cfg.is_moe:
             moe = hf + "block_sparse_moe."
             out[moe + "gate.weight"] = state[ava + "ffn.router.gate.weight"]

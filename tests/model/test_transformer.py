@@ -74,7 +74,7 @@ def test_model_is_causal_future_tokens_do_not_change_past_logits():
 def test_grouped_query_attention_shares_kv_heads():
     model = _model(num_key_value_heads=1)
     attn = model.layers[0].attn
-    assert attn.qkv_proj.out_features == (4 + 2 * 1) * 8
+    assert attn.q_proj.out_features == 4 * 8 and attn.k_proj.out_features == attn.v_proj.out_features == 8
     assert model(_ids()).logits.shape == (2, 12, 61)
 
 
