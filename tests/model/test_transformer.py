@@ -171,3 +171,14 @@ def test_initialisation_uses_initializer_range_and_scales_residual_projections()
     model = _model(initializer_range=0.05, num_layers=8, num_experts=0, hidden_size=128, intermediate_size=256)
     assert abs(model.embed_tokens.weight.std().item() - 0.05) < 0.005
     assert abs(model.layers[0].attn.o_proj.weight.std().item() - 0.05 / 4) < 0.002
+
+
+def test_update_router_biases_uses_each_layers_summed_load():
+    model = _model(router_type="aux_loss_free", router_bias_update_rate=0.1)
+    out = model(_ids())
+    loads = [s.load for s in out.moe_stats]
+    model.update_router_biases(loads)
+    for layer, load in zip(model.moe_layers(), loads, strict=True):
+        expected = 0.1 * torch.sign(load.float().mean() - load.float())
+        torch.testing.assert_close(layer.router.expert_bias, expected)
+    assert "layers.0.ffn.router.expert_bias" in model.state_dict()  # a resumed run continues from it
