@@ -14,6 +14,9 @@ class DataConfig(Section):
 
     data_dir: str | None = Field(None, description="Processed data directory; null uses the built-in dataset.")
     tokenizer_name: str | None = Field(None, description="Local tokenizer path; null uses the built-in tokenizer.")
+    builtin_dataset: Literal["python_stdlib", "markov"] = Field(
+        "python_stdlib", description="Which built-in corpus is used when data_dir is null.")
+    markov_vocab_size: int = Field(64, gt=1, description="Tokens of the built-in Markov corpus.")
 
     max_length: int = Field(1024, gt=0, description="Tokens per training sequence.")
     max_train_examples: int = Field(-1, ge=-1, description="Cap on training examples; -1 means all.")

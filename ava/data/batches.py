@@ -1,0 +1,109 @@
+"""Deterministic, data-parallel-sharded, resumable batches over packed sequences.
+
+The order of an epoch is a pure function of (seed, epoch), so every rank computes
+the same permutation without communicating, and a resumed run can recompute it
+from two integers; rank r then takes every world_size-th micro-batch, so the ranks
+see disjoint data and all take the same number of steps (a rank with one step
+more would hang the others in their next collective).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import torch
+
+from ava.model.errors import ModelInputError
+
+
+class SequenceBatches:
+    """Iterate micro-batches of shape (micro_batch, L) from a packed (N, L) array for one rank.
+
+    Iterating yields the batches left in the current epoch, then moves on to the
+    next epoch; loop over it once per epoch.  `state_dict()` taken after any
+    batch, loaded into a fresh instance, continues with exactly the batch the
+    uninterrupted iteration would have yielded next.
+
+    With `drop_last=False` the last global batch is completed by wrapping round to
+    the start of the epoch's permutation (as torch's DistributedSampler does), so
+    every sequence is seen and every rank still takes the same number of steps; the
+    few wrapped sequences are then seen twice in that epoch.
+    """
+
+    def __init__(
+        self,
+        sequences: np.ndarray,
+        micro_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        reshuffle_each_epoch: bool,
+        drop_last: bool = True,
+    ) -> None:
+        if sequences.ndim != 2:
+            raise ModelInputError(
+                f"packed sequences have shape {tuple(sequences.shape)}, expected (num_sequences, max_length)",
+                "pack the documents with ava.data.packing.pack_documents first")
+        if micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size or seed < 0:
+            raise ModelInputError(
+                f"invalid batching: micro_batch = {micro_batch}, rank = {rank}, world_size = {world_size}, seed = {seed}",
+                "use micro_batch >= 1, world_size >= 1, 0 <= rank < world_size and seed >= 0")
+        num_sequences = int(sequences.shape[0])
+        if num_sequences < micro_batch * world_size:
+            raise ModelInputError(
+                f"the dataset has {num_sequences} sequences, fewer than one micro-batch per rank "
+                f"(micro_batch {micro_batch} x {world_size} ranks = {micro_batch * world_size})",
+                "use more data, a smaller data.max_length, a smaller training.batch_size, or fewer ranks")
+        self._sequences = sequences
+        self._micro_batch = micro_batch
+        self._rank = rank
+        self._world_size = world_size
+        self._seed = seed
+        self._reshuffle = reshuffle_each_epoch
+        self._drop_last = drop_last
+        self._epoch = 0
+        self._batch_index = 0  # batches of the current epoch this rank has already yielded
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches this rank yields per epoch (the same on every rank)."""
+        per_step = self._micro_batch * self._world_size
+        num_sequences = int(self._sequences.shape[0])
+        return num_sequences // per_step if self._drop_last else -(-num_sequences // per_step)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The permutation of sequence indices for `epoch`, identical on every rank."""
+        rng = np.random.default_rng([self._seed, epoch if self._reshuffle else 0])
+        order = rng.permutation(int(self._sequences.shape[0]))
+        needed = self.batches_per_epoch * self._micro_batch * self._world_size
+        if needed > order.size:  # drop_last=False: complete the last global batch from the start
+            order = np.concatenate([order, order[: needed - order.size]])
+        return order
+
+    def state_dict(self) -> dict[str, int]:
+        """Position in the data: the epoch, and how many of its batches this rank has yielded."""
+        return {"epoch": self._epoch, "batch_index": self._batch_index}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Continue from a position taken by `state_dict()` (same data, batch size, world size and seed)."""
+        epoch, batch_index = state.get("epoch"), state.get("batch_index")
+        if (not isinstance(epoch, int) or not isinstance(batch_index, int) or epoch < 0
+                or not 0 <= batch_index <= self.batches_per_epoch):
+            raise ModelInputError(
+                f"data position {dict(state)} is not valid here: an epoch has {self.batches_per_epoch} batches per rank",
+                "resume with the same data, micro batch size and number of ranks the checkpoint was written with")
+        self._epoch, self._batch_index = epoch, batch_index
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self._batch_index >= self.batches_per_epoch:
+            self._epoch, self._batch_index = self._epoch + 1, 0
+        order = self.epoch_order(self._epoch)
+        for index in range(self._batch_index, self.batches_per_epoch):
+            start = (index * self._world_size + self._rank) * self._micro_batch
+            rows = np.asarray(self._sequences[order[start:start + self._micro_batch]], dtype=np.int64)
+            # Count the batch as consumed before handing it out: a state_dict taken while the
+            # caller holds this batch must resume with the next one.
+            self._batch_index = index + 1
+            yield torch.from_numpy(rows)
+        self._epoch, self._batch_index = self._epoch + 1, 0

@@ -1,0 +1,113 @@
+"""Tokenizers: a built-in byte tokenizer and `tokenizer.json` files, behind one small Protocol.
+
+The byte tokenizer needs no file and covers every string, so a smoke run works
+offline; a trained `tokenizer.json` (Hugging Face `tokenizers`) is used for
+real runs.  Either must fit the model's embedding, which `check_vocab` enforces
+before any token reaches the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from ava.model.errors import ModelInputError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as HFTokenizer
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the data pipeline needs from a tokenizer, and nothing more."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, plus 256 marking the end of a document."""
+
+    vocab_size: int = 257
+    eos_id: int = 256
+
+    def encode(self, text: str) -> list[int]:
+        """The UTF-8 bytes of `text`; no end-of-document id (packing adds it)."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        """Bytes back to text; end-of-document ids are dropped and broken UTF-8 becomes U+FFFD.
+
+        A model's sample can end in the middle of a multi-byte character, so
+        decoding must never raise.
+        """
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+# Names a `tokenizer.json` commonly gives its end-of-document token, most specific first.
+_EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "[EOS]", "<|end_of_text|>", "[SEP]")
+
+
+class FileTokenizer:
+    """A Hugging Face `tokenizers.Tokenizer` loaded from a `tokenizer.json`."""
+
+    def __init__(self, tokenizer: HFTokenizer, eos_id: int, path: Path) -> None:
+        self._tokenizer = tokenizer
+        self.eos_id = eos_id
+        self.path = path
+
+    @property
+    def vocab_size(self) -> int:
+        """Size including added tokens: the embedding must have a row for every id."""
+        return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        # No special tokens: documents are delimited by packing, not by the template.
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=False))
+
+
+def load_tokenizer(path: str | Path) -> FileTokenizer:
+    """Load a `tokenizer.json` (or a directory holding one); its end-of-document token must be known."""
+    from tokenizers import Tokenizer as HFTokenizer  # imported here: only file tokenizers need the library
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise ModelInputError(
+            f"tokenizer file {path} does not exist",
+            "point data.tokenizer_name at a tokenizer.json (or its directory), or set it to null for the byte tokenizer")
+    try:
+        hf = HFTokenizer.from_file(str(path))
+    except Exception as error:  # the Rust library raises plain Exception for any parse failure
+        raise ModelInputError(
+            f"tokenizer file {path} could not be read as a tokenizer.json: {error}",
+            "regenerate it with tokenizers' Tokenizer.save(), or set data.tokenizer_name to null") from error
+    for name in _EOS_NAMES:
+        eos = hf.token_to_id(name)
+        if eos is not None:
+            return FileTokenizer(hf, int(eos), path)
+    raise ModelInputError(
+        f"tokenizer file {path} has none of the end-of-document tokens {', '.join(_EOS_NAMES)}",
+        "add one of them as a special token, so that packed documents can be told apart")
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, where: str) -> None:
+    """Refuse a tokenizer that can emit ids the model's embedding has no row for.
+
+    `where` names the setting or file the tokenizer came from, for the message.
+    """
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ModelInputError(
+            f"{where}: tokenizer vocabulary {tokenizer.vocab_size} exceeds model.vocab_size = {model_vocab_size}",
+            f"set model.vocab_size to at least {tokenizer.vocab_size}, or use a smaller tokenizer")

@@ -1,0 +1,113 @@
+"""Deterministic, sharded, resumable batches over packed sequences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ava.data.batches import SequenceBatches
+from ava.model.errors import ModelInputError
+
+LENGTH = 5
+
+
+def _sequences(n: int) -> np.ndarray:
+    """Row i is filled with i, so a batch tells which sequences it holds."""
+    return np.repeat(np.arange(n, dtype=np.uint16)[:, None], LENGTH, axis=1)
+
+
+def _ids(batch: torch.Tensor) -> list[int]:
+    return batch[:, 0].tolist()
+
+
+def _take(batches: SequenceBatches, count: int) -> list[list[int]]:
+    """The next `count` batches, looping over epochs as a trainer does."""
+    out: list[list[int]] = []
+    while len(out) < count:
+        for batch in batches:
+            out.append(_ids(batch))
+            if len(out) == count:
+                break
+    return out
+
+
+def test_batches_are_long_tensors_of_micro_batch_rows() -> None:
+    batches = SequenceBatches(_sequences(20), micro_batch=4, rank=0, world_size=1, seed=0, reshuffle_each_epoch=True)
+    got = list(batches)
+    assert len(got) == batches.batches_per_epoch == 5
+    assert all(b.dtype == torch.long and b.shape == (4, LENGTH) for b in got)
+    assert sorted(i for b in got for i in _ids(b)) == list(range(20))  # one epoch: each sequence once
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 3, 4, 5, 9])  # 4 = exactly one epoch
+def test_resumed_iteration_yields_the_same_batches_as_uninterrupted(stop_after: int) -> None:
+    def make() -> SequenceBatches:
+        return SequenceBatches(_sequences(37), micro_batch=3, rank=1, world_size=3, seed=11, reshuffle_each_epoch=True)
+
+    assert make().batches_per_epoch == 4
+    uninterrupted = _take(make(), 14)
+    first = make()
+    before = _take(first, stop_after)
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    assert before + _take(resumed, 14 - stop_after) == uninterrupted
+
+
+def test_ranks_never_share_a_sequence_within_an_epoch() -> None:
+    world = 3
+    per_rank = [
+        [i for b in SequenceBatches(_sequences(50), micro_batch=4, rank=r, world_size=world, seed=2,
+                                    reshuffle_each_epoch=True) for i in _ids(b)]
+        for r in range(world)
+    ]
+    assert all(len(ids) == 4 * 4 for ids in per_rank)  # 50 // (4*3) = 4 batches each, equal on every rank
+    seen = [i for ids in per_rank for i in ids]
+    assert len(seen) == len(set(seen)) == 48
+
+
+def test_order_is_reshuffled_each_epoch_only_when_asked() -> None:
+    def epochs(reshuffle: bool) -> list[list[list[int]]]:
+        batches = SequenceBatches(_sequences(24), micro_batch=4, rank=0, world_size=2, seed=5,
+                                  reshuffle_each_epoch=reshuffle)
+        return [[_ids(b) for b in batches] for _ in range(3)]
+
+    fixed = epochs(False)
+    assert fixed[0] == fixed[1] == fixed[2]
+    shuffled = epochs(True)
+    assert shuffled[0] != shuffled[1] and shuffled[1] != shuffled[2]
+    assert shuffled == epochs(True)  # deterministic: a function of the seed and the epoch
+
+
+def test_different_seeds_give_different_orders() -> None:
+    def first_epoch(seed: int) -> list[list[int]]:
+        return [_ids(b) for b in SequenceBatches(_sequences(40), 4, 0, 1, seed=seed, reshuffle_each_epoch=True)]
+
+    assert first_epoch(0) != first_epoch(1)
+
+
+def test_without_drop_last_every_sequence_is_seen_and_ranks_stay_in_step() -> None:
+    per_rank = [
+        [i for b in SequenceBatches(_sequences(26), micro_batch=4, rank=r, world_size=2, seed=0,
+                                    reshuffle_each_epoch=True, drop_last=False) for i in _ids(b)]
+        for r in range(2)
+    ]
+    assert len(per_rank[0]) == len(per_rank[1]) == 4 * 4  # ceil(26 / 8) = 4 batches each
+    assert set(per_rank[0]) | set(per_rank[1]) == set(range(26))
+
+
+def test_dataset_smaller_than_one_batch_per_rank_is_refused() -> None:
+    with pytest.raises(ModelInputError, match="7 sequences, fewer than one micro-batch per rank"):
+        SequenceBatches(_sequences(7), micro_batch=4, rank=0, world_size=2, seed=0, reshuffle_each_epoch=True)
+
+
+def test_rank_outside_the_world_is_refused() -> None:
+    with pytest.raises(ModelInputError, match="rank = 2, world_size = 2"):
+        SequenceBatches(_sequences(8), micro_batch=1, rank=2, world_size=2, seed=0, reshuffle_each_epoch=True)
+
+
+def test_position_beyond_the_epoch_is_refused_on_resume() -> None:
+    batches = SequenceBatches(_sequences(8), micro_batch=2, rank=0, world_size=1, seed=0, reshuffle_each_epoch=True)
+    with pytest.raises(ModelInputError, match="4 batches per rank"):
+        batches.load_state_dict({"epoch": 0, "batch_index": 5})
+    assert batches.state_dict() == {"epoch": 0, "batch_index": 0}  # unchanged after the refusal
