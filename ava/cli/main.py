@@ -91,3 +91,7 @@ def train_entry(argv: Sequence[str] | None = None) -> int:
         if __import__("os").environ.get("RANK", "0") == "0":
             print(exc.render(), file=sys.stderr)
         return 2
+    except ModelInputError as exc:
+        if __import__("os").environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return 2

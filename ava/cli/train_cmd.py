@@ -1,9 +1,13 @@
-"""`python train.py`, `deepspeed train.py` and `ava train`: resolve the config and report it.
+"""`python train.py`, `deepspeed train.py` and `ava train`.
 
-The training engine is not part of this version: the command validates the
-full stack exactly as a run would and prints the resolved configuration, the
-batch plan and the DeepSpeed JSON, which is the guide's "validate before long
-runs" step.
+Resolves the configuration stack, then trains under DeepSpeed and writes the
+run's outputs. `--dry_run` only validates the stack exactly as a run would
+and prints the resolved configuration, the batch plan and the DeepSpeed JSON:
+the guide's "validate before long runs" step.
+
+This version of the engine trains, logs and evaluates; checkpointing and
+exact resume are not implemented yet, so an existing output directory is
+never reused.
 """
 
 from __future__ import annotations
@@ -11,23 +15,40 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
 
 from ava.cli.args import add_stack_arguments, new_parser, stack_from
 from ava.cli.render import render_yaml
 from ava.config import build_deepspeed_config, load_config
+from ava.config.loader import ResolvedConfig
+from ava.model.errors import ModelInputError
 
 
 def main(argv: Sequence[str], prog: str = "train.py") -> int:
-    parser = new_parser(prog, "Train an Ava model (this version validates and prints the configuration).")
+    parser = new_parser(prog, "Train an Ava model under DeepSpeed.")
     add_stack_arguments(parser, require_config=True)
+    parser.add_argument("--dry_run", action="store_true",
+                        help="validate and print the resolved configuration and DeepSpeed JSON; do not train")
+    parser.add_argument("--output_dir", default=None,
+                        help="where the run writes its outputs (default: outputs/<config name>-<date_time>)")
     ns, extras = parser.parse_known_args(argv)
     stack = stack_from(ns, extras)
     resolved = load_config(stack.files, stack.overrides, stack.world)
-    if os.environ.get("RANK", "0") != "0":
-        return 0  # only rank 0 reports
-    for notice in resolved.notices:
-        print(notice.render(), file=sys.stderr)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank:
+        for notice in resolved.notices:
+            print(notice.render(), file=sys.stderr)
+    if ns.dry_run:
+        if main_rank:
+            _print_plan(resolved)
+        return 0
+    return _train(resolved, ns.output_dir, Path(stack.files.config or "run").stem, main_rank)
+
+
+def _print_plan(resolved: ResolvedConfig) -> None:
     cfg, b = resolved.config, resolved.batch
     print("# resolved configuration (each value with its origin)")
     sys.stdout.write(render_yaml(resolved, with_origins=True))
@@ -42,5 +63,73 @@ def main(argv: Sequence[str], prog: str = "train.py") -> int:
     m = summarise_config(cfg.model, cfg.data.max_length)
     print(f"model: {m.total:,} parameters ({m.active_per_token:,} active per token), "
           f"{m.training_flops_per_token / 1e6:,.1f} MFLOP per training token (`ava model summary` for details)")
-    print("the training engine is not part of this version of Ava; the configuration above is what a run would use")
+
+
+def _output_dir(requested: str | None, config_name: str) -> Path:
+    if requested is None:
+        return Path("outputs") / f"{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path = Path(requested)
+    if path.exists() and any(path.iterdir()):
+        raise ModelInputError(f"--output_dir {path} already holds files; Ava never overwrites a run",
+                              "choose a new --output_dir (resuming a run is not implemented yet)")
+    return path
+
+
+def _train(resolved: ResolvedConfig, requested_dir: str | None, config_name: str, main_rank: bool) -> int:
+    started = time.perf_counter()
+    cfg = resolved.config
+    from ava.train.data_setup import build_training_data
+    from ava.train.distributed import init_distributed
+    from ava.train.loop import train
+
+    out_dir = _output_dir(requested_dir, config_name)  # before any heavy work: refuse early
+    process = init_distributed()
+    if process.world_size != resolved.batch.world.size:
+        raise ModelInputError(
+            f"the launcher started {process.world_size} process(es) but the batch was planned for "
+            f"{resolved.batch.world.size} ({resolved.batch.world.source})",
+            "pass the same --num_gpus/--num_nodes to the launcher and to train.py, or set WORLD_SIZE")
+    ds_config = build_deepspeed_config(cfg)
+    b = resolved.batch
+    steps_hint = cfg.training.max_steps or 1000
+    data = build_training_data(cfg.data, cfg.model.vocab_size, b.micro, cfg.data.eval_batch_size, process.rank,
+                               process.world_size, needed_sequences=steps_hint * b.global_batch)
+    metrics = None
+    if main_rank:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(render_yaml(resolved, with_origins=True))
+        (out_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        metrics = (out_dir / "metrics.jsonl").open("a")
+        print(f"data: {data.description}")
+        print(f"batch: {b.micro} x {b.accumulation} x {b.world.size} rank(s) = {b.global_batch} sequences "
+              f"per step; precision {cfg.training.mixed_precision}; ZeRO stage {cfg.deepspeed.zero_stage}")
+        print(f"outputs: {out_dir}")
+
+    def on_log(record: dict) -> None:
+        if metrics is None:
+            return
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        if "loss" in record:
+            print(f"step {record['step']:>6}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                  f"{record['tokens_per_s']:,.0f} tok/s", flush=True)
+        elif "eval_loss" in record:
+            print(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
+                  f"perplexity {record['eval_perplexity']:.2f}", flush=True)
+
+    try:
+        result = train(cfg, ds_config, process, data.train, data.eval, on_log)
+    finally:
+        if metrics is not None:
+            metrics.close()
+    if main_rank:
+        summary = {"status": "completed", "steps": result.steps, "first_loss": result.losses[0],
+                   "final_loss": result.losses[-1], "eval_loss": result.eval_loss, "tokens": result.tokens,
+                   "seconds": time.perf_counter() - started, "first_step_seconds": result.first_step_seconds,
+                   "entropy_rate": data.entropy_rate}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"done: {result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
+              + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+              + f", {summary['seconds']:.1f} s ({result.first_step_seconds:.1f} s to the first step); "
+              f"outputs in {out_dir}")
     return 0

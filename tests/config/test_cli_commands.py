@@ -77,9 +77,9 @@ def test_schema_is_a_json_schema_that_accepts_shipped_configs_and_rejects_typos(
     assert list(validator.iter_errors({"model": {"hiden_size": 3}}))
 
 
-def test_train_py_validates_and_prints_the_resolved_config():
+def test_train_py_dry_run_validates_and_prints_the_resolved_config():
     out = subprocess.run([sys.executable, "train.py", "--config", "configs/gpu/tiny.yaml", "--hardware_config",
-                          "configs/hardware/cpu.yaml", "--max_steps", "100", "--local_rank=0"],
+                          "configs/hardware/cpu.yaml", "--max_steps", "100", "--local_rank=0", "--dry_run"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "max_steps: 100" in out.stdout and "config OK" in out.stdout
