@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,7 @@ from ava.data.batches import SequenceBatches
 from ava.model import AvaForCausalLM
 from ava.model.moe import summarise_moe_stats
 from ava.model.summary import summarise_model
+from ava.train import checkpoint
 from ava.train.distributed import ProcessInfo
 from ava.train.lr_schedule import LRSchedule
 
@@ -74,8 +76,14 @@ def _device(module: torch.nn.Module) -> torch.device:
 
 
 def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batches: SequenceBatches,
-          eval_batches: SequenceBatches | None, on_log: Callable[[dict], None]) -> TrainResult:
-    """Train `config.model` under DeepSpeed with `ds_config`; returns per-step losses and the final eval loss."""
+          eval_batches: SequenceBatches | None, on_log: Callable[[dict], None],
+          checkpoint_dir: Path | None = None, resume_from: Path | None = None, keep_last: int = 3) -> TrainResult:
+    """Train `config.model` under DeepSpeed with `ds_config`; returns per-step losses and the final eval loss.
+
+    With `checkpoint_dir`, a checkpoint is written every `save_steps` and at the
+    end; with `resume_from` (a checkpoint's directory), training continues from it exactly
+    where it stopped (weights, optimizer, LR schedule, data position, RNG).
+    """
     import deepspeed
 
     start = time.perf_counter()
@@ -95,12 +103,18 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule.multiplier))
     flops_per_token = summarise_model(model, config.data.max_length).training_flops_per_token
     device = _device(engine)
+    start_step = 0
+    if resume_from is not None:
+        state = checkpoint.load(engine, resume_from.parent, resume_from.name, process.rank)
+        start_step = int(state["step"])
+        train_batches.load_state_dict(state["data"])
     stream = _forever(train_batches)
     result = TrainResult(steps=steps)
+    save_every = t.save_steps if t.save_strategy == "steps" else 0
     step_losses: list[torch.Tensor] = []  # tensors until the end: no host sync per step
     tokens_per_step = ds_config["train_batch_size"] * config.data.max_length
     window_start, window_tokens = time.perf_counter(), 0
-    for step in range(steps):
+    for step in range(start_step, steps):
         step_loss = torch.zeros((), device=device)
         stats = []
         for _ in range(accumulation):
@@ -112,7 +126,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
             stats = out.moe_stats
         step_losses.append(step_loss)
         window_tokens += tokens_per_step
-        if step == 0:
+        if step == start_step:
             result.first_step_seconds = time.perf_counter() - start
         if (step + 1) % t.logging_steps == 0 or step + 1 == steps:
             elapsed = time.perf_counter() - window_start
@@ -127,8 +141,10 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
             record.update(summarise_moe_stats(stats))
             on_log(record)
             window_start, window_tokens = time.perf_counter(), 0
-    result.losses = torch.stack(step_losses).cpu().tolist()
-    result.tokens = steps * tokens_per_step
+        if checkpoint_dir is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == steps):
+            checkpoint.save(engine, checkpoint_dir, step + 1, process.rank, train_batches.state_dict(), keep_last)
+    result.losses = torch.stack(step_losses).cpu().tolist() if step_losses else []
+    result.tokens = (steps - start_step) * tokens_per_step
     if eval_batches is not None:
         result.eval_loss = evaluate(engine, eval_batches)
         on_log({"step": steps, "eval_loss": result.eval_loss, "eval_perplexity": math.exp(min(result.eval_loss, 50))})

@@ -7,7 +7,6 @@ loss-agreement matrix across ZeRO stages come with the rest of the engine.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,17 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-
-TINY = ["--config", "configs/gpu/tiny.yaml", "--hardware_config", "configs/hardware/cpu.yaml"]
-SMALL_RUN = ["--builtin_dataset", "markov", "--max_length", "64", "--batch_size", "4", "--eval_batch_size", "4",
-             "--max_eval_examples", "16", "--warmup_steps", "2", "--logging_steps", "4"]
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
+from tests.train.run_helpers import SMALL_RUN, TINY, free_port, run_env
 
 
 def _records(out: Path) -> list[dict]:
@@ -36,7 +25,7 @@ def _records(out: Path) -> list[dict]:
 def test_train_py_lowers_the_loss_and_writes_config_metrics_and_summary(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "train.py", *TINY, *SMALL_RUN, "--max_steps", "16",
-                             "--output_dir", str(out)], cwd=REPO, env=_env(), capture_output=True, text=True,
+                             "--output_dir", str(out)], cwd=REPO, env=run_env(), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     records = _records(out)
@@ -57,7 +46,7 @@ def test_an_output_dir_with_files_is_refused_and_left_untouched(tmp_path):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     result = subprocess.run([sys.executable, "train.py", *TINY, *SMALL_RUN, "--max_steps", "4",
-                             "--output_dir", str(out)], cwd=REPO, env=_env(), capture_output=True, text=True,
+                             "--output_dir", str(out)], cwd=REPO, env=run_env(), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "never overwrites a run" in result.stderr and "Fix:" in result.stderr
@@ -71,12 +60,12 @@ def test_moe_model_trains_on_two_deepspeed_ranks(stage, tmp_path):
     if not Path(launcher).exists():
         pytest.fail("the deepspeed launcher is not installed next to this Python; run `make setup`")
     out = tmp_path / "run"
-    port = str(29500 + os.getpid() % 500 + (0 if stage.endswith("2") else 500))
+    port = free_port()
     result = subprocess.run(
         [launcher, "--num_gpus", "2", "--master_port", port, "train.py", *TINY, "--distributed_config",
          f"configs/distributed/{stage}.yaml", *SMALL_RUN, "--batch_size", "2", "--deepspeed.train_batch_size", "8",
          "--cpu_offload", "false", "--max_steps", "8", "--num_gpus", "2", "--output_dir", str(out)],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["final_loss"] < summary["first_loss"]

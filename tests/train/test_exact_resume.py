@@ -1,0 +1,85 @@
+"""A run killed with SIGKILL between checkpoints and resumed logs the same per-step losses, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.train.run_helpers import SMALL_RUN, TINY, free_port, run_env
+
+# A smaller model than tiny.yaml: checkpoints of the full tiny model make this test slow, not stronger.
+RUN = [*TINY, *SMALL_RUN, "--hidden_size", "64", "--num_layers", "2", "--intermediate_size", "128", "--vocab_size", "128",
+       "--max_steps", "40", "--save_steps", "10", "--logging_steps", "1"]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _command(launcher: list[str], out: Path, *extra: str) -> list[str]:
+    """The run's command line; each launch gets a fresh master port (a killed run's port may linger)."""
+    head = [*launcher, "--master_port", free_port()] if launcher[0] != sys.executable else launcher
+    return [*head, "train.py", *RUN, "--output_dir", str(out), *extra]
+
+
+def _kill_after_checkpoint(command: list[str], out: Path, tag: str) -> int:
+    """Start a run, SIGKILL its whole process group once `latest` names `tag`; return its exit status."""
+    proc = subprocess.Popen(command, cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.read_text().strip() == tag:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    return proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("ranks", [1, 2], ids=["1-process", "2-ranks-zero2"])
+def test_sigkilled_run_resumes_with_identical_per_step_losses(ranks, tmp_path):
+    if ranks == 1:
+        launcher = [sys.executable]
+        extra: tuple[str, ...] = ()
+    else:
+        ds = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+        launcher = [ds, "--num_gpus", "2"]
+        extra = ("--distributed_config", "configs/distributed/deepspeed_zero2.yaml", "--batch_size", "2",
+                 "--deepspeed.train_batch_size", "4", "--num_gpus", "2")
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    done = subprocess.run(_command(launcher, full, *extra), cwd=REPO, env=run_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    status = _kill_after_checkpoint(_command(launcher, broken, *extra), broken, "step00000020")
+    assert status != 0 and not (broken / "summary.json").exists(), "the run finished before it could be killed"
+
+    resumed = subprocess.run(_command(launcher, broken, *extra, "--resume"), cwd=REPO, env=run_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "step00000020" in resumed.stdout
+    expected, got = _losses(full), _losses(broken)
+    assert sorted(got) == list(range(1, 41))  # steps logged after the checkpoint by the killed run were dropped
+    assert got == expected  # exact float equality, every step
+
+
+def test_resume_with_a_changed_batch_is_refused_with_the_difference(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.run([sys.executable, "train.py", *TINY, *SMALL_RUN, "--max_steps", "4", "--save_steps", "2",
+                            "--output_dir", str(out)], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = subprocess.run([sys.executable, "train.py", *TINY, *SMALL_RUN, "--max_steps", "8", "--batch_size", "2",
+                            "--output_dir", str(out), "--resume"], cwd=REPO, env=run_env(), capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "train_batch_size: 4 -> 2" in again.stderr and "--force_resume" in again.stderr
