@@ -127,14 +127,14 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool)
     from ava.train.loop import train
 
     out_dir = _output_dir(ns.output_dir, config_name, ns.resume)  # before any heavy work: refuse early
-    resume_from = _resume_point(ns, out_dir, build_deepspeed_config(cfg))
+    ds_config = build_deepspeed_config(cfg)
+    resume_from = _resume_point(ns, out_dir, ds_config)
     process = init_distributed()
     if process.world_size != resolved.batch.world.size:
         raise ModelInputError(
             f"the launcher started {process.world_size} process(es) but the batch was planned for "
             f"{resolved.batch.world.size} ({resolved.batch.world.source})",
             "pass the same --num_gpus/--num_nodes to the launcher and to train.py, or set WORLD_SIZE")
-    ds_config = build_deepspeed_config(cfg)
     b = resolved.batch
     steps_hint = cfg.training.max_steps or 1000
     data = build_training_data(cfg.data, cfg.model.vocab_size, b.micro, cfg.data.eval_batch_size, process.rank,
