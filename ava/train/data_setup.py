@@ -33,13 +33,10 @@ class TrainingData:
 
 
 def _split(sequences: np.ndarray, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out the last max_eval_examples sequences (-1: 5%); cap training at max_train_examples."""
+    """Hold out the last max_eval_examples sequences (-1: 5%)."""
     n_eval = data.max_eval_examples if data.max_eval_examples >= 0 else max(1, len(sequences) // 20)
     n_eval = min(n_eval, len(sequences) // 2)
-    train, held_out = sequences[: len(sequences) - n_eval], sequences[len(sequences) - n_eval:]
-    if data.max_train_examples >= 0:
-        train = train[: data.max_train_examples]
-    return train, held_out
+    return sequences[: len(sequences) - n_eval], sequences[len(sequences) - n_eval:]
 
 
 def _stdlib_sequences(data: DataConfig, tokenizer: Tokenizer, needed_tokens: int) -> np.ndarray:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.train.run_helpers import free_port
+
 WORKER = Path(__file__).with_name("zero3_moe_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,7 +30,7 @@ def test_moe_trains_under_zero3_on_two_ranks_with_different_routing(mode, tmp_pa
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     env.pop("RANK", None)
-    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), str(WORKER), mode],
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", free_port(), str(WORKER), mode],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     rows = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("result_rank*.json"))]
     assert proc.returncode == 0 and len(rows) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -41,10 +43,3 @@ def test_moe_trains_under_zero3_on_two_ranks_with_different_routing(mode, tmp_pa
     assert abs(by_rank[0]["checksum"] - by_rank[0]["initial"]) > 1e-4
     assert abs(by_rank[0]["checksum"] - by_rank[1]["checksum"]) < 1e-6
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
