@@ -167,6 +167,28 @@ def _deepspeed(ctx: CheckContext) -> None:
                     "keep one of them", True)
 
 
+def _expert_parallel(ctx: CheckContext) -> None:
+    ds, m = ctx.sections["deepspeed"], ctx.sections["model"]
+    assert isinstance(ds, DeepSpeedSection) and isinstance(m, ModelConfig)
+    if ds.ep_size == 1:
+        return
+    if not m.is_moe:
+        ctx.problem("deepspeed.ep_size", f"is {ds.ep_size}, but the model has no experts "
+                    f"(model.num_experts = {m.num_experts}, {ctx.where('model.num_experts')})",
+                    "set deepspeed.ep_size: 1 for a dense model", ds.ep_size)
+    elif m.num_experts % ds.ep_size:
+        ctx.problem("deepspeed.ep_size", f"must divide model.num_experts = {m.num_experts} "
+                    f"({ctx.where('model.num_experts')}): each rank holds the same number of experts",
+                    f"use an ep_size that divides {m.num_experts}", ds.ep_size)
+    if ds.zero_stage == 3:
+        ctx.problem("deepspeed.ep_size", f"expert parallelism (ep_size {ds.ep_size}) is not supported under ZeRO "
+                    f"stage 3 ({ctx.where('deepspeed.zero_stage')}): DeepSpeed partitions expert parameters only "
+                    "at stages 0-2", "use zero_stage 1 or 2 with ep_size > 1, or ep_size 1 with stage 3", ds.ep_size)
+    if ctx.world.size % ds.ep_size:
+        ctx.problem("deepspeed.ep_size", f"must divide the number of ranks ({ctx.world.size}, "
+                    f"{ctx.world.source})", "launch a multiple of ep_size ranks, or lower ep_size", ds.ep_size)
+
+
 def _batch(ctx: CheckContext) -> None:
     t, ds = ctx.sections["training"], ctx.sections["deepspeed"]
     assert isinstance(t, TrainingConfig) and isinstance(ds, DeepSpeedSection)
@@ -187,6 +209,7 @@ CHECKS: tuple[tuple[tuple[str, ...], Callable[[CheckContext], None]], ...] = (
     (("data", "model"), _data),
     (("training", "hardware"), _precision),
     (("deepspeed", "training"), _deepspeed),
+    (("deepspeed", "model"), _expert_parallel),
     (("training", "deepspeed"), _batch),
 )
 

@@ -50,6 +50,8 @@ class DeepSpeedSection(Section):
     micro_batch_size: int | None = Field(None, gt=0, description="Same value as training.batch_size.")
 
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    ep_size: int = Field(
+        1, gt=0, description="Expert-parallel ranks: each holds num_experts / ep_size experts (ZeRO 0-2).")
 
     overlap_comm: bool = Field(True, description="Overlap gradient reduction with backward.")
     contiguous_gradients: bool = Field(True, description="Copy gradients into a contiguous buffer.")

@@ -65,4 +65,14 @@ class TrainingConfig(Section):
         3, ge=0, description="Evaluations without improvement before stopping; null disables.")
     early_stopping_threshold: float = Field(0.01, ge=0, description="Smallest eval-loss decrease that counts.")
 
+    keep_last_checkpoints: int = Field(3, ge=1, description="Step checkpoints kept; older ones are deleted.")
+    save_best_checkpoint: bool = Field(True, description="Also keep the checkpoint with the lowest eval loss.")
+    sample_max_new_tokens: int = Field(
+        64, ge=0, description="Tokens generated from a held-out prompt at the end of a run; 0 disables.")
+
+    run_name: str | None = Field(None, description="Run name: default output directory and W&B run name.")
+    wandb_log: bool = Field(False, description="Log metrics to Weights & Biases (WANDB_MODE=offline needs no network).")
+    wandb_project: str = Field("ava", description="W&B project.")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user); null uses your default.")
+
     gradient_health: GradientHealthConfig = Field(default_factory=GradientHealthConfig)
