@@ -30,6 +30,8 @@ commands:
   model summary         parameters (total, active, per component) and FLOPs per token
   model import-hf SRC   convert a local HF Llama/Mixtral/GPT-2 checkpoint to an Ava model
   model export-hf SRC   write an Ava model as a HF checkpoint (from_pretrained loads it)
+  model export-checkpoint RUN
+                        consolidate a training checkpoint (any ZeRO stage) to safetensors / HF
 
 `ava <command> --help` describes each command's options.
 """

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 from ava.cli.args import add_stack_arguments, new_parser, stack_from
 from ava.config import load_config
+from ava.model.errors import ModelInputError
 
 
 def _human(n: float) -> str:
@@ -94,5 +95,34 @@ def export_hf_cmd(argv: Sequence[str]) -> int:
     return 0
 
 
+def export_checkpoint_cmd(argv: Sequence[str]) -> int:
+    parser = new_parser("ava model export-checkpoint", "Consolidate a training checkpoint (any ZeRO stage) into "
+                        "an Ava model directory, or a Hugging Face checkpoint with --hf.")
+    parser.add_argument("source", help="a run directory, its checkpoints/ directory, or one checkpoints/stepNNNNNNNN")
+    parser.add_argument("--out", required=True, help="directory to write")
+    parser.add_argument("--best", action="store_true",
+                        help="from a run: the checkpoint with the lowest eval loss (default: the latest)")
+    parser.add_argument("--hf", action="store_true", help="write a Hugging Face checkpoint (Llama/Mixtral/GPT-2)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
+    ns = parser.parse_args(argv)
+    from pathlib import Path
+
+    import torch
+
+    from ava.train.export import export_checkpoint, resolve_checkpoint, run_model_config
+
+    source = Path(ns.source)
+    if not source.is_dir():
+        raise ModelInputError(f"{source} is not a directory", "point at a run directory written by train.py")
+    point = resolve_checkpoint(source, "best" if ns.best else "latest")
+    run_dir = point.parent.parent
+    written = export_checkpoint(point, run_model_config(run_dir), Path(ns.out), hf=ns.hf,
+                                dtype=getattr(torch, ns.dtype), overwrite=ns.overwrite)
+    print(f"wrote {ns.out} from {point} as {written}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "summary": summary, "import-hf": import_hf_cmd, "export-hf": export_hf_cmd}
+    "summary": summary, "import-hf": import_hf_cmd, "export-hf": export_hf_cmd,
+    "export-checkpoint": export_checkpoint_cmd}

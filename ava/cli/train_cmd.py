@@ -14,6 +14,7 @@ directory that already holds files is otherwise never reused.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -73,14 +74,14 @@ def _print_plan(resolved: ResolvedConfig) -> None:
           f"{m.training_flops_per_token / 1e6:,.1f} MFLOP per training token (`ava model summary` for details)")
 
 
-def _output_dir(requested: str | None, config_name: str, resume: bool) -> Path:
+def _output_dir(requested: str | None, run_name: str, resume: bool) -> Path:
     if resume:
         if requested is None or not Path(requested).is_dir():
             raise ModelInputError(f"--resume needs the --output_dir of the run to continue (got {requested})",
                                   "pass --output_dir RUN_DIR, the directory the interrupted run wrote")
         return Path(requested)
     if requested is None:
-        return Path("outputs") / f"{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        return Path("outputs") / run_name
     path = Path(requested)
     if path.exists() and any(path.iterdir()):
         raise ModelInputError(f"--output_dir {path} already holds files; Ava never overwrites a run",
@@ -126,10 +127,12 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool)
     from ava.train.distributed import init_distributed
     from ava.train.loop import train
 
-    out_dir = _output_dir(ns.output_dir, config_name, ns.resume)  # before any heavy work: refuse early
+    run_name = cfg.training.run_name or f"{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out_dir = _output_dir(ns.output_dir, run_name, ns.resume)  # before any heavy work: refuse early
     ds_config = build_deepspeed_config(cfg)
     resume_from = _resume_point(ns, out_dir, ds_config)
     process = init_distributed()
+    out_dir = _same_on_every_rank(out_dir)  # a date-stamped default can differ by a second between ranks
     if process.world_size != resolved.batch.world.size:
         raise ModelInputError(
             f"the launcher started {process.world_size} process(es) but the batch was planned for "
@@ -139,53 +142,166 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool)
     steps_hint = cfg.training.max_steps or 1000
     data = build_training_data(cfg.data, cfg.model.vocab_size, b.micro, cfg.data.eval_batch_size, process.rank,
                                process.world_size, needed_sequences=steps_hint * b.global_batch)
-    metrics = None
+    from ava.train.console import RunConsole
+    from ava.train.loop import total_steps
+    from ava.train.run_info import peak_memory, write_versions
+
+    planned = total_steps(cfg, data.train.batches_per_epoch, b.accumulation)
+    start_step = int(resume_from.name.removeprefix("step")) if resume_from is not None else 0
+    console = RunConsole(planned, enabled=main_rank, start_step=start_step)
+    metrics, wandb = None, None
     if main_rank:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(render_yaml(resolved, with_origins=True))
         (out_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        write_versions(out_dir / "versions.json")
         if resume_from is not None and ns.resume:
-            _drop_records_after(out_dir / "metrics.jsonl", int(resume_from.name.removeprefix("step")))
+            _drop_records_after(out_dir / "metrics.jsonl", start_step)
         metrics = (out_dir / "metrics.jsonl").open("a")
         if resume_from is not None:
-            print(f"resuming from {resume_from}")
-        print(f"data: {data.description}")
-        print(f"batch: {b.micro} x {b.accumulation} x {b.world.size} rank(s) = {b.global_batch} sequences "
-              f"per step; precision {cfg.training.mixed_precision}; ZeRO stage {cfg.deepspeed.zero_stage}")
-        print(f"outputs: {out_dir}")
+            console.note(f"resuming from {resume_from}")
+        console.note(f"data: {data.description}")
+        console.note(f"batch: {b.micro} x {b.accumulation} x {b.world.size} rank(s) = {b.global_batch} sequences "
+                     f"per step; precision {cfg.training.mixed_precision}; ZeRO stage {cfg.deepspeed.zero_stage}")
+        console.note(f"outputs: {out_dir}")
+        if cfg.training.wandb_log:
+            from ava.train.wandb_log import WandbLogger
+
+            wandb = WandbLogger.start(resolved.to_dict(), cfg.training.wandb_project, cfg.training.wandb_entity,
+                                      out_dir.name, out_dir)
 
     def on_log(record: dict) -> None:
         if metrics is None:
             return
+        if "loss" in record:
+            record.update(peak_memory())
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
-        if "loss" in record:
-            print(f"step {record['step']:>6}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                  f"{record['tokens_per_s']:,.0f} tok/s", flush=True)
-        elif "eval_loss" in record:
-            print(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
-                  f"perplexity {record['eval_perplexity']:.2f}", flush=True)
+        console.log(record)
+        if wandb is not None:
+            wandb.log(record)
 
     try:
-        result = train(cfg, ds_config, process, data.train, data.eval, on_log,
-                       checkpoint_dir=out_dir / "checkpoints", resume_from=resume_from)
+        with console:
+            result = train(cfg, ds_config, process, data.train, data.eval, on_log,
+                           checkpoint_dir=out_dir / "checkpoints", resume_from=resume_from)
+    except BaseException as exc:
+        if main_rank:
+            _record_failure(out_dir, exc, started, wandb)
+        raise
     finally:
         if metrics is not None:
             metrics.close()
         _shutdown()
-    if main_rank:
-        first, final = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
-        summary = {"status": "completed", "steps": result.steps, "first_loss": first, "final_loss": final,
-                   "eval_loss": result.eval_loss, "tokens": result.tokens,
-                   "seconds": time.perf_counter() - started, "first_step_seconds": result.first_step_seconds,
-                   "entropy_rate": data.entropy_rate}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        losses = f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
-        print(f"done: {result.steps} steps{losses}"
-              + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
-              + f", {summary['seconds']:.1f} s ({result.first_step_seconds:.1f} s to the first step); "
-              f"outputs in {out_dir}")
-    return 0
+    if not main_rank:
+        return 0
+    from ava.train.plots import write_plots
+
+    summary = _summary(result, data, out_dir, started, evaluates=cfg.training.eval_strategy != "no")
+    write_plots(out_dir / "metrics.jsonl", out_dir / "plots")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if wandb is not None:
+        wandb.finish(summary)
+    console.final_table(summary)
+    if summary["sample"] is not None and "continuation" in summary["sample"]:
+        console.note(f"sample (greedy, from a held-out prompt): {summary['sample']['prompt']!r} -> "
+                     f"{summary['sample']['continuation']!r}")
+    _print_checks(summary)
+    return 0 if summary["checks_passed"] else 1
+
+
+def _record_failure(out_dir: Path, exc: BaseException, started: float, wandb: Any) -> None:
+    """Leave a summary.json that says the run failed and why; the checkpoints already written stay."""
+    if not out_dir.is_dir():
+        return
+    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    summary = {"status": status, "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - started}
+    from ava.train.checkpoint import latest_complete
+
+    tag = latest_complete(out_dir / "checkpoints")
+    summary["resume_hint"] = (f"continue with --output_dir {out_dir} --resume (from checkpoints/{tag})" if tag
+                              else "no complete checkpoint was written; start a new run")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if wandb is not None:
+        wandb.finish(summary)
+
+
+def _summary(result: Any, data: Any, out_dir: Path, started: float, evaluates: bool) -> dict[str, Any]:
+    """summary.json: how the run ended, its losses, and the checks a smoke test relies on."""
+    from ava.train.checkpoint import best_tag
+    from ava.train.evaluation import perplexity
+    from ava.train.export import export_checkpoint
+    from ava.train.run_info import peak_memory
+
+    model_dir = None
+    if result.checkpoint is not None:
+        model_dir = out_dir / "model"
+        export_checkpoint(result.checkpoint, result.model.config, model_dir, overwrite=True)
+    first, final = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
+    sample = None
+    if result.sample is not None:
+        prompt, generated = result.sample
+        sample = {"prompt_ids": prompt, "continuation_ids": generated}
+        tokenizer = getattr(data, "tokenizer", None)
+        if tokenizer is not None:
+            sample.update(prompt=tokenizer.decode(prompt), continuation=tokenizer.decode(generated))
+    best = best_tag(out_dir / "checkpoints")
+    checks = {
+        "steps_completed": result.steps == result.planned_steps or result.status == "early_stopped",
+        "loss_finite": all(map(math.isfinite, result.losses)),
+        "evaluated": result.evaluations > 0 if evaluates and data.eval is not None else None,
+        "checkpoint_saved": result.checkpoint is not None,
+        "checkpoint_reloads_exactly": result.checkpoint_reload_ok,
+        "model_exported": model_dir is not None and (model_dir / "model.safetensors").is_file(),
+    }
+    return {
+        "status": result.status, "steps": result.steps, "planned_steps": result.planned_steps,
+        "first_loss": first, "final_loss": final,
+        "eval_loss": result.eval_loss,
+        "eval_perplexity": perplexity(result.eval_loss) if result.eval_loss is not None else None,
+        "best_eval_loss": result.best_eval_loss, "best_step": result.best_step,
+        "best_checkpoint": str(out_dir / "checkpoints" / best) if best else None,
+        "final_checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "model_dir": str(model_dir) if model_dir else None,
+        "tokens": result.tokens, "seconds": time.perf_counter() - started,
+        "tokens_per_s": result.tokens / result.seconds if result.seconds else None, "output_dir": str(out_dir),
+        "first_step_seconds": result.first_step_seconds,
+        "entropy_rate": data.entropy_rate, "sample": sample,
+        **peak_memory(),
+        "checks": checks, "checks_passed": all(v is not False for v in checks.values()),
+    }
+
+
+def _print_checks(summary: dict[str, Any]) -> None:
+    labels = {"steps_completed": "all planned steps ran", "loss_finite": "every loss finite",
+              "evaluated": "held-out evaluation ran", "checkpoint_saved": "checkpoint saved",
+              "checkpoint_reloads_exactly": "checkpoint reloads to the same loss",
+              "model_exported": "consolidated weights exported (model/)"}
+    print("run checks:")
+    for key, ok in summary["checks"].items():
+        mark = "skip" if ok is None else ("PASS" if ok else "FAIL")
+        print(f"  {mark:<4}  {labels[key]}")
+    memory = ", ".join(f"{k.removeprefix('memory/')} {v:.2f} GB" for k, v in summary.items()
+                       if k.startswith("memory/"))
+    losses = (f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+              if summary["first_loss"] is not None else "no steps run")
+    print(f"{'PASSED' if summary['checks_passed'] else 'FAILED'}: {summary['status']}, {summary['steps']} steps, "
+          f"{losses}, best eval loss {_number(summary['best_eval_loss'])}, {summary['seconds']:.1f} s "
+          f"({summary['first_step_seconds']:.1f} s to the first step), memory {memory or 'n/a'}")
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _same_on_every_rank(path: Path) -> Path:
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return path
+    chosen = [str(path)]
+    dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
 
 
 def _drop_records_after(path: Path, step: int) -> None:

@@ -7,6 +7,9 @@ Only after all ranks have finished writing (a barrier) does rank 0 mark the
 tag complete and then move `latest` to it, each with an atomic rename. A
 crash at any point mid-save therefore leaves `latest` on the previous
 complete checkpoint, never on a partial one.
+
+The best checkpoint by validation loss is not a second copy: `best` names
+one of the step checkpoints, and pruning to the last K never removes it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from ava.model.errors import ModelInputError
 
 LATEST = "latest"
+BEST = "best"
 COMPLETE = "COMPLETE"
 
 
@@ -55,11 +59,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine: Any, root: Path, step: int, rank: int, data_state: dict, keep_last: int) -> Path:
-    """Write checkpoint `step` on every rank (collective: every rank must call it)."""
+def save(engine: Any, root: Path, step: int, rank: int, data_state: dict, keep_last: int,
+         extra: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint `step` on every rank (collective: every rank must call it).
+
+    `extra` is more client state to restore on resume (the evaluation monitor).
+    """
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save({"step": step, "data": data_state, "rng": rng_state()}, root / tag / f"ava_state_rank{rank}.pt")
+    torch.save({"step": step, "data": data_state, "rng": rng_state(), **(extra or {})},
+               root / tag / f"ava_state_rank{rank}.pt")
     torch.distributed.barrier()
     if rank == 0:
         _write_atomic(root / tag / COMPLETE, f"{step}\n")
@@ -69,10 +78,35 @@ def save(engine: Any, root: Path, step: int, rank: int, data_state: dict, keep_l
     return root / tag
 
 
+def mark_best(root: Path, step: int) -> None:
+    """Point `best` at the (complete) checkpoint of `step`; rank 0 only."""
+    tag = tag_for(step)
+    if not (root / tag / COMPLETE).is_file():
+        raise RuntimeError(f"cannot mark {root / tag} best: it is not a complete checkpoint")
+    _write_atomic(root / BEST, f"{tag}\n")
+
+
+def best_tag(root: Path) -> str | None:
+    """The tag `best` names, when that checkpoint is complete."""
+    pointer = root / BEST
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if (root / tag / COMPLETE).is_file():
+            return tag
+    return None
+
+
 def _prune(root: Path, keep_last: int) -> None:
     tags = sorted(p for p in root.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
+    keep = best_tag(root)
     for old in tags[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete complete checkpoints beyond the newest `keep_last`, never the best; rank 0 only."""
+    _prune(root, keep_last)
 
 
 def latest_complete(root: Path) -> str | None:

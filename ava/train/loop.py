@@ -1,8 +1,10 @@
 """The training loop: a DeepSpeed engine over Ava's model, its LR schedule and its batches.
 
-Kept free of console and file output: every logged step is handed to
-`on_log` as a dict, and the caller decides where it goes (console, metrics
-file, W&B). Loss values are read back to the host only on logging steps.
+Kept free of console and file output: every logged step and evaluation is
+handed to `on_log` as a dict, and the caller decides where it goes (console,
+metrics file, W&B). Loss values are read back to the host only on logging
+steps, where they are also averaged over the data-parallel ranks, so the
+logged loss is the loss of the whole global batch on any number of ranks.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,19 +26,31 @@ from ava.model.moe import summarise_moe_stats
 from ava.model.summary import summarise_model
 from ava.train import checkpoint
 from ava.train.distributed import ProcessInfo
+from ava.train.evaluation import EvalMonitor, evaluate, perplexity
 from ava.train.lr_schedule import LRSchedule
+
+SAMPLE_PROMPT_TOKENS = 32
 
 
 @dataclass
 class TrainResult:
     """What a finished run reports."""
 
-    steps: int
-    losses: list[float] = field(default_factory=list)  # mean loss of every optimizer step
-    eval_loss: float | None = None
+    steps: int  # optimizer steps completed (fewer than planned when stopped early)
+    planned_steps: int = 0
+    status: str = "completed"  # or "early_stopped"
+    losses: list[float] = field(default_factory=list)  # global-batch loss of every step this process ran
+    eval_loss: float | None = None  # the last evaluation
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evaluations: int = 0
     tokens: int = 0
     seconds: float = 0.0
     first_step_seconds: float = 0.0
+    checkpoint: Path | None = None  # the final checkpoint
+    checkpoint_reload_ok: bool | None = None  # the final checkpoint reloaded and gave the same loss
+    sample: tuple[list[int], list[int]] | None = None  # (prompt ids, generated ids)
+    model: AvaForCausalLM | None = field(default=None, repr=False)  # the trained module (for export)
 
 
 def total_steps(config: AvaConfig, batches_per_epoch: int, accumulation: int) -> int:
@@ -49,53 +65,83 @@ def _forever(batches: SequenceBatches) -> Iterator[torch.Tensor]:
         yield from batches
 
 
-def evaluate(engine: torch.nn.Module, batches: SequenceBatches, max_batches: int | None = None) -> float:
-    """Mean next-token loss (language-model part only) over the evaluation batches."""
-    was_training = engine.training
-    engine.eval()
-    total, count = torch.zeros(()), 0
-    with torch.no_grad():
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            out = engine(batch.to(_device(engine)), labels=batch.to(_device(engine)))
-            total += out.lm_loss.float().cpu()
-            count += 1
-    engine.train(was_training)
-    if count == 0:
-        return math.nan
-    mean = total / count
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(mean)
-        mean /= torch.distributed.get_world_size()
-    return float(mean)
+def _held_out(batches: SequenceBatches, limit: int | None = None) -> Iterator[torch.Tensor]:
+    """The held-out batches from the first, every time (the batches object remembers its position)."""
+    batches.load_state_dict({"epoch": 0, "batch_index": 0})
+    return islice(iter(batches), limit)
 
 
 def _device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over the data-parallel ranks (one collective)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+        values /= torch.distributed.get_world_size()
+    return values
+
+
+def _grad_norm(engine: Any) -> float | None:
+    """The global gradient norm: DeepSpeed's when it keeps one, else computed from the (full) gradients.
+
+    DeepSpeed records a norm for ZeRO and bf16/fp16 optimizers only; without ZeRO
+    every rank holds the full, already averaged gradients, so the norm is local.
+    """
+    if engine.zero_optimization_stage() > 0:
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+
+class _Schedule:
+    """Which steps log, evaluate and save."""
+
+    def __init__(self, config: AvaConfig, steps: int, steps_per_epoch: int) -> None:
+        t = config.training
+        self.steps, self.log_every = steps, t.logging_steps
+        self.eval_every = {"steps": t.eval_steps, "epoch": steps_per_epoch, "no": 0}[t.eval_strategy]
+        self.save_every = {"steps": t.save_steps, "epoch": steps_per_epoch, "no": 0}[t.save_strategy]
+
+    def logs(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.steps
+
+    def evaluates(self, step: int) -> bool:
+        return bool(self.eval_every) and (step % self.eval_every == 0 or step == self.steps)
+
+    def saves(self, step: int) -> bool:
+        return bool(self.save_every) and step % self.save_every == 0
+
+
 def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batches: SequenceBatches,
           eval_batches: SequenceBatches | None, on_log: Callable[[dict], None],
-          checkpoint_dir: Path | None = None, resume_from: Path | None = None, keep_last: int = 3) -> TrainResult:
-    """Train `config.model` under DeepSpeed with `ds_config`; returns per-step losses and the final eval loss.
+          checkpoint_dir: Path | None = None, resume_from: Path | None = None, keep_last: int | None = None,
+          verify_checkpoint: bool = True) -> TrainResult:
+    """Train `config.model` under DeepSpeed with `ds_config`.
 
-    With `checkpoint_dir`, a checkpoint is written every `save_steps` and at the
-    end; with `resume_from` (a checkpoint's directory), training continues from it exactly
-    where it stopped (weights, optimizer, LR schedule, data position, RNG).
+    Evaluates every `eval_steps` (and at the end), keeps the best checkpoint
+    by evaluation loss, stops early after `early_stopping_patience`
+    evaluations without improvement, and ends with a greedy sample from a
+    held-out prompt. With `checkpoint_dir`, checkpoints are written every
+    `save_steps` and at the end, and the final one is reloaded to prove it
+    restores the same model (`verify_checkpoint`). With `resume_from`,
+    training continues exactly where that checkpoint stopped.
     """
     import deepspeed
 
     start = time.perf_counter()
+    t = config.training
+    keep_last = t.keep_last_checkpoints if keep_last is None else keep_last
     torch.manual_seed(config.data.shuffle_seed)
-    model = AvaForCausalLM(config.model, gradient_checkpointing=config.training.gradient_checkpointing)
+    model = AvaForCausalLM(config.model, gradient_checkpointing=t.gradient_checkpointing)
     if config.deepspeed.zero_stage == 3 and config.model.is_moe:
         from ava.model.zero3 import mark_moe_zero3_leaves
 
         mark_moe_zero3_leaves(model)
     accumulation = ds_config["gradient_accumulation_steps"]
     steps = total_steps(config, train_batches.batches_per_epoch, accumulation)
-    t = config.training
     schedule = LRSchedule(peak=t.learning_rate, end=t.lr_end, warmup_steps=min(t.warmup_steps, steps),
                           total_steps=steps, warmup=t.warmup_schedule, decay=t.lr_scheduler_type)
     engine, _, _, _ = deepspeed.initialize(
@@ -103,50 +149,123 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule.multiplier))
     flops_per_token = summarise_model(model, config.data.max_length).training_flops_per_token
     device = _device(engine)
+    monitor = EvalMonitor(t.early_stopping_patience, t.early_stopping_threshold)
     start_step = 0
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from.parent, resume_from.name, process.rank)
         start_step = int(state["step"])
         train_batches.load_state_dict(state["data"])
+        if "monitor" in state:
+            monitor.load_state_dict(state["monitor"])
+    plan = _Schedule(config, steps, max(1, train_batches.batches_per_epoch // accumulation))
     stream = _forever(train_batches)
-    result = TrainResult(steps=steps)
-    save_every = t.save_steps if t.save_strategy == "steps" else 0
+    result = TrainResult(steps=start_step, planned_steps=steps)
     step_losses: list[torch.Tensor] = []  # tensors until the end: no host sync per step
     tokens_per_step = ds_config["train_batch_size"] * config.data.max_length
     window_start, window_tokens = time.perf_counter(), 0
-    for step in range(start_step, steps):
+    saved_step = start_step if resume_from is not None else None
+
+    def save(step: int) -> None:
+        nonlocal saved_step
+        if checkpoint_dir is not None and saved_step != step:
+            result.checkpoint = checkpoint.save(engine, checkpoint_dir, step, process.rank,
+                                                train_batches.state_dict(), keep_last,
+                                                extra={"monitor": monitor.state_dict()})
+            saved_step = step
+
+    for step in range(start_step + 1, steps + 1):
+        logs = plan.logs(step)
         step_loss = torch.zeros((), device=device)
-        stats = []
-        for _ in range(accumulation):
+        lm_loss = torch.zeros((), device=device)
+        router_loss = torch.zeros((), device=device)
+        grad_norm = None
+        stats: list = []
+        for micro in range(accumulation):
             batch = next(stream).to(device)
             out = engine(batch, labels=batch)
             engine.backward(out.loss)
+            if logs and micro == accumulation - 1:
+                grad_norm = _grad_norm(engine)
             engine.step()
             step_loss += out.loss.detach().float() / accumulation
+            lm_loss += out.lm_loss.detach().float() / accumulation
+            if out.router_loss is not None:
+                router_loss += out.router_loss.detach().float() / accumulation
             stats = out.moe_stats
         step_losses.append(step_loss)
         window_tokens += tokens_per_step
-        if step == start_step:
+        result.steps = step
+        if step == start_step + 1:
             result.first_step_seconds = time.perf_counter() - start
-        if (step + 1) % t.logging_steps == 0 or step + 1 == steps:
+        if logs:
             elapsed = time.perf_counter() - window_start
-            record = {"step": step + 1, "loss": float(step_loss), "lm_loss": float(out.lm_loss.detach()),
-                      "lr": engine.get_lr()[0], "tokens_per_s": window_tokens / elapsed,
+            loss, lm, router = _mean_over_ranks(torch.stack([step_loss, lm_loss, router_loss])).tolist()
+            record = {"step": step, "loss": loss, "lm_loss": lm, "lr": engine.get_lr()[0],
+                      "tokens_per_s": window_tokens / elapsed,
                       "mfu_flops_per_s": flops_per_token * window_tokens / elapsed}
-            if out.router_loss is not None:
-                record["router_loss"] = float(out.router_loss.detach())
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
+            if config.model.is_moe:
+                record["router_loss"] = router
+            norm = engine.get_global_grad_norm()
+            norm = grad_norm if norm is None else norm
+            if norm is not None:
+                record["grad_norm"] = float(norm)
             record.update(summarise_moe_stats(stats))
             on_log(record)
             window_start, window_tokens = time.perf_counter(), 0
-        if checkpoint_dir is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == steps):
-            checkpoint.save(engine, checkpoint_dir, step + 1, process.rank, train_batches.state_dict(), keep_last)
-    result.losses = torch.stack(step_losses).cpu().tolist() if step_losses else []
-    result.tokens = (steps - start_step) * tokens_per_step
+        new_best = False
+        if eval_batches is not None and plan.evaluates(step):
+            result.eval_loss = evaluate(engine, _held_out(eval_batches))
+            result.evaluations += 1
+            new_best = monitor.update(step, result.eval_loss)
+            on_log({"step": step, "eval_loss": result.eval_loss, "eval_perplexity": perplexity(result.eval_loss),
+                    "best_eval_loss": monitor.best_loss})
+            window_start = time.perf_counter()  # evaluation time is not training throughput
+        stopping = monitor.should_stop
+        if plan.saves(step) or step == steps or stopping or (new_best and t.save_best_checkpoint):
+            save(step)
+            if new_best and t.save_best_checkpoint and checkpoint_dir is not None and process.rank == 0:
+                checkpoint.mark_best(checkpoint_dir, step)
+            if step != steps and not stopping:
+                window_start = time.perf_counter()
+        if stopping:
+            result.status = "early_stopped"
+            on_log({"step": step, "event": "early_stop",
+                    "reason": f"{monitor.evals_without_improvement} evaluations without an improvement of more "
+                              f"than {monitor.threshold} on the best eval loss {monitor.best_loss:.4f} "
+                              f"(step {monitor.best_step})"})
+            break
+    if step_losses:
+        result.losses = _mean_over_ranks(torch.stack(step_losses)).cpu().tolist()
+    result.tokens = (result.steps - start_step) * tokens_per_step
+    result.best_eval_loss = monitor.best_loss if monitor.best_step is not None else None
+    result.best_step = monitor.best_step
     if eval_batches is not None:
-        result.eval_loss = evaluate(engine, eval_batches)
-        on_log({"step": steps, "eval_loss": result.eval_loss, "eval_perplexity": math.exp(min(result.eval_loss, 50))})
+        result.sample = _sample(engine.module, eval_batches, t.sample_max_new_tokens, device)
+        if verify_checkpoint and result.checkpoint is not None and saved_step == result.steps:
+            result.checkpoint_reload_ok = _reload_matches(engine, result.checkpoint, eval_batches, process.rank)
+    result.model = engine.module
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _sample(model: AvaForCausalLM, eval_batches: SequenceBatches, max_new_tokens: int,
+            device: torch.device) -> tuple[list[int], list[int]] | None:
+    """A greedy continuation of the first held-out sequence's opening tokens (the same on every rank)."""
+    limit = model.config.max_position_embeddings
+    first = next(_held_out(eval_batches, 1), None)
+    if first is None or max_new_tokens <= 0:
+        return None
+    prompt_len = min(SAMPLE_PROMPT_TOKENS, first.shape[1], max(1, limit // 2))
+    new_tokens = min(max_new_tokens, limit - prompt_len)
+    prompt = first[:1, :prompt_len].to(device)
+    out = model.generate(prompt, new_tokens, temperature=0.0)
+    return prompt[0].tolist(), out[0, prompt_len:].tolist()
+
+
+def _reload_matches(engine: Any, point: Path, eval_batches: SequenceBatches, rank: int) -> bool:
+    """Reload the final checkpoint into the engine and check a held-out loss is unchanged, bit for bit."""
+    batch = list(_held_out(eval_batches, 1))
+    before = evaluate(engine, batch)
+    checkpoint.load(engine, point.parent, point.name, rank)
+    after = evaluate(engine, batch)
+    return before == after or (math.isnan(before) and math.isnan(after))

@@ -1,4 +1,8 @@
-"""A run killed with SIGKILL between checkpoints and resumed logs the same per-step losses, bit for bit."""
+"""A run killed with SIGKILL between checkpoints and resumed logs the same per-step losses, bit for bit.
+
+The run evaluates every 5 steps, so the resumed run must also restore the
+best-loss record and log the same evaluation losses at the same steps.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +22,18 @@ from tests.train.run_helpers import SMALL_RUN, TINY, free_port, run_env
 
 # A smaller model than tiny.yaml: checkpoints of the full tiny model make this test slow, not stronger.
 RUN = [*TINY, *SMALL_RUN, "--hidden_size", "64", "--num_layers", "2", "--intermediate_size", "128", "--vocab_size", "128",
-       "--max_steps", "40", "--save_steps", "10", "--logging_steps", "1"]
+       "--max_steps", "40", "--save_steps", "10", "--logging_steps", "1", "--eval_steps", "5",
+       "--sample_max_new_tokens", "4"]
 
 
 def _losses(out: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _evals(out: Path) -> dict[int, tuple[float, float]]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["eval_loss"], r["best_eval_loss"]) for r in records if "eval_loss" in r}
 
 
 def _command(launcher: list[str], out: Path, *extra: str) -> list[str]:
@@ -46,16 +56,18 @@ def _kill_after_checkpoint(command: list[str], out: Path, tag: str) -> int:
     return proc.wait(timeout=60)
 
 
-@pytest.mark.parametrize("ranks", [1, 2], ids=["1-process", "2-ranks-zero2"])
-def test_sigkilled_run_resumes_with_identical_per_step_losses(ranks, tmp_path):
-    if ranks == 1:
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [None, "deepspeed_zero2", "deepspeed_zero3"],
+                         ids=["1-process", "2-ranks-zero2", "2-ranks-zero3"])
+def test_sigkilled_run_resumes_with_identical_per_step_losses(stage, tmp_path):
+    if stage is None:
         launcher = [sys.executable]
         extra: tuple[str, ...] = ()
     else:
         ds = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
         launcher = [ds, "--num_gpus", "2"]
-        extra = ("--distributed_config", "configs/distributed/deepspeed_zero2.yaml", "--batch_size", "2",
-                 "--deepspeed.train_batch_size", "4", "--num_gpus", "2")
+        extra = ("--distributed_config", f"configs/distributed/{stage}.yaml", "--batch_size", "2",
+                 "--deepspeed.train_batch_size", "4", "--num_gpus", "2", "--cpu_offload", "false")
     full, broken = tmp_path / "full", tmp_path / "broken"
     done = subprocess.run(_command(launcher, full, *extra), cwd=REPO, env=run_env(), capture_output=True, text=True,
                           timeout=600)
@@ -71,6 +83,10 @@ def test_sigkilled_run_resumes_with_identical_per_step_losses(ranks, tmp_path):
     expected, got = _losses(full), _losses(broken)
     assert sorted(got) == list(range(1, 41))  # steps logged after the checkpoint by the killed run were dropped
     assert got == expected  # exact float equality, every step
+    assert sorted(_evals(broken)) == list(range(5, 41, 5))
+    assert _evals(broken) == _evals(full)
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (full, broken)]
+    assert summaries[0]["best_step"] == summaries[1]["best_step"] and summaries[0]["sample"] == summaries[1]["sample"]
 
 
 def test_resume_with_a_changed_batch_is_refused_with_the_difference(tmp_path):

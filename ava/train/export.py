@@ -1,0 +1,84 @@
+"""Consolidated weights out of a DeepSpeed checkpoint: an Ava model directory, or a Hugging Face one.
+
+A ZeRO checkpoint holds each rank's shard of the fp32 master weights; DeepSpeed's
+own `zero_to_fp32` stitches them back together, offline and on CPU, for every
+stage. A stage-0 checkpoint already holds the whole module. Exporting from the
+checkpoint rather than from live, partitioned parameters needs no collective,
+so it works the same after a run, from any kept checkpoint, or on a laptop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import ValidationError
+
+from ava.config.schema.model import ModelConfig
+from ava.model import AvaForCausalLM
+from ava.model.errors import ModelInputError
+from ava.model.store import load_state_exactly, save_model_dir
+from ava.train import checkpoint
+
+
+def resolve_checkpoint(path: Path, which: str = "latest") -> Path:
+    """A checkpoint directory from itself, a run's `checkpoints/` directory or a run directory.
+
+    `which` picks, for a run: "latest" (the last complete checkpoint) or "best"
+    (the lowest evaluation loss).
+    """
+    if (path / checkpoint.COMPLETE).is_file():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    tag = checkpoint.best_tag(root) if which == "best" else checkpoint.latest_complete(root)
+    if tag is None:
+        what = "a best checkpoint (the run never evaluated, or save_best_checkpoint is off)" if which == "best" \
+            else "a complete checkpoint"
+        raise ModelInputError(f"{path} holds no {what}",
+                              "point at a run directory or a checkpoints/stepNNNNNNNN directory written to the end")
+    return root / tag
+
+
+def run_model_config(run_dir: Path) -> ModelConfig:
+    """The model: section of the run's resolved `config.yaml`."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ModelInputError(f"{path} not found, so the model's shape is unknown",
+                              "export from inside a run directory written by train.py (it holds config.yaml)")
+    try:
+        return ModelConfig.model_validate(yaml.safe_load(path.read_text())["model"])
+    except (yaml.YAMLError, KeyError, TypeError, ValidationError) as exc:
+        raise ModelInputError(f"{path} has no valid model: section ({exc})",
+                              "restore the run's config.yaml; it is written at the start of every run") from exc
+
+
+def checkpoint_state_dict(point: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict held by checkpoint directory `point` (any ZeRO stage)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if any(point.glob("*zero_pp_rank_*optim_states.pt")):
+        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints a line per tensor group
+            state = get_fp32_state_dict_from_zero_checkpoint(str(point.parent), tag=point.name)
+        return {k: v.float() for k, v in state.items()}
+    module_file = point / "mp_rank_00_model_states.pt"
+    if not module_file.is_file():
+        raise ModelInputError(f"{point} has neither ZeRO shards nor {module_file.name}: not a DeepSpeed checkpoint",
+                              "point at a checkpoints/stepNNNNNNNN directory written by train.py")
+    module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in module.items()}
+
+
+def export_checkpoint(point: Path, config: ModelConfig, out: Path, hf: bool = False,
+                      dtype: torch.dtype = torch.float32, overwrite: bool = False) -> str:
+    """Write checkpoint `point` as an Ava model directory (or HF with `hf`); returns what was written."""
+    model = AvaForCausalLM(config)
+    load_state_exactly(model, checkpoint_state_dict(point), str(point))
+    if hf:
+        from ava.hf import export_hf
+
+        return export_hf(model, out, dtype=dtype, overwrite=overwrite)
+    save_model_dir(model.to(dtype), out, overwrite=overwrite)
+    return "an Ava model directory (ava_model.yaml + model.safetensors)"
