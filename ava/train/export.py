@@ -35,8 +35,8 @@ def resolve_checkpoint(path: Path, which: str = "latest") -> Path:
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     tag = checkpoint.best_tag(root) if which == "best" else checkpoint.latest_complete(root)
     if tag is None:
-        what = "a best checkpoint (the run never evaluated, or save_best_checkpoint is off)" if which == "best" \
-            else "a complete checkpoint"
+        what = "best checkpoint (the run never evaluated, or save_best_checkpoint is off)" if which == "best" \
+            else "complete checkpoint"
         raise ModelInputError(f"{path} holds no {what}",
                               "point at a run directory or a checkpoints/stepNNNNNNNN directory written to the end")
     return root / tag
