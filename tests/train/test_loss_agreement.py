@@ -83,7 +83,7 @@ def reference(tmp_path_factory):
 def test_two_ranks_follow_the_single_process_loss_trajectory(stage, model, precision, reference, tmp_path):
     expected = reference(model, precision)
     got = _run(tmp_path / "run", model, precision, stage)
-    assert expected[-1] < expected[0] - 0.05, f"the reference run did not learn: {expected}"
+    assert min(expected[1:]) < expected[0] - 0.03, f"the reference run did not learn: {expected}"
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, expected, strict=True))
     assert worst <= TOLERANCE[precision], (
         f"{stage} {model} {precision}: worst relative loss difference {worst:.2e} over {STEPS} steps "
