@@ -122,7 +122,12 @@ def section_keys() -> dict[KeyPath, type[BaseModel]]:
 
 
 def lookup(path: KeyPath) -> KeyInfo | None:
-    return leaf_keys().get(path)
+    info = leaf_keys().get(path)
+    if info is None and len(path) > 1:  # a key inside an item of a list of sections (data.sources)
+        item = _item_model(path[:-1])
+        if item is not None and path[-1] in item.model_fields:
+            return KeyInfo(path, item.model_fields[path[-1]])
+    return info
 
 
 def is_section(path: KeyPath) -> bool:
@@ -131,8 +136,19 @@ def is_section(path: KeyPath) -> bool:
 
 def children(path: KeyPath) -> list[str]:
     """Names allowed directly under a section path."""
-    model = section_keys().get(path)
+    model = section_keys().get(path) or _item_model(path)
     return list(model.model_fields) if model else []
+
+
+def _item_model(path: KeyPath) -> type[BaseModel] | None:
+    """The model of each item of a list-of-sections key such as data.sources."""
+    info = lookup(path)
+    if info is None:
+        return None
+    for arg in _flatten(info.annotation):
+        if typing.get_origin(arg) is list:
+            return _section_model(typing.get_args(arg)[0])
+    return None
 
 
 @cache

@@ -7,6 +7,7 @@ one go, located at the file and line where the user wrote the key.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -91,10 +92,11 @@ def _convert(section: str, err: Any, tree: MergedTree) -> Problem:
     kind = err["type"]
     value = err.get("input")
     if kind == "extra_forbidden":
-        return _unknown_key(path, tree)
+        problem = _unknown_key(path, tree)
+        return replace(problem, key=_indexed(loc)) if len(loc) != len(path) else problem
     info = keys.lookup(path)
     where = _where(tree, path)
-    key = _shown_key(tree, path)
+    key = _shown_key(tree, path) if len(loc) == len(path) else _indexed(loc)
     message = err["msg"]
     fix = ""
     if kind in ("int_type", "float_type", "bool_type", "int_from_float", "list_type", "string_type"):
@@ -106,8 +108,8 @@ def _convert(section: str, err: Any, tree: MergedTree) -> Problem:
             fix = f"remove the quotes: write {value}"
         elif kind == "bool_type":
             fix = "write true or false (without quotes)"
-        elif info is not None:
-            fix = f"give {expected}" + (f" ({info.description.rstrip('.')})" if info.description else "")
+        else:
+            fix = f"give {expected}" + (f" ({info.description.rstrip('.')})" if info and info.description else "")
     elif kind == "literal_error" and info is not None and info.allowed() is not None:
         allowed = info.allowed() or ()
         message = f"not an allowed value; allowed: {', '.join(repr(a) for a in allowed)}"
@@ -127,6 +129,14 @@ def _convert(section: str, err: Any, tree: MergedTree) -> Problem:
     else:
         fix = info.description if info and info.description else ""
     return Problem(where, key, message, fix, value)
+
+
+def _indexed(loc: tuple[str, ...]) -> str:
+    """A key inside a list shown with its item's index: data.sources[1].weight."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
 
 
 def _length(info: keys.KeyInfo | None) -> int:

@@ -10,11 +10,25 @@ more would hang the others in their next collective).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from ava.model.errors import ModelInputError
+
+
+class Batches(Protocol):
+    """What the training loop needs from its batches; `SequenceBatches` and `StreamingBatches` both provide it."""
+
+    @property
+    def batches_per_epoch(self) -> int: ...
+
+    def state_dict(self) -> dict[str, int]: ...
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None: ...
+
+    def __iter__(self) -> Iterator[torch.Tensor]: ...
 
 
 class SequenceBatches:
@@ -40,6 +54,7 @@ class SequenceBatches:
         seed: int,
         reshuffle_each_epoch: bool,
         drop_last: bool = True,
+        pin_memory: bool = False,
     ) -> None:
         if sequences.ndim != 2:
             raise ModelInputError(
@@ -62,6 +77,7 @@ class SequenceBatches:
         self._seed = seed
         self._reshuffle = reshuffle_each_epoch
         self._drop_last = drop_last
+        self._pin_memory = pin_memory  # page-locked batches copy to a GPU faster; needs CUDA
         self._epoch = 0
         self._batch_index = 0  # batches of the current epoch this rank has already yielded
 
@@ -105,5 +121,6 @@ class SequenceBatches:
             # Count the batch as consumed before handing it out: a state_dict taken while the
             # caller holds this batch must resume with the next one.
             self._batch_index = index + 1
-            yield torch.from_numpy(rows)
+            batch = torch.from_numpy(rows)
+            yield batch.pin_memory() if self._pin_memory else batch
         self._epoch, self._batch_index = self._epoch + 1, 0

@@ -8,8 +8,11 @@ before any token reaches the model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
 
 from ava.model.errors import ModelInputError
 
@@ -75,6 +78,10 @@ class FileTokenizer:
     def decode(self, ids: list[int]) -> str:
         return str(self._tokenizer.decode(ids, skip_special_tokens=False))
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` for many texts at once: the Rust library spreads them over its threads."""
+        return [list(e.ids) for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
 
 def load_tokenizer(path: str | Path) -> FileTokenizer:
     """Load a `tokenizer.json` (or a directory holding one); its end-of-document token must be known."""
@@ -100,6 +107,19 @@ def load_tokenizer(path: str | Path) -> FileTokenizer:
     raise ModelInputError(
         f"tokenizer file {path} has none of the end-of-document tokens {', '.join(_EOS_NAMES)}",
         "add one of them as a special token, so that packed documents can be told apart")
+
+
+def encode_many(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+    """Token ids (int64) of each text, by the fastest path the tokenizer offers.
+
+    Bytes are the ids of the byte tokenizer, so it skips the Python-int round trip;
+    a file tokenizer encodes the whole batch in parallel.
+    """
+    if isinstance(tokenizer, ByteTokenizer):
+        return [np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) for text in texts]
+    if isinstance(tokenizer, FileTokenizer):
+        return [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts)]
+    return [np.asarray(tokenizer.encode(text), dtype=np.int64) for text in texts]
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, where: str) -> None:

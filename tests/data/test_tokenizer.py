@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from ava.data.tokenizer import ByteTokenizer, Tokenizer, check_vocab, load_tokenizer
+from ava.data.tokenizer import ByteTokenizer, Tokenizer, check_vocab, encode_many, load_tokenizer
 from ava.model.errors import ModelInputError
 
 
@@ -78,3 +79,12 @@ def test_tokenizer_larger_than_model_vocab_is_refused_naming_both_sizes() -> Non
         check_vocab(ByteTokenizer(), 256, "data.tokenizer_name")
     assert "data.tokenizer_name" in str(info.value)
     check_vocab(ByteTokenizer(), 257, "data.tokenizer_name")  # an exact fit is fine
+
+
+def test_encode_many_gives_what_encode_gives_for_every_tokenizer(tmp_path: Path) -> None:
+    _write_tokenizer_json(tmp_path / "tokenizer.json")
+    texts = ["hello world", "", "world hello hello", "héllo 世界"]
+    for tok in (ByteTokenizer(), load_tokenizer(tmp_path)):
+        encoded = encode_many(tok, texts)
+        assert [ids.tolist() for ids in encoded] == [tok.encode(t) for t in texts]
+        assert all(ids.dtype == np.int64 for ids in encoded)

@@ -8,14 +8,45 @@ from pydantic import Field
 
 from ava.config.schema.base import Section
 
+SourceFormat = Literal["text", "json", "jsonl", "parquet", "csv"]
+
+
+class SourceConfig(Section):
+    """One entry of `data.sources`: local files read through Hugging Face `datasets`."""
+
+    path: str = Field(min_length=1, description="A file, a glob (data/*.jsonl) or a directory (read recursively).")
+    format: SourceFormat | None = Field(
+        None, description="text, json/jsonl, parquet or csv; null infers it from the file extensions.")
+    text_field: str = Field("text", min_length=1, description="Column (json key) holding each document's text.")
+    weight: float | None = Field(
+        None, gt=0,
+        description="Mixing weight (with use_weighted_mixing); null weighs the source by its size. "
+        "Give every source a weight or none.")
+    sample_by: Literal["line", "paragraph", "document"] = Field(
+        "paragraph", description="text format only: what one document is (a line, a blank-line paragraph, a file).")
+
 
 class DataConfig(Section):
     """Where the data comes from and how it is loaded."""
 
-    data_dir: str | None = Field(None, description="Processed data directory; null uses the built-in dataset.")
-    tokenizer_name: str | None = Field(None, description="Local tokenizer path; null uses the built-in tokenizer.")
+    data_dir: str | None = Field(
+        None, description="Directory with pre-tokenised train.bin/val.bin; takes precedence over sources.")
+    sources: list[SourceConfig] = Field(
+        default_factory=list,
+        description="Local text/json/jsonl/parquet/csv files to train on (list of {path, format, text_field, "
+        "weight, sample_by}); empty uses the built-in dataset.")
+    tokenizer_name: str | None = Field(
+        None, description="Local tokenizer.json path; 'bpe' trains a byte-level BPE on the corpus (cached); "
+        "null uses the built-in byte tokenizer.")
+    bpe_vocab_size: int | None = Field(
+        None, ge=257, description="Vocabulary of the trained BPE (tokenizer_name: bpe); null uses model.vocab_size.")
+    bpe_training_bytes: int = Field(
+        100_000_000, gt=0, description="At most this much text (UTF-8 bytes) is read to train the BPE.")
+    cache_dir: str | None = Field(
+        None, description="Where trained tokenizers and the datasets Arrow cache go; null uses $AVA_CACHE_DIR, "
+        "else ~/.cache/ava. Nothing is ever written next to the data.")
     builtin_dataset: Literal["python_stdlib", "markov"] = Field(
-        "python_stdlib", description="Which built-in corpus is used when data_dir is null.")
+        "python_stdlib", description="Which built-in corpus is used when data_dir and sources are unset.")
     markov_vocab_size: int = Field(64, gt=1, description="Tokens of the built-in Markov corpus.")
 
     max_length: int = Field(1024, gt=0, description="Tokens per training sequence.")
@@ -28,16 +59,26 @@ class DataConfig(Section):
         None, gt=0, description="Same value as training.batch_size (per-device micro batch).")
     eval_batch_size: int = Field(16, gt=0, description="Per-device batch size for evaluation.")
 
-    dataloader_num_workers: int = Field(8, ge=0, description="DataLoader worker processes.")
-    dataloader_drop_last: bool = Field(True, description="Drop the last incomplete batch.")
-    dataloader_pin_memory: bool = Field(True, description="Pin host memory for faster device copies.")
-    dataloader_prefetch_factor: int | None = Field(2, gt=0, description="Batches prefetched per worker.")
-    dataloader_persistent_workers: bool = Field(True, description="Keep workers alive across epochs.")
+    # Batches do not come from a torch DataLoader (exact resume needs one producer); ava.train.data_setup
+    # says what each of these settings does.
+    dataloader_num_workers: int = Field(
+        8, ge=0, description="Streaming: > 0 prepares batches in one background thread; in-memory data: unused.")
+    dataloader_drop_last: bool = Field(
+        True, description="Drop the last incomplete training batch (in-memory data; streamed batches are full).")
+    dataloader_pin_memory: bool = Field(True, description="Pin host memory for faster device copies (CUDA only).")
+    dataloader_prefetch_factor: int | None = Field(
+        2, gt=0, description="Streaming: the thread prepares prefetch_factor x num_workers batches ahead.")
+    dataloader_persistent_workers: bool = Field(
+        True, description="Unused: the one producer thread needs no keeping alive (see ava.train.data_setup).")
 
-    use_weighted_mixing: bool = Field(True, description="Mix several sources by size-based weights.")
-    mixing_temperature: float = Field(1.0, gt=0, description="Temperature of the mixing weights (1 = by size).")
-    streaming: bool = Field(True, description="Stream data instead of loading it all into memory.")
+    use_weighted_mixing: bool = Field(
+        True, description="Sample several sources with probabilities from their weights; false concatenates them.")
+    mixing_temperature: float = Field(
+        1.0, gt=0, description="p_i proportional to weight_i^(1/T): 1 keeps the weights, larger flattens to uniform.")
+    streaming: bool = Field(
+        True, description="Stream data.sources instead of loading them into memory (needs training.max_steps).")
     buffer_size: int = Field(15000, gt=0, description="Shuffle buffer size when streaming.")
-    max_samples: int = Field(-1, ge=-1, description="Cap on samples read from the stream; -1 means all.")
+    max_samples: int = Field(
+        -1, ge=-1, description="Cap on documents read from data.sources (per epoch when streaming); -1 means all.")
     shuffle_seed: int = Field(42, ge=0, description="Seed of the data order.")
     reshuffle_each_epoch: bool = Field(True, description="Use a new order every epoch.")
