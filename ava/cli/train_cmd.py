@@ -141,7 +141,8 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool)
     b = resolved.batch
     steps_hint = cfg.training.max_steps or 1000
     data = build_training_data(cfg.data, cfg.model.vocab_size, b.micro, cfg.data.eval_batch_size, process.rank,
-                               process.world_size, needed_sequences=steps_hint * b.global_batch)
+                               process.world_size, needed_sequences=steps_hint * b.global_batch,
+                               max_steps=cfg.training.max_steps)
     from ava.train.console import RunConsole
     from ava.train.loop import total_steps
     from ava.train.run_info import peak_memory, write_versions

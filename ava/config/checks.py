@@ -180,10 +180,12 @@ def _expert_parallel(ctx: CheckContext) -> None:
         ctx.problem("deepspeed.ep_size", f"must divide model.num_experts = {m.num_experts} "
                     f"({ctx.where('model.num_experts')}): each rank holds the same number of experts",
                     f"use an ep_size that divides {m.num_experts}", ds.ep_size)
-    if ds.zero_stage == 3:
-        ctx.problem("deepspeed.ep_size", f"expert parallelism (ep_size {ds.ep_size}) is not supported under ZeRO "
-                    f"stage 3 ({ctx.where('deepspeed.zero_stage')}): DeepSpeed partitions expert parameters only "
-                    "at stages 0-2", "use zero_stage 1 or 2 with ep_size > 1, or ep_size 1 with stage 3", ds.ep_size)
+    if ds.zero_stage not in (1, 2):
+        why = ("DeepSpeed partitions expert parameters only at stages 1 and 2" if ds.zero_stage == 3 else
+               "without ZeRO, DeepSpeed clips with a per-rank gradient norm, not the global one")
+        ctx.problem("deepspeed.ep_size", f"expert parallelism (ep_size {ds.ep_size}) needs ZeRO stage 1 or 2, not "
+                    f"{ds.zero_stage} ({ctx.where('deepspeed.zero_stage')}): {why}",
+                    "use zero_stage 1 or 2 with ep_size > 1, or ep_size 1", ds.ep_size)
     if ctx.world.size % ds.ep_size:
         ctx.problem("deepspeed.ep_size", f"must divide the number of ranks ({ctx.world.size}, "
                     f"{ctx.world.source})", "launch a multiple of ep_size ranks, or lower ep_size", ds.ep_size)

@@ -59,6 +59,10 @@ def checkpoint_state_dict(point: Path) -> dict[str, torch.Tensor]:
     """The full fp32 state dict held by checkpoint directory `point` (any ZeRO stage)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if any(point.glob("layer_*_expert_*_model_states.pt")):  # written with deepspeed.ep_size > 1
+        from ava.train.expert_parallel import expert_parallel_checkpoint_state
+
+        return expert_parallel_checkpoint_state(point)
     if any(point.glob("*zero_pp_rank_*optim_states.pt")):
         with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints a line per tensor group
             state = get_fp32_state_dict_from_zero_checkpoint(str(point.parent), tag=point.name)

@@ -20,13 +20,14 @@ from typing import Any
 import torch
 
 from ava.config.schema import AvaConfig
-from ava.data.batches import SequenceBatches
+from ava.data.batches import Batches, SequenceBatches
 from ava.model import AvaForCausalLM
 from ava.model.moe import summarise_moe_stats
 from ava.model.summary import summarise_model
 from ava.train import checkpoint
 from ava.train.distributed import ProcessInfo
 from ava.train.evaluation import EvalMonitor, evaluate, perplexity
+from ava.train.expert_parallel import expert_parallel_engine, prepare_expert_parallel
 from ava.train.lr_schedule import LRSchedule
 
 SAMPLE_PROMPT_TOKENS = 32
@@ -60,7 +61,7 @@ def total_steps(config: AvaConfig, batches_per_epoch: int, accumulation: int) ->
     return max(1, config.training.num_epochs * batches_per_epoch // accumulation)
 
 
-def _forever(batches: SequenceBatches) -> Iterator[torch.Tensor]:
+def _forever(batches: Batches) -> Iterator[torch.Tensor]:
     while True:
         yield from batches
 
@@ -115,7 +116,7 @@ class _Schedule:
         return bool(self.save_every) and step % self.save_every == 0
 
 
-def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batches: SequenceBatches,
+def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batches: Batches,
           eval_batches: SequenceBatches | None, on_log: Callable[[dict], None],
           checkpoint_dir: Path | None = None, resume_from: Path | None = None, keep_last: int | None = None,
           verify_checkpoint: bool = True) -> TrainResult:
@@ -144,10 +145,13 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     steps = total_steps(config, train_batches.batches_per_epoch, accumulation)
     schedule = LRSchedule(peak=t.learning_rate, end=t.lr_end, warmup_steps=min(t.warmup_steps, steps),
                           total_steps=steps, warmup=t.warmup_schedule, decay=t.lr_scheduler_type)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule.multiplier))
+    # Counted before expert parallelism keeps only this rank's experts.
     flops_per_token = summarise_model(model, config.data.max_length).training_flops_per_token
+    model_parameters = prepare_expert_parallel(model, config.deepspeed.ep_size)
+    with expert_parallel_engine(model):
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=model_parameters, config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule.multiplier))
     device = _device(engine)
     monitor = EvalMonitor(t.early_stopping_patience, t.early_stopping_threshold)
     start_step = 0

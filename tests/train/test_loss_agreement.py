@@ -42,8 +42,9 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
-def _run(out: Path, model: str, precision: str, stage: str | None) -> list[float]:
-    flags = [*TINY, *COMMON, *MODEL[model], "--mixed_precision", precision, "--output_dir", str(out)]
+def _run(out: Path, model: str, precision: str, stage: str | None, ep_size: int = 1) -> list[float]:
+    flags = [*TINY, *COMMON, *MODEL[model], "--mixed_precision", precision, "--output_dir", str(out),
+             "--ep_size", str(ep_size)]
     if stage is None:  # the single-process reference: plain data parallelism of one
         command = [sys.executable, "train.py", *flags, "--gradient_accumulation_steps", "4"]
     else:
@@ -57,6 +58,8 @@ def _run(out: Path, model: str, precision: str, stage: str | None) -> list[float
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     losses = _losses(out)
     assert len(losses) == STEPS
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checks_passed"], summary["checks"]  # incl. reload of the final checkpoint and export
     return losses
 
 
@@ -74,17 +77,19 @@ def reference(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize(("stage", "model", "precision"), [
-    ("deepspeed_zero1", "dense", "fp32"), ("deepspeed_zero1", "moe", "fp32"),
-    ("deepspeed_zero2", "dense", "fp32"), ("deepspeed_zero2", "moe", "fp32"),
-    ("deepspeed_zero3", "dense", "fp32"), ("deepspeed_zero3", "moe", "fp32"),
-    ("deepspeed_zero2", "moe", "bf16"), ("deepspeed_zero3", "dense", "bf16"),
+@pytest.mark.parametrize(("stage", "model", "precision", "ep_size"), [
+    ("deepspeed_zero1", "dense", "fp32", 1), ("deepspeed_zero1", "moe", "fp32", 1),
+    ("deepspeed_zero2", "dense", "fp32", 1), ("deepspeed_zero2", "moe", "fp32", 1),
+    ("deepspeed_zero3", "dense", "fp32", 1), ("deepspeed_zero3", "moe", "fp32", 1),
+    ("deepspeed_zero2", "moe", "bf16", 1), ("deepspeed_zero3", "dense", "bf16", 1),
+    ("deepspeed_zero1", "moe", "fp32", 2), ("deepspeed_zero2", "moe", "fp32", 2),
 ])
-def test_two_ranks_follow_the_single_process_loss_trajectory(stage, model, precision, reference, tmp_path):
+def test_two_ranks_follow_the_single_process_loss_trajectory(stage, model, precision, ep_size, reference, tmp_path):
+    """ep_size 2: each rank holds 2 of the 4 experts and tokens cross ranks by all-to-all."""
     expected = reference(model, precision)
-    got = _run(tmp_path / "run", model, precision, stage)
+    got = _run(tmp_path / "run", model, precision, stage, ep_size)
     assert min(expected[1:]) < expected[0] - 0.03, f"the reference run did not learn: {expected}"
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, expected, strict=True))
     assert worst <= TOLERANCE[precision], (
-        f"{stage} {model} {precision}: worst relative loss difference {worst:.2e} over {STEPS} steps "
+        f"{stage} {model} {precision} ep_size {ep_size}: worst relative loss difference {worst:.2e} over {STEPS} steps "
         f"(bound {TOLERANCE[precision]:.0e})\n2 ranks: {got}\n1 process: {expected}")

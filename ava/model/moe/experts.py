@@ -44,6 +44,19 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.widths = (hidden_size, intermediate_size)
 
+    @torch.no_grad()
+    def keep_experts(self, start: int, stop: int) -> None:
+        """Drop every expert but [start, stop): what one expert-parallel rank keeps of a layer built whole.
+
+        The kept slices are copied into new parameters, so the dropped experts'
+        memory is freed (a view would keep the whole stack alive).
+        """
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            weight = getattr(self, name)
+            if weight is not None:
+                setattr(self, name, nn.Parameter(weight[start:stop].clone(), requires_grad=weight.requires_grad))
+        self.num_experts = stop - start
+
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Expert e transforms rows[offset_e : offset_e + counts[e]] (rows sorted by expert)."""
         if rows.dtype == self.down_proj.dtype and grouped_mm_supported(rows.dtype, self.widths):

@@ -7,6 +7,7 @@ from torch import nn
 
 from ava.model.mlp import DenseMLP
 from ava.model.moe.dispatch import combine_rows, expert_capacity, gather_rows, plan_dispatch
+from ava.model.moe.expert_parallel import ExpertParallel, run_experts_across_ranks
 from ava.model.moe.experts import GroupedExperts
 from ava.model.moe.losses import load_balancing_loss, router_z_loss
 from ava.model.moe.metrics import MoEStats
@@ -17,7 +18,9 @@ class MoELayer(nn.Module):
     """Token-choice Mixture of Experts, dropless or with a capacity factor, plus an optional shared expert.
 
     A token whose assignments are all dropped gets zero from this block and so
-    passes through the block's residual connection unchanged.
+    passes through the block's residual connection unchanged. After
+    `distribute_experts` the layer holds only its rank's share of the experts
+    and runs the others on the ranks that hold them (`expert_parallel`).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
@@ -32,6 +35,18 @@ class MoELayer(nn.Module):
         self.num_experts, self.top_k = num_experts, self.router.top_k
         self.capacity_factor = capacity_factor
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.expert_parallel: ExpertParallel | None = None
+
+    def distribute_experts(self, ep: ExpertParallel) -> None:
+        """Keep only the experts `ep` assigns this rank; forwards then exchange rows with the group.
+
+        Routing stays over all `num_experts`, so a layer built whole, with
+        the same weights, computes the same function after this call.
+        """
+        if self.expert_parallel is not None:
+            raise RuntimeError("this MoE layer's experts are already distributed")
+        self.experts.keep_experts(*ep.owned(self.num_experts))
+        self.expert_parallel = ep
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         shape = x.shape
@@ -39,7 +54,11 @@ class MoELayer(nn.Module):
         routing = self.router(tokens)
         capacity = expert_capacity(tokens.shape[0], self.top_k, self.num_experts, self.capacity_factor)
         plan = plan_dispatch(routing.expert_ids, routing.weights, self.num_experts, capacity)
-        rows = self.experts(gather_rows(tokens, plan), plan.counts)
+        rows = gather_rows(tokens, plan)
+        if self.expert_parallel is None:
+            rows = self.experts(rows, plan.counts)
+        else:
+            rows = run_experts_across_ranks(self.experts, rows, plan.counts, self.expert_parallel)
         out = combine_rows(rows, plan)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
