@@ -19,12 +19,13 @@ from ava.model.zero3 import mark_moe_zero3_leaves  # noqa: E402
 
 
 def main() -> None:
+    # The launcher puts --local_rank=N before our own argument, so the mode is looked for anywhere in argv.
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_attention_heads=4, intermediate_size=32, vocab_size=64,
                       max_position_embeddings=32, num_experts=8, num_experts_per_token=1, router_type="switch",
-                      expert_capacity_factor=sys.argv[1] == "capacity" and 1.0 or None)
+                      expert_capacity_factor=1.0 if "capacity" in sys.argv[1:] else None)
     model = AvaForCausalLM(cfg)
     initial = float(sum(p.double().sum() for p in model.parameters()))
     leaves = mark_moe_zero3_leaves(model)
