@@ -7,6 +7,7 @@ traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
@@ -75,6 +76,22 @@ def _dispatch(args: list[str]) -> int:
     return _unknown(command, ["train", *groups])
 
 
+def _leave(status: int) -> int:
+    """End a launched rank with `status` at once, once its outputs are written and its process group is gone.
+
+    Under a multi-process launcher, C++ threads that DeepSpeed and gloo leave
+    behind can abort the interpreter's teardown ("terminate called without an
+    active exception", exit -6) after the run has fully succeeded, and the
+    launcher then reports the whole job failed. Everything the run promised is
+    on disk by now, so the teardown has nothing left to do.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
 def _unknown(command: str, options: list[str]) -> int:
     import difflib
 
@@ -88,12 +105,12 @@ def _unknown(command: str, options: list[str]) -> int:
 def train_entry(argv: Sequence[str] | None = None) -> int:
     """Entry used by train.py: the same error handling as `ava`."""
     try:
-        return train_cmd.main(list(sys.argv[1:] if argv is None else argv))
+        return _leave(train_cmd.main(list(sys.argv[1:] if argv is None else argv)))
     except ConfigError as exc:
-        if __import__("os").environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0":
             print(exc.render(), file=sys.stderr)
         return 2
     except ModelInputError as exc:
-        if __import__("os").environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -212,9 +212,12 @@ def test_the_builtin_corpus_can_train_a_bpe_too() -> None:
 
 
 def test_drop_last_false_keeps_the_last_partial_batch() -> None:
-    dropped = _build(_config(builtin_dataset="markov", markov_vocab_size=16), needed_sequences=61)
-    kept = _build(_config(builtin_dataset="markov", markov_vocab_size=16, dataloader_drop_last=False),
-                  needed_sequences=61)
+    # 61 training sequences: not a whole number of micro-batches, whatever the micro-batch size
+    dropped = _build(_config(builtin_dataset="markov", markov_vocab_size=16, max_train_examples=61),
+                     needed_sequences=61)
+    kept = _build(_config(builtin_dataset="markov", markov_vocab_size=16, dataloader_drop_last=False,
+                          max_train_examples=61), needed_sequences=61)
+    assert "61 training" in kept.description
     assert kept.train.batches_per_epoch == dropped.train.batches_per_epoch + 1
 
 

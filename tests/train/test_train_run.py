@@ -1,21 +1,18 @@
 """`train.py` end to end: it trains, writes its outputs, refuses to clobber, and runs on 2 DeepSpeed ranks.
 
-These are the engine's first tests; checkpoints, exact resume and the
-loss-agreement matrix across ZeRO stages come with the rest of the engine.
+Multi-rank runs are in test_loss_agreement (every ZeRO stage against one
+process) and test_exact_resume.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import REPO
-from tests.train.run_helpers import SMALL_RUN, TINY, free_port, run_env
+from tests.train.run_helpers import SMALL_RUN, TINY, run_env
 
 
 def _records(out: Path) -> list[dict]:
@@ -52,21 +49,3 @@ def test_an_output_dir_with_files_is_refused_and_left_untouched(tmp_path):
     assert "never overwrites a run" in result.stderr and "Fix:" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
     assert (out / "precious.txt").read_text() == "keep me"
-
-
-@pytest.mark.parametrize("stage", ["deepspeed_zero2", "deepspeed_zero3"])
-def test_moe_model_trains_on_two_deepspeed_ranks(stage, tmp_path):
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    if not Path(launcher).exists():
-        pytest.fail("the deepspeed launcher is not installed next to this Python; run `make setup`")
-    out = tmp_path / "run"
-    port = free_port()
-    result = subprocess.run(
-        [launcher, "--num_gpus", "2", "--master_port", port, "train.py", *TINY, "--distributed_config",
-         f"configs/distributed/{stage}.yaml", *SMALL_RUN, "--batch_size", "2", "--deepspeed.train_batch_size", "8",
-         "--cpu_offload", "false", "--max_steps", "8", "--num_gpus", "2", "--output_dir", str(out)],
-        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 8 and summary["final_loss"] < summary["first_loss"]
-    assert json.loads((out / "deepspeed.json").read_text())["gradient_accumulation_steps"] == 2  # 8 = 2 x 2 x 2
