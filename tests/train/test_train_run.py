@@ -1,4 +1,4 @@
-"""`train.py` end to end: it trains, writes its outputs, refuses to clobber, and runs on 2 DeepSpeed ranks.
+"""`train.py` end to end: it trains, writes its outputs and refuses to clobber an earlier run.
 
 Multi-rank runs are in test_loss_agreement (every ZeRO stage against one
 process) and test_exact_resume.
