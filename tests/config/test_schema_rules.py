@@ -57,6 +57,10 @@ data:
     ("deepspeed:\n  zero_stage: 2\n  nvme_offload: true\n  nvme_path: /nvme\n", "needs zero_stage 3"),
     ("deepspeed:\n  cpu_offload: true\n", "needs ZeRO stage 1, 2 or 3"),
     ("training:\n  mixed_precision: bf16\ndeepspeed:\n  fp8_enabled: true\n", "disagrees with the precision"),
+    ("model:\n  num_experts: 4\ndeepspeed:\n  zero_stage: 2\n  ep_size: 3\n", "must divide model.num_experts = 4"),
+    ("model:\n  num_experts: 4\ndeepspeed:\n  zero_stage: 3\n  ep_size: 2\n", "needs ZeRO stage 1 or 2, not 3"),
+    ("model:\n  num_experts: 0\ndeepspeed:\n  zero_stage: 2\n  ep_size: 2\n", "the model has no experts"),
+    ("model:\n  num_experts: 4\ndeepspeed:\n  zero_stage: 1\n  ep_size: 4\n", "must divide the number of ranks"),
 ])
 def test_cross_field_rules(write_yaml, text, fragment):
     assert fragment in _problems(write_yaml, text)
@@ -99,3 +103,10 @@ def test_sizes_written_in_float_notation_are_whole_numbers(write_yaml):
 def test_same_setting_twice_in_one_file_with_different_values_is_an_error(write_yaml):
     message = _problems(write_yaml, "training:\n  batch_size: 8\ndeepspeed:\n  micro_batch_size: 4\n")
     assert "c.yaml:2" in message and "c.yaml:4" in message and "alternative names" in message
+
+
+def test_problems_inside_a_list_item_name_the_item_and_the_allowed_keys(write_yaml):
+    message = _problems(write_yaml, "data:\n  sources:\n    - path: a.jsonl\n      wieght: 2\n    - path: b.csv\n"
+                                    "      format: xml\n")
+    assert "data.sources[0].wieght" in message and "did you mean 'weight'" in message
+    assert "data.sources[1].format" in message and "'parquet'" in message
