@@ -319,5 +319,9 @@ def _shutdown() -> None:
     """Leave the process group cleanly: without it gloo's threads can abort the process at exit."""
     import torch.distributed as dist
 
+    from ava.train.distributed import release_shared_memory
+
     if dist.is_initialized():
+        rank = dist.get_rank()
         dist.destroy_process_group()
+        release_shared_memory(rank)

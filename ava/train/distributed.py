@@ -42,3 +42,31 @@ def init_distributed() -> ProcessInfo:
         backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return ProcessInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+SHM_DIR = "/dev/shm"
+
+
+def release_shared_memory(rank: int, master_addr: str | None = None, master_port: str | None = None) -> list[str]:
+    """Unlink the shared-memory all-reduce buffer DeepSpeed's CPU backend created for this rank.
+
+    DeepSpeed's shm comm op (CPU accelerator) creates one ~70 MB file per rank in
+    /dev/shm named after MASTER_ADDR/MASTER_PORT and never removes it, so every
+    multi-rank CPU run would leak RAM until the machine thrashes. Called once the
+    process group is destroyed; other ranks that still map the file keep their
+    mapping (POSIX unlink semantics). Returns the paths removed.
+    """
+    addr = master_addr or os.environ.get("MASTER_ADDR")
+    port = master_port or os.environ.get("MASTER_PORT")
+    if not addr or not port or not os.path.isdir(SHM_DIR):
+        return []
+    suffix = f"_{addr}_{port}_{rank}"
+    removed = []
+    for name in os.listdir(SHM_DIR):
+        if name.startswith("deepspeed_allreduce_buffer") and name.endswith(suffix):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(os.path.join(SHM_DIR, name))
+            except FileNotFoundError:
+                pass
+    return removed

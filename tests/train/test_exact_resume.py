@@ -53,7 +53,12 @@ def _kill_after_checkpoint(command: list[str], out: Path, tag: str) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
-    return proc.wait(timeout=60)
+    status = proc.wait(timeout=60)
+    if "--master_port" in command:  # a killed run cannot release DeepSpeed's CPU all-reduce buffers itself
+        port = command[command.index("--master_port") + 1]
+        for stale in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            stale.unlink(missing_ok=True)
+    return status
 
 
 @pytest.mark.slow

@@ -51,11 +51,14 @@ def _run(out: Path, model: str, precision: str, stage: str | None, ep_size: int 
         launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
         if not Path(launcher).exists():
             pytest.fail("the deepspeed launcher is not installed next to this Python; run `make setup`")
-        command = [launcher, "--num_gpus", "2", "--master_port", free_port(), "train.py", *flags,
+        port = free_port()
+        command = [launcher, "--num_gpus", "2", "--master_port", port, "train.py", *flags,
                    "--distributed_config", f"configs/distributed/{stage}.yaml", "--deepspeed.train_batch_size", "8",
                    "--num_gpus", "2"]
     result = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if stage is not None:  # DeepSpeed's CPU all-reduce buffers (70 MB per rank) must not outlive the run
+        assert not [p for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
     losses = _losses(out)
     assert len(losses) == STEPS
     summary = json.loads((out / "summary.json").read_text())
