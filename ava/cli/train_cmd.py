@@ -317,11 +317,6 @@ def _drop_records_after(path: Path, step: int) -> None:
 
 def _shutdown() -> None:
     """Leave the process group cleanly: without it gloo's threads can abort the process at exit."""
-    import torch.distributed as dist
+    from ava.train.distributed import leave_process_group
 
-    from ava.train.distributed import release_shared_memory
-
-    if dist.is_initialized():
-        rank = dist.get_rank()
-        dist.destroy_process_group()
-        release_shared_memory(rank)
+    leave_process_group()

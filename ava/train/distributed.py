@@ -70,3 +70,13 @@ def release_shared_memory(rank: int, master_addr: str | None = None, master_port
             except FileNotFoundError:
                 pass
     return removed
+
+
+def leave_process_group() -> None:
+    """Destroy the process group (gloo's threads can abort an exit that skips it), then free this rank's shm buffer."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        release_shared_memory(rank)
