@@ -107,6 +107,14 @@ def _training(ctx: CheckContext) -> None:
                     f"({ctx.where('training.learning_rate')}); the schedule decays towards lr_end",
                     f"set lr_end to at most {t.learning_rate} (often a tenth of it: {t.learning_rate / 10:g})",
                     t.lr_end)
+    h = t.gradient_health
+    if h.enabled and h.max_consecutive_bad_steps and t.save_strategy == "no":
+        key = "training.gradient_health.max_consecutive_bad_steps"
+        ctx.notices.append(Notice(
+            "warning", ctx.where(key), ctx.key(key),
+            f"{h.max_consecutive_bad_steps} bad steps in a row roll back to the last checkpoint, but "
+            f"save_strategy is 'no' ({ctx.where('training.save_strategy')}): such a run would stop as failed "
+            "instead. Set save_strategy: steps to make rollback possible, or max_consecutive_bad_steps: 0"))
 
 
 def _data(ctx: CheckContext) -> None:
@@ -149,6 +157,12 @@ def _deepspeed(ctx: CheckContext) -> None:
                     f"({ctx.where('training.mixed_precision')})",
                     "remove fp8_enabled (precision alone decides) or make them agree: precision fp8 "
                     "with fp8_enabled true", ds.fp8_enabled)
+    if t.mixed_precision == "fp8" and ds.fp8_backend == "torchao" and ds.fp8_margin:
+        ctx.notices.append(Notice(
+            "warning", ctx.where("deepspeed.fp8_margin"), ctx.key("deepspeed.fp8_margin"),
+            f"fp8_margin {ds.fp8_margin} has no effect with fp8_backend torchao: it is a margin of Transformer "
+            "Engine's DelayedScaling, and torchao scales dynamically from each tensor's current maximum. Remove it, "
+            "or set fp8_backend: transformer_engine"))
     if not ds.enabled and (ds.zero_stage > 0 or ds.cpu_offload or ds.nvme_offload):
         ctx.problem("deepspeed.enabled", f"is false, but ZeRO stage {ds.zero_stage} / offload is requested "
                     f"({ctx.where('deepspeed.zero_stage')})",

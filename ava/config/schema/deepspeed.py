@@ -65,6 +65,10 @@ class DeepSpeedSection(Section):
 
     fp8_enabled: bool | None = Field(None, description="Must agree with precision: fp8 when true.")
     fp8_margin: int = Field(0, ge=0, description="FP8 scaling margin (Transformer Engine DelayedScaling).")
+    fp8_recipe: Literal["tensorwise", "rowwise"] = Field(
+        "tensorwise", description="torchao float8 scaling: one scale per tensor, or one per row (more accurate).")
+    fp8_backend: Literal["torchao", "transformer_engine"] = Field(
+        "torchao", description="FP8 implementation: torchao float8 training, or NVIDIA Transformer Engine (GPU).")
     fp8_interval: int | None = Field(None, ge=1, description="Deprecated: has no effect in current libraries.")
 
     steps_per_print: int = Field(1000000, gt=0, description="DeepSpeed's own progress print interval.")

@@ -22,6 +22,19 @@ class GradientHealthConfig(Section):
         5.0, gt=1, description="A gradient norm this many times the running baseline is an explosion.")
     auto_reduce_lr: bool = Field(True, description="Reduce the learning rate after an explosion.")
     lr_reduction_factor: float = Field(0.5, gt=0, lt=1, description="Multiplier applied to the LR on explosion.")
+    lr_cooldown_steps: int = Field(
+        100, ge=1, description="Steps the reduced LR lasts after the last explosion before it is restored.")
+    baseline: Literal["ema", "median"] = Field(
+        "ema", description="Running baseline of healthy gradient norms: exponential average or median.")
+    baseline_window: int = Field(
+        100, ge=2, description="Healthy steps the baseline spans (EMA span, or median window).")
+    baseline_warmup_steps: int = Field(
+        20, ge=1, description="Healthy steps seen before explosion detection starts.")
+    max_consecutive_bad_steps: int = Field(
+        5, ge=0, description="Skipped steps in a row that roll back to the last checkpoint; 0 never rolls back.")
+    max_rollbacks: int = Field(3, ge=0, description="Rollbacks allowed before the run stops as failed.")
+    layer_grad_norms: bool = Field(
+        True, description="Log per-layer gradient norms and the update-to-weight ratio on logging steps.")
 
 
 class TrainingConfig(Section):
