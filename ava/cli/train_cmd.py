@@ -129,6 +129,7 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool)
 
     run_name = cfg.training.run_name or f"{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     out_dir = _output_dir(ns.output_dir, run_name, ns.resume)  # before any heavy work: refuse early
+    faults = _fault_plan()
     ds_config = build_deepspeed_config(cfg)
     resume_from = _resume_point(ns, out_dir, ds_config)
     process = init_distributed()
@@ -165,6 +166,8 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool)
         console.note(f"batch: {b.micro} x {b.accumulation} x {b.world.size} rank(s) = {b.global_batch} sequences "
                      f"per step; precision {cfg.training.mixed_precision}; ZeRO stage {cfg.deepspeed.zero_stage}")
         console.note(f"outputs: {out_dir}")
+        if cfg.training.gradient_health.enabled:
+            console.note(_health_plan(cfg))
         if cfg.training.wandb_log:
             from ava.train.wandb_log import WandbLogger
 
@@ -185,7 +188,8 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool)
     try:
         with console:
             result = train(cfg, ds_config, process, data.train, data.eval, on_log,
-                           checkpoint_dir=out_dir / "checkpoints", resume_from=resume_from)
+                           checkpoint_dir=out_dir / "checkpoints", resume_from=resume_from,
+                           faults=faults, on_note=console.note)
     except BaseException as exc:
         if main_rank:
             _record_failure(out_dir, exc, started, wandb)
@@ -209,6 +213,33 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool)
                      f"{summary['sample']['continuation']!r}")
     _print_checks(summary)
     return 0 if summary["checks_passed"] else 1
+
+
+def _health_plan(cfg: Any) -> str:
+    """One line saying what the gradient-health monitor will do."""
+    h = cfg.training.gradient_health
+    plan = (f"gradient health: clip {h.initial_clip_value:g} -> {h.final_clip_value:g} over {h.warmup_steps} steps; "
+            f"a norm above {h.explosion_threshold:g}x the {h.baseline} baseline (armed after "
+            f"{h.baseline_warmup_steps} healthy steps) or NaN/Inf skips the update")
+    if h.auto_reduce_lr:
+        plan += f"; explosions scale the LR by {h.lr_reduction_factor:g} for {h.lr_cooldown_steps} steps"
+    if h.max_consecutive_bad_steps:
+        plan += f"; {h.max_consecutive_bad_steps} bad steps in a row roll back to the last checkpoint"
+    return plan
+
+
+def _fault_plan() -> Any:
+    """Injected faults for tests (AVA_INJECT_FAULTS); a malformed value is a user error."""
+    from ava.train.faults import FaultPlan, FaultSpecError
+
+    try:
+        plan = FaultPlan.from_env(os.environ)
+    except FaultSpecError as exc:
+        raise ModelInputError(str(exc), "fix or unset AVA_INJECT_FAULTS") from None
+    if plan is not None and os.environ.get("RANK", "0") == "0":
+        print(f"warning: AVA_INJECT_FAULTS is set: injecting {os.environ['AVA_INJECT_FAULTS']} "
+              "(a test hook; unset it for real training)", file=sys.stderr)
+    return plan
 
 
 def _record_failure(out_dir: Path, exc: BaseException, started: float, wandb: Any) -> None:
@@ -247,9 +278,12 @@ def _summary(result: Any, data: Any, out_dir: Path, started: float, evaluates: b
         if tokenizer is not None:
             sample.update(prompt=tokenizer.decode(prompt), continuation=tokenizer.decode(generated))
     best = best_tag(out_dir / "checkpoints")
+    skipped_nonfinite = (result.health or {}).get("counts", {}).get("nonfinite_gradient", 0)
     checks = {
         "steps_completed": result.steps == result.planned_steps or result.status == "early_stopped",
-        "loss_finite": all(map(math.isfinite, result.losses)),
+        # A NaN loss the health monitor caught (its update skipped) is handled, not a failure.
+        "loss_finite": not result.losses or math.isfinite(result.losses[-1])
+        and sum(not math.isfinite(v) for v in result.losses) <= skipped_nonfinite,
         "evaluated": result.evaluations > 0 if evaluates and data.eval is not None else None,
         "checkpoint_saved": result.checkpoint is not None,
         "checkpoint_reloads_exactly": result.checkpoint_reload_ok,
@@ -257,6 +291,9 @@ def _summary(result: Any, data: Any, out_dir: Path, started: float, evaluates: b
     }
     return {
         "status": result.status, "steps": result.steps, "planned_steps": result.planned_steps,
+        **({"failure": result.failure} if result.failure else {}),
+        "precision": result.precision.as_dict() if result.precision is not None else None,
+        "gradient_health": result.health,
         "first_loss": first, "final_loss": final,
         "eval_loss": result.eval_loss,
         "eval_perplexity": perplexity(result.eval_loss) if result.eval_loss is not None else None,
@@ -274,7 +311,8 @@ def _summary(result: Any, data: Any, out_dir: Path, started: float, evaluates: b
 
 
 def _print_checks(summary: dict[str, Any]) -> None:
-    labels = {"steps_completed": "all planned steps ran", "loss_finite": "every loss finite",
+    labels = {"steps_completed": "all planned steps ran",
+              "loss_finite": "every loss finite (or its update skipped by the gradient-health monitor)",
               "evaluated": "held-out evaluation ran", "checkpoint_saved": "checkpoint saved",
               "checkpoint_reloads_exactly": "checkpoint reloads to the same loss",
               "model_exported": "consolidated weights exported (model/)"}
@@ -289,6 +327,8 @@ def _print_checks(summary: dict[str, Any]) -> None:
     print(f"{'PASSED' if summary['checks_passed'] else 'FAILED'}: {summary['status']}, {summary['steps']} steps, "
           f"{losses}, best eval loss {_number(summary['best_eval_loss'])}, {summary['seconds']:.1f} s "
           f"({summary['first_step_seconds']:.1f} s to the first step), memory {memory or 'n/a'}")
+    if summary.get("failure"):
+        print(f"run failed: {summary['failure']}")
 
 
 def _number(value: float | None) -> str:

@@ -120,6 +120,14 @@ class RunConsole:
         for label, value in summary_rows(summary):
             table.add_row(label, value)
         self.console.print(table)
+        rows = health_rows(summary.get("gradient_health"))
+        if rows:
+            health = Table(title="gradient-health interventions")
+            for column in ("event", "count", "steps"):
+                health.add_column(column, justify="left" if column != "count" else "right")
+            for row in rows:
+                health.add_row(*row)
+            self.console.print(health)
 
 
 _ROWS: list[tuple[str, str, str]] = [
@@ -159,10 +167,43 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
     for key, value in summary.items():
         if key.startswith("memory/") and isinstance(value, int | float):
             rows.append((_MEMORY_LABELS.get(key, key), f"{value:.2f} GB"))
+    precision = summary.get("precision")
+    if isinstance(precision, dict) and precision.get("precision"):
+        rows.append(("precision", precision_label(precision)))
+    health = summary.get("gradient_health")
+    if isinstance(health, dict):
+        skipped = health.get("counts", {}).get("skipped_steps", 0)
+        rows.append(("gradient health", f"{skipped} step(s) skipped, {health.get('rollbacks', 0)} rollback(s)"
+                     if skipped or health.get("rollbacks") else "no intervention"))
     if isinstance(summary.get("checks_passed"), bool):
         rows.append(("run checks", "passed" if summary["checks_passed"] else "FAILED"))
     if summary.get("output_dir") is not None:
         rows.append(("outputs", str(summary["output_dir"])))
+    return rows
+
+
+def precision_label(precision: dict) -> str:
+    """`fp8 rowwise (torchao, emulated)`, or just `bf16`."""
+    label = str(precision["precision"])
+    if precision.get("recipe"):
+        label += f" {precision['recipe']}"
+    details = [d for d in (precision.get("backend"), "emulated" if precision.get("emulated") else None) if d]
+    return label + (f" ({', '.join(details)})" if details else "")
+
+
+_HEALTH_LABELS = {"nonfinite_gradient": "NaN/Inf: update skipped", "gradient_explosion": "explosion: update skipped",
+                  "lr_reduced": "learning rate reduced", "lr_restored": "learning rate restored",
+                  "rollback": "rolled back to a checkpoint"}
+
+
+def health_rows(health: dict | None) -> list[tuple[str, str, str]]:
+    """(event, count, steps) for every kind of gradient-health intervention that happened."""
+    if not isinstance(health, dict):
+        return []
+    rows = []
+    for kind, steps in health.get("steps", {}).items():
+        shown = ", ".join(map(str, steps[:10])) + (f", ... ({len(steps) - 10} more)" if len(steps) > 10 else "")
+        rows.append((_HEALTH_LABELS.get(kind, kind.replace("_", " ")), str(len(steps)), shown))
     return rows
 
 

@@ -80,3 +80,17 @@ def leave_process_group() -> None:
         rank = dist.get_rank()
         dist.destroy_process_group()
         release_shared_memory(rank)
+
+
+def exit_launched_worker(status: int = 0) -> None:
+    """End a launcher-started worker script as train.py ends a rank: leave the group, flush, skip the teardown.
+
+    The interpreter's teardown can abort (-6) on threads gloo and DeepSpeed
+    leave behind, after the work has fully succeeded; see `ava.cli.main`.
+    """
+    import sys
+
+    leave_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -28,7 +28,11 @@ from ava.train import checkpoint
 from ava.train.distributed import ProcessInfo
 from ava.train.evaluation import EvalMonitor, evaluate, perplexity
 from ava.train.expert_parallel import expert_parallel_engine, prepare_expert_parallel
+from ava.train.faults import FaultPlan
+from ava.train.gradient_health import HealthMonitor
 from ava.train.lr_schedule import LRSchedule
+from ava.train.precision import PrecisionReport, apply_precision
+from ava.train.update_gate import UpdateGate, clip_in_use, layer_grad_norms, set_clip, set_lr
 
 SAMPLE_PROMPT_TOKENS = 32
 
@@ -39,7 +43,8 @@ class TrainResult:
 
     steps: int  # optimizer steps completed (fewer than planned when stopped early)
     planned_steps: int = 0
-    status: str = "completed"  # or "early_stopped"
+    status: str = "completed"  # or "early_stopped", or "failed" (unrecoverable gradient health)
+    failure: str | None = None  # why the run failed
     losses: list[float] = field(default_factory=list)  # global-batch loss of every step this process ran
     eval_loss: float | None = None  # the last evaluation
     best_eval_loss: float | None = None
@@ -52,6 +57,8 @@ class TrainResult:
     checkpoint_reload_ok: bool | None = None  # the final checkpoint reloaded and gave the same loss
     sample: tuple[list[int], list[int]] | None = None  # (prompt ids, generated ids)
     model: AvaForCausalLM | None = field(default=None, repr=False)  # the trained module (for export)
+    precision: PrecisionReport | None = None
+    health: dict[str, Any] | None = None  # the gradient-health monitor's interventions
 
 
 def total_steps(config: AvaConfig, batches_per_epoch: int, accumulation: int) -> int:
@@ -85,18 +92,6 @@ def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _grad_norm(engine: Any) -> float | None:
-    """The global gradient norm: DeepSpeed's when it keeps one, else computed from the (full) gradients.
-
-    DeepSpeed records a norm for ZeRO and bf16/fp16 optimizers only; without ZeRO
-    every rank holds the full, already averaged gradients, so the norm is local.
-    """
-    if engine.zero_optimization_stage() > 0:
-        return None
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
-
-
 class _Schedule:
     """Which steps log, evaluate and save."""
 
@@ -119,7 +114,8 @@ class _Schedule:
 def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batches: Batches,
           eval_batches: SequenceBatches | None, on_log: Callable[[dict], None],
           checkpoint_dir: Path | None = None, resume_from: Path | None = None, keep_last: int | None = None,
-          verify_checkpoint: bool = True) -> TrainResult:
+          verify_checkpoint: bool = True, faults: FaultPlan | None = None,
+          on_note: Callable[[str], None] | None = None) -> TrainResult:
     """Train `config.model` under DeepSpeed with `ds_config`.
 
     Evaluates every `eval_steps` (and at the end), keeps the best checkpoint
@@ -129,6 +125,12 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     `save_steps` and at the end, and the final one is reloaded to prove it
     restores the same model (`verify_checkpoint`). With `resume_from`,
     training continues exactly where that checkpoint stopped.
+
+    With `training.gradient_health` enabled, every step's update passes the
+    health gate: bad steps are skipped, explosions reduce the LR for a
+    cool-down, and too many bad steps in a row roll back to the last
+    checkpoint, skipping the batches since (`ava.train.gradient_health`).
+    `faults` injects numerical faults for tests (`ava.train.faults`).
     """
     import deepspeed
 
@@ -147,13 +149,18 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
                           total_steps=steps, warmup=t.warmup_schedule, decay=t.lr_scheduler_type)
     # Counted before expert parallelism keeps only this rank's experts.
     flops_per_token = summarise_model(model, config.data.max_length).training_flops_per_token
+    precision = apply_precision(model, config)
+    if on_note is not None:
+        for note in precision.notes:
+            on_note(note)
     model_parameters = prepare_expert_parallel(model, config.deepspeed.ep_size)
     with expert_parallel_engine(model):
         engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=model_parameters, config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule.multiplier))
+            model=model, model_parameters=model_parameters, config=ds_config)
     device = _device(engine)
     monitor = EvalMonitor(t.early_stopping_patience, t.early_stopping_threshold)
+    health = HealthMonitor(t.gradient_health) if t.gradient_health.enabled else None
+    gate = UpdateGate(engine, health) if health is not None else None
     start_step = 0
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from.parent, resume_from.name, process.rank)
@@ -161,9 +168,11 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         train_batches.load_state_dict(state["data"])
         if "monitor" in state:
             monitor.load_state_dict(state["monitor"])
+        if health is not None and "health" in state:
+            health.load_state_dict(state["health"])
     plan = _Schedule(config, steps, max(1, train_batches.batches_per_epoch // accumulation))
     stream = _forever(train_batches)
-    result = TrainResult(steps=start_step, planned_steps=steps)
+    result = TrainResult(steps=start_step, planned_steps=steps, precision=precision)
     step_losses: list[torch.Tensor] = []  # tensors until the end: no host sync per step
     tokens_per_step = ds_config["train_batch_size"] * config.data.max_length
     window_start, window_tokens = time.perf_counter(), 0
@@ -174,29 +183,63 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         if checkpoint_dir is not None and saved_step != step:
             result.checkpoint = checkpoint.save(engine, checkpoint_dir, step, process.rank,
                                                 train_batches.state_dict(), keep_last,
-                                                extra={"monitor": monitor.state_dict()})
+                                                extra=client_state())
             saved_step = step
 
-    for step in range(start_step + 1, steps + 1):
+    def client_state() -> dict[str, Any]:
+        return {"monitor": monitor.state_dict(), **({"health": health.state_dict()} if health else {})}
+
+    def roll_back(step: int) -> int | None:
+        """Reload the last complete checkpoint; the data stream goes on past the bad batches. None: impossible."""
+        nonlocal saved_step
+        assert health is not None
+        tag = checkpoint.latest_complete(checkpoint_dir) if checkpoint_dir is not None else None
+        if tag is None or checkpoint_dir is None or health.rollbacks_exhausted:
+            return None
+        state = checkpoint.load(engine, checkpoint_dir, tag, process.rank)
+        to_step = int(state["step"])
+        if "monitor" in state:
+            monitor.load_state_dict(state["monitor"])
+        health.rolled_back(step, to_step, (step - to_step) * accumulation)
+        saved_step = to_step
+        return to_step
+
+    measure_layers = health is not None and t.gradient_health.layer_grad_norms
+    step = start_step
+    while step < steps:
+        step += 1
         logs = plan.logs(step)
+        set_lr(engine, schedule.lr(step - 1) * (health.lr_scale if health else 1.0))
+        if health is not None:
+            set_clip(engine, health.clip_value(step))
         step_loss = torch.zeros((), device=device)
         lm_loss = torch.zeros((), device=device)
         router_loss = torch.zeros((), device=device)
-        grad_norm = None
+        layer_norms: dict[str, float] = {}
         stats: list = []
         for micro in range(accumulation):
             batch = next(stream).to(device)
-            out = engine(batch, labels=batch)
-            engine.backward(out.loss)
-            if logs and micro == accumulation - 1:
-                grad_norm = _grad_norm(engine)
-            engine.step()
-            step_loss += out.loss.detach().float() / accumulation
+            with precision.autocast():
+                out = engine(batch, labels=batch)
+            loss = out.loss if faults is None or micro else faults.apply(step, process.rank, out.loss)
+            engine.backward(loss)
+            step_loss += loss.detach().float() / accumulation
             lm_loss += out.lm_loss.detach().float() / accumulation
             if out.router_loss is not None:
                 router_loss += out.router_loss.detach().float() / accumulation
             stats = out.moe_stats
+            if micro == accumulation - 1:
+                if logs and measure_layers:
+                    layer_norms = layer_grad_norms(engine.module)
+                if gate is not None:
+                    gate.begin(step, step_loss, measure_update=logs and measure_layers)
+            engine.step()
         step_losses.append(step_loss)
+        verdict = gate.finish() if gate is not None else None
+        if health is not None and verdict is not None:
+            health.end_step(step, verdict)
+            for event in health.drain_events():
+                on_log(event)
         window_tokens += tokens_per_step
         result.steps = step
         if step == start_step + 1:
@@ -209,13 +252,32 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
                       "mfu_flops_per_s": flops_per_token * window_tokens / elapsed}
             if config.model.is_moe:
                 record["router_loss"] = router
-            norm = engine.get_global_grad_norm()
-            norm = grad_norm if norm is None else norm
+            norm = gate.grad_norm if gate is not None else engine.get_global_grad_norm()
             if norm is not None:
-                record["grad_norm"] = float(norm)
+                record["grad_norm"] = float(norm) if math.isfinite(norm) else str(norm)
+            if health is not None:
+                record["clip"] = clip_in_use(engine)
+                record["update_applied"] = bool(verdict and verdict.apply)
+                record.update(health.signals())
+                if gate is not None and gate.update_ratio is not None:
+                    record["update_to_weight"] = gate.update_ratio
+                if gate is not None and gate.weight_norm is not None:
+                    record["weight_norm"] = gate.weight_norm
+                record.update(layer_norms)
             record.update(summarise_moe_stats(stats))
             on_log(record)
             window_start, window_tokens = time.perf_counter(), 0
+        if health is not None and verdict is not None and verdict.rollback:
+            to_step = roll_back(step)
+            for event in health.drain_events():
+                on_log(event)
+            if to_step is None:
+                result.status, result.failure = "failed", _unrecoverable(config, health, step)
+                on_log({"step": step, "event": "run_failed", "reason": result.failure})
+                break
+            del step_losses[max(0, to_step - start_step):]
+            step = result.steps = to_step
+            continue
         new_best = False
         if eval_batches is not None and plan.evaluates(step):
             result.eval_loss = evaluate(engine, _held_out(eval_batches))
@@ -225,7 +287,9 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
                     "best_eval_loss": monitor.best_loss})
             window_start = time.perf_counter()  # evaluation time is not training throughput
         stopping = monitor.should_stop
-        if plan.saves(step) or step == steps or stopping or (new_best and t.save_best_checkpoint):
+        # A skipped step saves no checkpoint: a rollback must land on weights from a healthy step.
+        healthy = verdict is None or verdict.apply
+        if (plan.saves(step) and healthy) or step == steps or stopping or (new_best and t.save_best_checkpoint):
             save(step)
             if new_best and t.save_best_checkpoint and checkpoint_dir is not None and process.rank == 0:
                 checkpoint.mark_best(checkpoint_dir, step)
@@ -243,6 +307,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     result.tokens = (result.steps - start_step) * tokens_per_step
     result.best_eval_loss = monitor.best_loss if monitor.best_step is not None else None
     result.best_step = monitor.best_step
+    result.health = health.summary() if health is not None else None
     if eval_batches is not None:
         result.sample = _sample(engine.module, eval_batches, t.sample_max_new_tokens, device)
         if verify_checkpoint and result.checkpoint is not None and saved_step == result.steps:
@@ -250,6 +315,18 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     result.model = engine.module
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _unrecoverable(config: AvaConfig, health: HealthMonitor, step: int) -> str:
+    """Why a run with repeated bad steps cannot go on, and what to change."""
+    h = config.training.gradient_health
+    bad = f"{h.max_consecutive_bad_steps} bad steps in a row at step {step}"
+    if health.rollbacks_exhausted:
+        return (f"{bad} after {health.rollbacks} rollbacks (training.gradient_health.max_rollbacks): training "
+                "is not recovering. Lower training.learning_rate, or inspect the data around this step")
+    return (f"{bad} and no checkpoint to roll back to. Save more often (training.save_steps, now "
+            f"{config.training.save_steps}; save_strategy {config.training.save_strategy}) or lower "
+            "training.learning_rate")
 
 
 def _sample(model: AvaForCausalLM, eval_batches: SequenceBatches, max_new_tokens: int,

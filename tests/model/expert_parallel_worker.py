@@ -257,9 +257,6 @@ if __name__ == "__main__":
     mode = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]  # the launcher adds --local_rank=N
     {"layers": run_layers, "engine": run_engine}[mode]()
     # As train.py does: release DeepSpeed's /dev/shm buffer and skip the teardown that can abort (-6) at exit.
-    from ava.train.distributed import leave_process_group
+    from ava.train.distributed import exit_launched_worker
 
-    leave_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_launched_worker()

@@ -53,9 +53,6 @@ def main() -> None:
 if __name__ == "__main__":
     main()
     # As train.py does: release DeepSpeed's /dev/shm buffer and skip the teardown that can abort (-6) at exit.
-    from ava.train.distributed import leave_process_group
+    from ava.train.distributed import exit_launched_worker
 
-    leave_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_launched_worker()
