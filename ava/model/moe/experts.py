@@ -7,6 +7,8 @@ gathers the whole stack at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +45,15 @@ class GroupedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.widths = (hidden_size, intermediate_size)
+        self.fp8_matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def use_fp8(self, matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> None:
+        """Run every expert matmul as `matmul(rows, weight)` (an FP8 matmul, see `ava.train.precision`); None: off.
+
+        The weights stay ordinary stacked parameters, so ZeRO and expert
+        parallelism handle them as before; only the forward changes.
+        """
+        self.fp8_matmul = matmul
 
     @torch.no_grad()
     def keep_experts(self, start: int, stop: int) -> None:
@@ -59,6 +70,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Expert e transforms rows[offset_e : offset_e + counts[e]] (rows sorted by expert)."""
+        if self.fp8_matmul is not None:
+            return self.forward_fp8(rows, counts)
         if rows.dtype == self.down_proj.dtype and grouped_mm_supported(rows.dtype, self.widths):
             offsets = torch.cumsum(counts, 0).to(torch.int32)
             up = F.grouped_mm(rows, self.up_proj, offs=offsets)
@@ -76,4 +89,22 @@ class GroupedExperts(nn.Module):
             up = chunk @ self.up_proj[e]
             h = F.silu(chunk @ self.gate_proj[e]) * up if self.gate_proj is not None else activate(up, self.activation)
             outputs.append(h @ self.down_proj[e])
+        return torch.cat(outputs)
+
+    def forward_fp8(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """`forward_loop` with each expert's matmuls run by `fp8_matmul`.
+
+        One matmul per expert: torchao's FP8 matmul takes a 2-D weight, and its
+        grouped FP8 GEMM (a prototype) replaces the parameters with tensor
+        subclasses that ZeRO cannot flatten. An expert that received no rows multiplies its empty chunk in high
+        precision: an FP8 scale of an empty tensor is undefined, and the
+        (empty) matmul keeps its weights in the graph with a zero gradient.
+        """
+        assert self.fp8_matmul is not None
+        outputs = []
+        for e, chunk in enumerate(rows.split(counts.tolist())):
+            mm = self.fp8_matmul if chunk.shape[0] else torch.matmul
+            up = mm(chunk, self.up_proj[e])
+            h = F.silu(mm(chunk, self.gate_proj[e])) * up if self.gate_proj is not None else activate(up, self.activation)
+            outputs.append(mm(h, self.down_proj[e]))
         return torch.cat(outputs)
