@@ -53,6 +53,8 @@ from ava.config.loader import ResolvedConfig  # noqa: E402
 from benchmarks.timing import print_table, write_json  # noqa: E402
 
 OVERHEAD_TARGET = 1.05
+HEALTH_OVERHEAD_TARGET = 1.02  # the gradient-health monitor (issue 5): <= 2% of step time
+HEALTH_OFF = "--training.gradient_health.enabled=false"
 FIRST_STEP_TARGET_S = 15.0
 # Lines of train.py's output whose arrival times split the time to the first step. The last one is
 # printed after the data is built, just before train() is called: its time plus summary.json's
@@ -212,7 +214,11 @@ def compare_loops(ns: argparse.Namespace, overrides: Sequence[str]) -> dict[str,
     data = build_training_data(cfg.data, cfg.model.vocab_size, plan.micro, cfg.data.eval_batch_size, process.rank,
                                process.world_size, needed_sequences=ns.steps * plan.global_batch)
     start_state = data.train.state_dict()
-    loops: dict[str, Callable[..., Segment]] = {"bare deepspeed": _bare_segment, "ava train()": _ava_segment}
+    health_off = _resolve(ns, (*overrides, HEALTH_OFF), ns.steps)
+    loops: dict[str, tuple[Callable[..., Segment], ResolvedConfig]] = {
+        "bare deepspeed": (_bare_segment, resolved), "ava train()": (_ava_segment, resolved)}
+    if cfg.training.gradient_health.enabled:  # the monitor's own cost: the same loop with it off
+        loops["ava train(), health off"] = (_ava_segment, health_off)
     warm = _resolve(ns, overrides, min(3, ns.steps))
     window = cfg.training.logging_steps
     print(f"train loop: {Path(ns.config).name} + {Path(ns.hardware_config).name if ns.hardware_config else '-'}, "
@@ -220,14 +226,15 @@ def compare_loops(ns: argparse.Namespace, overrides: Sequence[str]) -> dict[str,
           f"{cfg.training.mixed_precision}, ZeRO {cfg.deepspeed.zero_stage}, logging every "
           f"{window} steps; {ns.rounds} rounds of {ns.steps} steps each, "
           f"torch threads {torch.get_num_threads()}; data: {data.description}")
-    for run in loops.values():  # one-time costs (lazy imports, first kernels) out of the measured rounds
+    for run, _ in loops.values():  # one-time costs (lazy imports, first kernels) out of the measured rounds
         run(warm, process, data.train, start_state)
     segments: dict[str, list[Segment]] = {name: [] for name in loops}
     for r in range(ns.rounds):
         order = list(loops) if r % 2 == 0 else list(reversed(loops))  # ABBA: drift hits both alike
         for name in order:
             gc.collect()
-            segments[name].append(loops[name](resolved, process, data.train, start_state))
+            run, config = loops[name]
+            segments[name].append(run(config, process, data.train, start_state))
             per_step = statistics.median(segments[name][-1].window_step_seconds(window))
             print(f"  round {r + 1}/{ns.rounds} {name}: {1000 * per_step:.1f} ms/step", flush=True)
     return _loop_report(segments, window, ns)
@@ -248,6 +255,12 @@ def _loop_report(segments: dict[str, list[Segment]], window: int, ns: argparse.N
     ratio_min = ava["min_step_ms"] / bare["min_step_ms"]
     ratio_median = ava["median_step_ms"] / bare["median_step_ms"]
     rows.append(["ratio ava / bare", "", ratio_median, ratio_min, ""])
+    health = None
+    if "ava train(), health off" in results:
+        off = results["ava train(), health off"]
+        health = {"ratio_of_minimums": ava["min_step_ms"] / off["min_step_ms"],
+                  "ratio_of_medians": ava["median_step_ms"] / off["median_step_ms"]}
+        rows.append(["ratio health on / off", "", health["ratio_of_medians"], health["ratio_of_minimums"], ""])
     print_table(["loop", "windows", "median step ms", "min step ms", "setup + first step s (median)"], rows)
     first_ava, first_bare = segments["ava train()"][0].losses, segments["bare deepspeed"][0].losses
     loss_diff = max((abs(a - b) for a, b in zip(first_ava, first_bare, strict=False)), default=float("nan"))
@@ -261,8 +274,15 @@ def _loop_report(segments: dict[str, list[Segment]], window: int, ns: argparse.N
         f"not judged: use --steps >= {window + 2}"
     print(f"target: ava <= {OVERHEAD_TARGET:.2f}x bare per step: ratio of minimums {ratio_min:.3f} ({verdict}); "
           f"ratio of medians {ratio_median:.3f}")
+    if health is not None:
+        met = health["ratio_of_minimums"] <= HEALTH_OVERHEAD_TARGET
+        health["target_met"] = met if windowed else None
+        print(f"target: gradient-health monitor <= {HEALTH_OVERHEAD_TARGET:.2f}x the same loop without it: ratio of "
+              f"minimums {health['ratio_of_minimums']:.3f} ({('met' if met else 'NOT met') if windowed else 'not judged'}"
+              f"); ratio of medians {health['ratio_of_medians']:.3f}")
     return {"steps_per_round": ns.steps, "rounds": ns.rounds, "window_steps": window, "loops": results,
             "ratio_of_minimums": ratio_min, "ratio_of_medians": ratio_median, "max_loss_difference": loss_diff,
+            "gradient_health_overhead": health,
             "target_met": ratio_min <= OVERHEAD_TARGET if windowed else None}
 
 
