@@ -117,6 +117,16 @@ class HealthMonitor:
         limit = c.max_consecutive_bad_steps
         return Verdict(apply=False, kind=kind, rollback=bool(limit) and self.consecutive_bad >= limit)
 
+    def loss_scale_skip(self, step: int) -> Verdict:
+        """fp16: DeepSpeed skipped the step to lower its loss scale. Routine calibration, not a bad step.
+
+        Early in an fp16 run the dynamic loss scale overflows several times in a
+        row by design; counting those would trigger rollbacks. A real NaN keeps
+        overflowing until DeepSpeed's min_loss_scale, where DeepSpeed stops.
+        """
+        self.counts["loss_scale_skips"] += 1
+        return Verdict(apply=False, kind="loss_scale")
+
     def _healthy(self, grad_norm: float) -> None:
         self.consecutive_bad = 0
         self.healthy_seen += 1

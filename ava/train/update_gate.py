@@ -160,7 +160,10 @@ class UpdateGate:
     def finish(self) -> Verdict:
         """Call after `engine.step()`: the step's verdict (DeepSpeed's own NaN/Inf skip included)."""
         if self._verdict is None:  # DeepSpeed skipped the step before reaching the gate
-            self._verdict = self._judge(math.inf if self.wrapped else self._judged_norm())
+            if self.engine.fp16_enabled():  # its dynamic loss scale overflowed: it lowers the scale and goes on
+                self._verdict = self.monitor.loss_scale_skip(self._step)
+            else:
+                self._verdict = self._judge(math.inf if self.wrapped else self._judged_norm())
         if self._measure:
             if not self._measured:  # skipped: the weights are what they were; read them as they are
                 with torch.no_grad():

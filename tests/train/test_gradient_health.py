@@ -142,3 +142,10 @@ def test_faults_change_the_gradient_not_the_loss_and_fire_once_per_step():
     assert math.isnan(loss)
     assert torch.equal(grad(4, rank=0)[1], torch.tensor([2.0, 4.0]))  # rank 1 only
     assert torch.equal(grad(1)[1], torch.tensor([2.0, 4.0]))  # step 1 again (after a rollback): clean
+
+
+def test_fp16_loss_scale_overflows_are_not_bad_steps():
+    m = _monitor(max_consecutive_bad_steps=2)
+    verdicts = [m.loss_scale_skip(step) for step in (1, 2, 3)]
+    assert not any(v.apply or v.rollback for v in verdicts)
+    assert m.consecutive_bad == 0 and m.counts["loss_scale_skips"] == 3 and m.drain_events() == []
