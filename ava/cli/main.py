@@ -111,6 +111,11 @@ def train_entry(argv: Sequence[str] | None = None) -> int:
             print(exc.render(), file=sys.stderr)
         return 2
     except ModelInputError as exc:
-        if os.environ.get("RANK", "0") == "0":
+        from ava.train.rendezvous import LaunchError
+
+        rank = os.environ.get("RANK", "0")
+        if isinstance(exc, LaunchError):  # each rank meets its own launch problem: every rank says it
+            print(f"error (rank {rank}): {exc}", file=sys.stderr)
+        elif rank == "0":
             print(f"error: {exc}", file=sys.stderr)
         return 2
