@@ -43,7 +43,15 @@ def main(argv: Sequence[str], prog: str = "train.py") -> int:
                         help="start from this checkpoint directory (e.g. RUN/checkpoints/step00001000)")
     parser.add_argument("--force_resume", action="store_true",
                         help="resume even though the batch configuration differs from the checkpoint's")
+    parser.add_argument("--auto_resume", action="store_true",
+                        help="resume from --output_dir's latest complete checkpoint if it has one, else start a "
+                             "new run there (for jobs a scheduler may requeue)")
     ns, extras = parser.parse_known_args(argv)
+    from ava.train.rendezvous import discover, export
+
+    launch = discover(os.environ)
+    if launch.source == "SLURM srun":  # before the config reads the world size from WORLD_SIZE
+        export(launch, os.environ)
     stack = stack_from(ns, extras)
     resolved = load_config(stack.files, stack.overrides, stack.world)
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -74,7 +82,20 @@ def _print_plan(resolved: ResolvedConfig) -> None:
           f"{m.training_flops_per_token / 1e6:,.1f} MFLOP per training token (`ava model summary` for details)")
 
 
-def _output_dir(requested: str | None, run_name: str, resume: bool) -> Path:
+def _auto_resume(ns: Any) -> bool:
+    """--auto_resume: resume when --output_dir holds a complete checkpoint; True when it starts fresh there."""
+    if not ns.auto_resume:
+        return False
+    from ava.train.checkpoint import latest_complete
+
+    if ns.output_dir is None or ns.resume or ns.resume_from:
+        raise ModelInputError("--auto_resume needs --output_dir and replaces --resume/--resume_from",
+                              "pass --output_dir RUN_DIR --auto_resume, e.g. outputs/$SLURM_JOB_NAME-$SLURM_JOB_ID")
+    ns.resume = latest_complete(Path(ns.output_dir) / "checkpoints") is not None
+    return not ns.resume
+
+
+def _output_dir(requested: str | None, run_name: str, resume: bool, allow_existing: bool = False) -> Path:
     if resume:
         if requested is None or not Path(requested).is_dir():
             raise ModelInputError(f"--resume needs the --output_dir of the run to continue (got {requested})",
@@ -83,7 +104,7 @@ def _output_dir(requested: str | None, run_name: str, resume: bool) -> Path:
     if requested is None:
         return Path("outputs") / run_name
     path = Path(requested)
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and any(path.iterdir()) and not allow_existing:
         raise ModelInputError(f"--output_dir {path} already holds files; Ava never overwrites a run",
                               "choose a new --output_dir, or add --resume to continue the run in it")
     return path
@@ -121,6 +142,16 @@ def _resume_point(ns: Any, out_dir: Path, ds_config: dict) -> Path | None:
 
 
 def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool) -> int:
+    from ava.train.preemption import PreemptionFlag
+
+    # From the start: a stop signal during setup ends the run after its first step, with a checkpoint.
+    with PreemptionFlag() as preemption:
+        return _train_run(resolved, ns, config_name, main_rank, preemption)
+
+
+def _train_run(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool, preemption: Any) -> int:
+    from ava.train.preemption import REQUEUE_EXIT_CODE
+
     started = time.perf_counter()
     cfg = resolved.config
     from ava.train.data_setup import build_training_data
@@ -128,11 +159,16 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool)
     from ava.train.loop import train
 
     run_name = cfg.training.run_name or f"{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    out_dir = _output_dir(ns.output_dir, run_name, ns.resume)  # before any heavy work: refuse early
+    fresh_in_place = _auto_resume(ns)
+    out_dir = _output_dir(ns.output_dir, run_name, ns.resume, allow_existing=fresh_in_place)  # refuse early
     faults = _fault_plan()
     ds_config = build_deepspeed_config(cfg)
     resume_from = _resume_point(ns, out_dir, ds_config)
     process = init_distributed()
+    if process.world_size > 1:
+        from ava.train.rendezvous import discover
+
+        print(f"ava: {discover(os.environ).describe()}", flush=True)
     out_dir = _same_on_every_rank(out_dir)  # a date-stamped default can differ by a second between ranks
     if process.world_size != resolved.batch.world.size:
         raise ModelInputError(
@@ -189,7 +225,7 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool)
         with console:
             result = train(cfg, ds_config, process, data.train, data.eval, on_log,
                            checkpoint_dir=out_dir / "checkpoints", resume_from=resume_from,
-                           faults=faults, on_note=console.note)
+                           faults=faults, on_note=console.note, preemption=preemption)
     except BaseException as exc:
         if main_rank:
             _record_failure(out_dir, exc, started, wandb)
@@ -198,6 +234,10 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool)
         if metrics is not None:
             metrics.close()
         _shutdown()
+    if result.status == "preempted":
+        if main_rank:
+            _write_preempted(out_dir, result, started, wandb)
+        return REQUEUE_EXIT_CODE
     if not main_rank:
         return 0
     from ava.train.plots import write_plots
@@ -240,6 +280,19 @@ def _fault_plan() -> Any:
         print(f"warning: AVA_INJECT_FAULTS is set: injecting {os.environ['AVA_INJECT_FAULTS']} "
               "(a test hook; unset it for real training)", file=sys.stderr)
     return plan
+
+
+def _write_preempted(out_dir: Path, result: Any, started: float, wandb: Any) -> None:
+    """summary.json for a run stopped by a signal: where it stopped and how it continues."""
+    summary = {"status": "preempted", "steps": result.steps, "planned_steps": result.planned_steps,
+               "final_checkpoint": str(result.checkpoint) if result.checkpoint else None,
+               "seconds": time.perf_counter() - started,
+               "resume_hint": f"continue with --output_dir {out_dir} --resume (or --auto_resume)"}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if wandb is not None:
+        wandb.finish(summary)
+    print(f"preempted at step {result.steps} of {result.planned_steps}: checkpoint {result.checkpoint} saved; "
+          f"exit code 75 asks the scheduler to requeue; {summary['resume_hint']}", flush=True)
 
 
 def _record_failure(out_dir: Path, exc: BaseException, started: float, wandb: Any) -> None:

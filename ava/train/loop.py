@@ -32,6 +32,7 @@ from ava.train.faults import FaultPlan
 from ava.train.gradient_health import HealthMonitor
 from ava.train.lr_schedule import LRSchedule
 from ava.train.precision import PrecisionReport, apply_precision
+from ava.train.preemption import PreemptionFlag
 from ava.train.update_gate import UpdateGate, clip_in_use, layer_grad_norms, set_clip, set_lr
 
 SAMPLE_PROMPT_TOKENS = 32
@@ -43,7 +44,8 @@ class TrainResult:
 
     steps: int  # optimizer steps completed (fewer than planned when stopped early)
     planned_steps: int = 0
-    status: str = "completed"  # or "early_stopped", or "failed" (unrecoverable gradient health)
+    # or "early_stopped", "preempted" (a stop signal: checkpointed), "failed" (unrecoverable gradient health)
+    status: str = "completed"
     failure: str | None = None  # why the run failed
     losses: list[float] = field(default_factory=list)  # global-batch loss of every step this process ran
     eval_loss: float | None = None  # the last evaluation
@@ -115,7 +117,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
           eval_batches: SequenceBatches | None, on_log: Callable[[dict], None],
           checkpoint_dir: Path | None = None, resume_from: Path | None = None, keep_last: int | None = None,
           verify_checkpoint: bool = True, faults: FaultPlan | None = None,
-          on_note: Callable[[str], None] | None = None) -> TrainResult:
+          on_note: Callable[[str], None] | None = None, preemption: PreemptionFlag | None = None) -> TrainResult:
     """Train `config.model` under DeepSpeed with `ds_config`.
 
     Evaluates every `eval_steps` (and at the end), keeps the best checkpoint
@@ -130,7 +132,9 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     health gate: bad steps are skipped, explosions reduce the LR for a
     cool-down, and too many bad steps in a row roll back to the last
     checkpoint, skipping the batches since (`ava.train.gradient_health`).
-    `faults` injects numerical faults for tests (`ava.train.faults`).
+    `faults` injects numerical faults for tests (`ava.train.faults`). When
+    `preemption` has caught a stop signal on any rank, every rank finishes the
+    step, saves a checkpoint and returns with status "preempted".
     """
     import deepspeed
 
@@ -295,6 +299,13 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
                 checkpoint.mark_best(checkpoint_dir, step)
             if step != steps and not stopping:
                 window_start = time.perf_counter()
+        if preemption is not None and preemption.agreed(device):
+            save(step)
+            result.status = "preempted"
+            on_log({"step": step, "event": "preempted",
+                    "reason": f"{preemption.signal_name or 'a stop signal'} received (on some rank): checkpoint "
+                              f"saved at step {step}; the run can resume from it"})
+            break
         if stopping:
             result.status = "early_stopped"
             on_log({"step": step, "event": "early_stop",
