@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from ava import __version__
-from ava.cli import config_cmd, model_cmd, train_cmd
+from ava.cli import config_cmd, launch_cmd, model_cmd, train_cmd
 from ava.config import ConfigError
 from ava.model.errors import ModelInputError
 
@@ -33,6 +33,7 @@ commands:
   model export-hf SRC   write an Ava model as a HF checkpoint (from_pretrained loads it)
   model export-checkpoint RUN
                         consolidate a training checkpoint (any ZeRO stage) to safetensors / HF
+  launch slurm          render the SLURM batch script for a config (--submit: submit it with sbatch)
 
 `ava <command> --help` describes each command's options.
 """
@@ -64,7 +65,8 @@ def _dispatch(args: list[str]) -> int:
     if command == "train":
         return train_cmd.main(rest, prog="ava train")
     groups: dict[str, Mapping[str, Callable[[Sequence[str]], int]]] = {
-        "config": config_cmd.COMMANDS, "model": model_cmd.COMMANDS}
+        "config": config_cmd.COMMANDS, "model": model_cmd.COMMANDS,
+        "launch": launch_cmd.COMMANDS}
     if command in groups:
         table = groups[command]
         if not rest or rest[0] in ("-h", "--help"):
