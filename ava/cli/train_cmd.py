@@ -46,6 +46,14 @@ def main(argv: Sequence[str], prog: str = "train.py") -> int:
     parser.add_argument("--auto_resume", action="store_true",
                         help="resume from --output_dir's latest complete checkpoint if it has one, else start a "
                              "new run there (for jobs a scheduler may requeue)")
+    from ava.train.preemption import PreemptionFlag
+
+    # First thing: a scheduler's stop signal during start-up must not kill the process outright.
+    with PreemptionFlag() as preemption:
+        return _main(parser, argv, prog, preemption)
+
+
+def _main(parser: Any, argv: Sequence[str], prog: str, preemption: Any) -> int:
     ns, extras = parser.parse_known_args(argv)
     from ava.train.rendezvous import discover, export
 
@@ -62,7 +70,7 @@ def main(argv: Sequence[str], prog: str = "train.py") -> int:
         if main_rank:
             _print_plan(resolved)
         return 0
-    return _train(resolved, ns, Path(stack.files.config or "run").stem, main_rank)
+    return _train(resolved, ns, Path(stack.files.config or "run").stem, main_rank, preemption)
 
 
 def _print_plan(resolved: ResolvedConfig) -> None:
@@ -141,15 +149,7 @@ def _resume_point(ns: Any, out_dir: Path, ds_config: dict) -> Path | None:
     return point
 
 
-def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool) -> int:
-    from ava.train.preemption import PreemptionFlag
-
-    # From the start: a stop signal during setup ends the run after its first step, with a checkpoint.
-    with PreemptionFlag() as preemption:
-        return _train_run(resolved, ns, config_name, main_rank, preemption)
-
-
-def _train_run(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool, preemption: Any) -> int:
+def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool, preemption: Any) -> int:
     from ava.train.preemption import REQUEUE_EXIT_CODE
 
     started = time.perf_counter()

@@ -85,7 +85,9 @@ def _int(environ: Mapping[str, str], name: str) -> int:
 def discover(environ: Mapping[str, str]) -> LaunchEnv:
     """This process's place in the job, from the launcher's or SLURM's variables."""
     if "RANK" in environ or "WORLD_SIZE" in environ:
-        source = "torchrun" if "TORCHELASTIC_RUN_ID" in environ else "deepspeed launcher"
+        # AVA_LAUNCHER: set by export() when Ava wrote these variables itself (from SLURM's).
+        source = environ.get("AVA_LAUNCHER") or ("torchrun" if "TORCHELASTIC_RUN_ID" in environ
+                                                 else "deepspeed launcher")
         missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in environ]
         if missing:
             raise LaunchError(f"the {source} environment is incomplete: {', '.join(missing)} not set",
@@ -108,7 +110,7 @@ def export(env: LaunchEnv, environ: MutableMapping[str, str]) -> None:
     """Write `env` as the variables torch and DeepSpeed read (a single process gets a free local port)."""
     port = env.master_port or _free_port()
     environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-                   MASTER_ADDR=env.master_addr, MASTER_PORT=str(port))
+                   MASTER_ADDR=env.master_addr, MASTER_PORT=str(port), AVA_LAUNCHER=env.source)
 
 
 def _free_port() -> int:

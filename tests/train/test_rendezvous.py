@@ -35,7 +35,8 @@ def test_an_srun_step_alone_gives_rank_world_local_rank_and_a_job_derived_master
     exported: dict[str, str] = {}
     export(env, exported)
     assert exported == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
-                        "MASTER_PORT": str(env.master_port)}
+                        "MASTER_PORT": str(env.master_port), "AVA_LAUNCHER": "SLURM srun"}
+    assert discover(exported) == env  # read back later in the same process: still from SLURM
 
 
 def test_the_batch_script_itself_is_not_a_rank_and_no_launcher_is_one_process():
