@@ -50,10 +50,10 @@ def main(argv: Sequence[str], prog: str = "train.py") -> int:
 
     # First thing: a scheduler's stop signal during start-up must not kill the process outright.
     with PreemptionFlag() as preemption:
-        return _main(parser, argv, prog, preemption)
+        return _main(parser, argv, preemption)
 
 
-def _main(parser: Any, argv: Sequence[str], prog: str, preemption: Any) -> int:
+def _main(parser: Any, argv: Sequence[str], preemption: Any) -> int:
     ns, extras = parser.parse_known_args(argv)
     from ava.train.rendezvous import discover, export
 
