@@ -30,7 +30,9 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` (batch, 1, seq, seq), True where a query may attend a key, replaces the causal mask
+        (packed documents: causal within each document only)."""
         batch, seq, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
@@ -42,7 +44,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)
-        mask, causal = None, True
+        causal = mask is None
         if past:
             causal = False
             if seq > 1:  # a chunk after a prefix: query i sees every cached key and keys up to itself

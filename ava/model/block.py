@@ -33,8 +33,9 @@ class TransformerBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None, layer: int = 0) -> tuple[torch.Tensor, MoEStats | None]:
-        h = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, layer))
+                cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        h = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, layer, mask))
         stats = None
         if isinstance(self.ffn, MoELayer):
             f, stats = self.ffn(self.ffn_norm(h))

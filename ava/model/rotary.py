@@ -23,14 +23,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape (seq, head_dim) for integer `positions` of shape (seq,)."""
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        """cos and sin of shape (seq, head_dim) for integer `positions` of shape (seq,).
+
+        Positions of shape (batch, seq) -- each packed document counting from 0 --
+        give tables of shape (batch, seq, head_dim).
+        """
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (batch, heads, seq, head_dim) `x` by the angles in cos/sin (seq, head_dim)."""
+    """Rotate (batch, heads, seq, head_dim) `x` by the angles in cos/sin, (seq, head_dim) or (batch, seq, head_dim)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

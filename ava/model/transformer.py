@@ -37,6 +37,22 @@ class CausalLMOutput:
     moe_stats: list[MoEStats] = field(default_factory=list)
 
 
+def document_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token positions counted from each document's start, and the (batch, 1, seq, seq) attention mask.
+
+    A document is a run of equal ids in a row of `segment_ids`; the mask lets a
+    token see the earlier tokens of its own run only.
+    """
+    seq = segment_ids.shape[1]
+    index = torch.arange(seq, device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    same = first[:, :, None] == first[:, None, :]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
+    return index - first, (same & causal)[:, None]
+
+
 class AvaForCausalLM(nn.Module):
     """GPT-style decoder; Llama/Mixtral- or GPT-2-shaped depending on the config."""
 
@@ -82,11 +98,32 @@ class AvaForCausalLM(nn.Module):
                 module.reset_parameters()
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> CausalLMOutput:
+                cache: KVCache | None = None, segment_ids: torch.Tensor | None = None) -> CausalLMOutput:
         """Logits for (batch, seq) `input_ids`; with `labels` (the same shape, -100 = ignore) also the loss.
 
         Labels are aligned with the inputs and shifted inside (position t predicts t+1),
         the Hugging Face convention, so `labels=input_ids` trains a language model.
+        `segment_ids` (batch, seq) marks packed documents: see `hidden_states`.
+        """
+        hidden, stats = self.hidden_states(input_ids, cache, segment_ids)
+        logits = self.lm_head(hidden)
+        router_loss = torch.stack([s.router_loss for s in stats]).sum() if stats else None
+        out = CausalLMOutput(logits=logits, router_loss=router_loss, moe_stats=stats)
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                          labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+            out.loss = out.lm_loss + router_loss if router_loss is not None else out.lm_loss
+        return out
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[MoEStats]]:
+        """The final normed hidden states (batch, seq, hidden) and each MoE layer's statistics.
+
+        What the output head reads; a value or reward head reads it too. With
+        `segment_ids` (equal ids = one document, e.g. packed SFT examples) a
+        token attends only to earlier tokens of its own document and positions
+        restart at 0 in each, so a packed batch computes exactly what the
+        documents would one by one.
         """
         seq = input_ids.shape[1]
         past = cache.length if cache is not None else 0
@@ -96,7 +133,13 @@ class AvaForCausalLM(nn.Module):
                 f"{self.config.max_position_embeddings}, the longest the model accepts",
                 f"truncate inputs to {self.config.max_position_embeddings} tokens (data.max_length), or raise "
                 "model.max_position_embeddings before training (a trained model cannot be extended this way)")
-        positions = torch.arange(past, past + seq, device=input_ids.device)
+        mask = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
+            positions, mask = document_positions_and_mask(segment_ids)
+        else:
+            positions = torch.arange(past, past + seq, device=input_ids.device)
         x = self.embed_tokens(input_ids)
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
@@ -105,21 +148,14 @@ class AvaForCausalLM(nn.Module):
         stats: list[MoEStats] = []
         for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x, layer_stats = checkpoint(block, x, rope, use_reentrant=False)
+                x, layer_stats = checkpoint(block, x, rope, None, i, mask, use_reentrant=False)
             else:
-                x, layer_stats = block(x, rope, cache, i)
+                x, layer_stats = block(x, rope, cache, i, mask)
             if layer_stats is not None:
                 stats.append(layer_stats)
         if cache is not None:
             cache.advance(seq)
-        logits = self.lm_head(self.norm(x))
-        router_loss = torch.stack([s.router_loss for s in stats]).sum() if stats else None
-        out = CausalLMOutput(logits=logits, router_loss=router_loss, moe_stats=stats)
-        if labels is not None:
-            out.lm_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                          labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
-            out.loss = out.lm_loss + router_loss if router_loss is not None else out.lm_loss
-        return out
+        return self.norm(x), stats
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
