@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ava.config.batch import BatchPlan, BatchValue, WorldSize, solve_batch
 from ava.config.errors import Notice, Problem
 from ava.config.provenance import DEFAULT_ORIGIN, Origin
+from ava.config.rlhf_checks import check_rlhf
 from ava.config.schema import (
     UNAVAILABLE_FEATURES,
     DataConfig,
@@ -227,6 +228,7 @@ CHECKS: tuple[tuple[tuple[str, ...], Callable[[CheckContext], None]], ...] = (
     (("deepspeed", "training"), _deepspeed),
     (("deepspeed", "model"), _expert_parallel),
     (("training", "deepspeed"), _batch),
+    (("rlhf", "deepspeed", "model"), check_rlhf),
 )
 
 

@@ -125,7 +125,7 @@ def _convert(section: str, err: Any, tree: MergedTree) -> Problem:
         message = f"'{path[-1]}' must be a mapping of keys"
         fix = f"write `{path[-1]}:` followed by indented key: value lines; keys: {', '.join(keys.children(path))}"
     elif kind == "string_pattern_mismatch":
-        fix = "write it as `module:function`, e.g. `ava.rlhf.rewards:digit_match`"
+        fix = "write it as `module:function`, e.g. `my_rewards:exact_match` (a file my_rewards.py in the working directory)"
     else:
         fix = info.description if info and info.description else ""
     return Problem(where, key, message, fix, value)

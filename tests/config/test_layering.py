@@ -102,9 +102,9 @@ def test_distributed_alias_overrides_base_canonical_key(write_yaml):
 def test_rlhf_layer_sits_between_distributed_and_cli(write_yaml):
     base = write_yaml("b.yaml", "training:\n  eps: 1e-8\n")
     dist = write_yaml("d.yaml", "training:\n  eps: 1e-7\n")
-    rl = write_yaml("r.yaml", "rlhf:\n  stage: grpo\ntraining:\n  eps: 1e-6\n")
+    rl = write_yaml("r.yaml", "rlhf:\n  stages: [grpo]\ntraining:\n  eps: 1e-6\n")
     r = load_config(ConfigFiles(base, None, dist, rl), world=ONE)
-    assert r.config.training.eps == 1e-6 and r.config.rlhf is not None and r.config.rlhf.stage == "grpo"
+    assert r.config.training.eps == 1e-6 and r.config.rlhf is not None and r.config.rlhf.stages == ["grpo"]
     r2 = load_config(ConfigFiles(base, None, dist, rl), ["--training.eps", "1e-5"], world=ONE)
     assert r2.config.training.eps == 1e-5
 

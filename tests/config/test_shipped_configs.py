@@ -64,4 +64,4 @@ def test_tiny_is_small_enough_for_two_cpu_cores():
 def test_rlhf_test_cpu_config_validates_with_a_gpu_config():
     r = load_config(ConfigFiles(str(C / "gpu/tiny.yaml"), rlhf_config=str(C / "rlhf/test_cpu.yaml")),
                     world=WorldSize(1, "t"))
-    assert r.config.rlhf is not None and r.config.rlhf.stage == "ppo"
+    assert r.config.rlhf is not None and r.config.rlhf.stages == ["sft", "ppo", "grpo"]

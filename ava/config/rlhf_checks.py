@@ -1,0 +1,87 @@
+"""Cross-key rules of the `rlhf:` section: stage order, batch divisibility, reward and KL choices.
+
+Run by `ava.config.checks` when an RLHF config is part of the stack, so a
+pipeline that cannot run fails at load time, with every problem at once,
+instead of after the first stage has trained for an hour.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ava.config.schema import DeepSpeedSection, ModelConfig, RLHFConfig
+from ava.config.schema.rlhf import POLICY_STAGES
+
+if TYPE_CHECKING:
+    from ava.config.checks import CheckContext
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_rlhf(ctx: CheckContext) -> None:
+    r, ds, m = ctx.sections["rlhf"], ctx.sections["deepspeed"], ctx.sections["model"]
+    assert isinstance(r, RLHFConfig) and isinstance(ds, DeepSpeedSection) and isinstance(m, ModelConfig)
+    _stages(ctx, r)
+    _batches(ctx, r)
+    _rewards(ctx, r)
+    if r.ppo.kl_controller == "adaptive" and r.ppo.kl_target is None:
+        ctx.problem("rlhf.ppo.kl_controller", "the adaptive KL controller steers the KL towards rlhf.ppo.kl_target, "
+                    "which is not set", "set rlhf.ppo.kl_target (e.g. 6.0, nats per sequence) or use "
+                    "kl_controller: fixed", r.ppo.kl_controller)
+    if ds.ep_size > 1:
+        ctx.problem("deepspeed.ep_size", f"is {ds.ep_size}, but RLHF engines do not support expert parallelism",
+                    "set deepspeed.ep_size: 1 for RLHF (experts are then replicated or ZeRO-partitioned)", ds.ep_size)
+    unknown = [t for t in r.lora.target_modules if t not in LORA_TARGETS]
+    if r.lora.enabled and unknown:
+        ctx.problem("rlhf.lora.target_modules", f"{', '.join(map(repr, unknown))} not a linear layer of the Ava "
+                    "model (MoE experts are stacked tensors, not linear layers, and take no adapter)",
+                    f"choose from {', '.join(LORA_TARGETS)}", r.lora.target_modules)
+
+
+def _stages(ctx: CheckContext, r: RLHFConfig) -> None:
+    seen: set[str] = set()
+    for stage in r.stages:
+        if stage in seen:
+            ctx.problem("rlhf.stages", f"stage '{stage}' is listed twice; each stage writes its own "
+                        "output directory", "list each stage once", r.stages)
+        seen.add(stage)
+    for i, stage in enumerate(r.stages):
+        origin = getattr(r, stage).init_from
+        if origin is None or origin not in ("sft", "reward", "dpo", "ppo", "grpo"):
+            continue  # null, or a model directory (checked when the stage starts)
+        key = f"rlhf.{stage}.init_from"
+        if origin not in POLICY_STAGES:
+            ctx.problem(key, f"'{origin}' trains a reward model, not a policy", "start from a policy stage "
+                        f"({', '.join(s for s in r.stages[:i] if s in POLICY_STAGES) or 'none listed earlier'}) "
+                        "or an Ava model directory", origin)
+        elif origin not in r.stages[:i]:
+            ctx.problem(key, f"stage '{origin}' does not run before '{stage}' (rlhf.stages = {r.stages})",
+                        f"list '{origin}' before '{stage}' in rlhf.stages, or set init_from to a model directory",
+                        origin)
+
+
+def _batches(ctx: CheckContext, r: RLHFConfig) -> None:
+    if "ppo" in r.stages and r.ppo.rollout_batch_size % r.ppo.mini_batch_size:
+        ctx.problem("rlhf.ppo.mini_batch_size", f"must divide rlhf.ppo.rollout_batch_size = "
+                    f"{r.ppo.rollout_batch_size}: each PPO epoch splits the rollout into equal optimizer steps",
+                    f"use a mini_batch_size dividing {r.ppo.rollout_batch_size}", r.ppo.mini_batch_size)
+    g = r.grpo
+    if "grpo" in r.stages and (g.prompts_per_step * g.num_generations) % g.mini_batch_size:
+        total = g.prompts_per_step * g.num_generations
+        ctx.problem("rlhf.grpo.mini_batch_size", f"must divide prompts_per_step x num_generations = {total} "
+                    "completions per rollout", f"use a mini_batch_size dividing {total}", g.mini_batch_size)
+
+
+def _rewards(ctx: CheckContext, r: RLHFConfig) -> None:
+    if "ppo" not in r.stages:
+        return
+    source = r.ppo.reward_source
+    if source == "function" and r.reward_function is None:
+        ctx.problem("rlhf.ppo.reward_source", "is 'function' but rlhf.reward_function is not set",
+                    "set rlhf.reward_function: module:function, or reward_source: task", source)
+    has_model = r.reward_model_path is not None or (
+        "reward" in r.stages and r.stages.index("reward") < r.stages.index("ppo"))
+    if source == "model" and not has_model:
+        ctx.problem("rlhf.ppo.reward_source", "is 'model' but there is no reward model: rlhf.reward_model_path is "
+                    "not set and no reward stage runs before ppo",
+                    "set rlhf.reward_model_path, or list 'reward' before 'ppo' in rlhf.stages", source)
