@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from ava import __version__
-from ava.cli import config_cmd, launch_cmd, model_cmd, train_cmd
+from ava.cli import config_cmd, launch_cmd, model_cmd, rlhf_cmd, train_cmd
 from ava.config import ConfigError
 from ava.model.errors import ModelInputError
 
@@ -22,6 +22,7 @@ Ava {__version__} -- DeepSpeed-centric training for GPT-style and MoE models.
 
 commands:
   train                 train (same as `python train.py`)
+  rlhf                  RLHF: SFT, reward model, DPO, PPO, GRPO (same as `python train_rlhf.py`)
   config show           print the resolved configuration (--explain: with origins)
   config explain KEY    where a key's value came from, and every layer that set it
   config validate       validate a config stack, or every shipped combination
@@ -64,6 +65,8 @@ def _dispatch(args: list[str]) -> int:
     command, rest = args[0], args[1:]
     if command == "train":
         return train_cmd.main(rest, prog="ava train")
+    if command == "rlhf":
+        return rlhf_cmd.main(rest, prog="ava rlhf")
     groups: dict[str, Mapping[str, Callable[[Sequence[str]], int]]] = {
         "config": config_cmd.COMMANDS, "model": model_cmd.COMMANDS,
         "launch": launch_cmd.COMMANDS}
@@ -75,7 +78,7 @@ def _dispatch(args: list[str]) -> int:
         if rest[0] not in table:
             return _unknown(f"{command} {rest[0]}", [f"{command} {c}" for c in table])
         return table[rest[0]](rest[1:])
-    return _unknown(command, ["train", *groups])
+    return _unknown(command, ["train", "rlhf", *groups])
 
 
 def _leave(status: int) -> int:
@@ -106,8 +109,18 @@ def _unknown(command: str, options: list[str]) -> int:
 
 def train_entry(argv: Sequence[str] | None = None) -> int:
     """Entry used by train.py: the same error handling as `ava`."""
+    return _entry(train_cmd.main, argv)
+
+
+def rlhf_entry(argv: Sequence[str] | None = None) -> int:
+    """Entry used by train_rlhf.py: the same error handling as `ava`."""
+    return _entry(rlhf_cmd.main, argv)
+
+
+def _entry(command: Callable[[Sequence[str]], int], argv: Sequence[str] | None) -> int:
+    """Run a launched entry point: errors as one message from rank 0 (a launch problem from every rank)."""
     try:
-        return _leave(train_cmd.main(list(sys.argv[1:] if argv is None else argv)))
+        return _leave(command(list(sys.argv[1:] if argv is None else argv)))
     except ConfigError as exc:
         if os.environ.get("RANK", "0") == "0":
             print(exc.render(), file=sys.stderr)

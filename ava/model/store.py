@@ -35,10 +35,15 @@ def save_model_dir(model: AvaForCausalLM, directory: str | Path, overwrite: bool
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "producer": "ava"})
     tmp.replace(out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(
-        "# Ava model config, written by Ava; the model: section of a training config.\n"
-        + yaml.safe_dump({"model": model.config.model_dump()}, sort_keys=False))
+    write_model_config(model.config, out)
     return out
+
+
+def write_model_config(config: ModelConfig, directory: Path) -> None:
+    """`ava_model.yaml`: the model: section that rebuilds the model the weights belong to."""
+    (directory / CONFIG_FILE).write_text(
+        "# Ava model config, written by Ava; the model: section of a training config.\n"
+        + yaml.safe_dump({"model": config.model_dump()}, sort_keys=False))
 
 
 def load_model_config(directory: str | Path) -> ModelConfig:

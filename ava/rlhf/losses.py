@@ -214,17 +214,22 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    per_token = torch.maximum(unclipped, clipped)
-    if aggregation == "token_mean":
-        loss = masked_mean(per_token, mask)
-    elif aggregation == "sequence_mean":
-        has_tokens = mask.bool().any(dim=1)
-        loss = masked_mean(masked_mean(per_token, mask, dim=1), has_tokens)
-    else:
-        raise ValueError(f"ppo_policy_loss: unknown aggregation {aggregation!r}; use 'token_mean' or 'sequence_mean'")
+    loss = aggregate_tokens(torch.maximum(unclipped, clipped), mask, aggregation)
     clip_fraction = masked_mean((clipped > unclipped).float(), mask).detach()
     approx_kl = masked_mean(0.5 * log_ratio.detach().square(), mask)
     return loss, clip_fraction, approx_kl
+
+
+def aggregate_tokens(
+    per_token: torch.Tensor, mask: torch.Tensor, aggregation: Literal["token_mean", "sequence_mean"]
+) -> torch.Tensor:
+    """Mean over every masked token (token_mean), or the mean of each row's masked mean over rows with tokens."""
+    if aggregation == "token_mean":
+        return masked_mean(per_token, mask)
+    if aggregation == "sequence_mean":
+        has_tokens = mask.bool().any(dim=1)
+        return masked_mean(masked_mean(per_token, mask, dim=1), has_tokens)
+    raise ValueError(f"unknown aggregation {aggregation!r}; use 'token_mean' or 'sequence_mean'")
 
 
 def value_loss(

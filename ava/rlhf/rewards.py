@@ -160,3 +160,22 @@ def score_responses(fn: RewardFunction, prompts: Sequence[str], responses: Seque
                                   f"make {name} {expected}: guard divisions and logs against NaN and inf")
         scores.append(float(value))
     return scores
+
+
+class Scorer:
+    """A reward function bound to its name: scores responses to prompts that may carry reference answers."""
+
+    def __init__(self, fn: RewardFunction, name: str) -> None:
+        self.fn, self.name = fn, name
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str], answers: Sequence[str | None]) -> list[float]:
+        return score_responses(self.fn, prompts, responses, answers, self.name)
+
+
+def make_scorer(spec: str | None, task: Task | None) -> Scorer | None:
+    """`rlhf.reward_function` when set, else the task's own scorer; None when there is neither."""
+    if spec is not None:
+        return Scorer(load_reward_function(spec), spec)
+    if task is not None:
+        return Scorer(task_reward(task), f"the {task.name} task's scorer")
+    return None

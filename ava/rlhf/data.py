@@ -1,0 +1,225 @@
+"""RLHF data: prompt/response, preference and prompt files (or a task's generated ones), as token tensors.
+
+Every example is `prompt + response + eos`; the prompt's tokens are context,
+never a training target. Files are jsonl, one object per line; a malformed
+line is reported with its number and what it lacks, never skipped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ava.data.tokenizer import Tokenizer
+from ava.model.errors import ModelInputError
+from ava.model.transformer import IGNORE_INDEX
+from ava.rlhf.tasks import Task, preference_pairs, sft_examples
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    answer: str | None = None  # a reference answer, for rewards that check one
+
+
+def read_jsonl(path: str | Path, fields: Sequence[str], setting: str, optional: Sequence[str] = ()) -> list[dict]:
+    """The objects of a jsonl file, each with string `fields` (and, if present, string `optional` ones)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelInputError(f"{setting}: {p} does not exist",
+                              f"point {setting} at a jsonl file with keys {', '.join(fields)}, or set it to null "
+                              "to generate data from rlhf.task")
+    rows = []
+    with p.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ModelInputError(f"{setting}: {p} line {number} is not valid JSON ({exc.msg})",
+                                      "write one JSON object per line") from None
+            missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+            if missing:
+                raise ModelInputError(f"{setting}: {p} line {number} has no text field(s) {', '.join(missing)}",
+                                      f"give every line string values for {', '.join(fields)}")
+            bad = [k for k in optional if row.get(k) is not None and not isinstance(row[k], str)]
+            if bad:
+                raise ModelInputError(f"{setting}: {p} line {number}: {', '.join(bad)} must be text",
+                                      "write it as a JSON string, or leave it out")
+            rows.append(row)
+    if not rows:
+        raise ModelInputError(f"{setting}: {p} holds no examples", "add at least one JSON object per line")
+    return rows
+
+
+def split_holdout(items: list, holdout: int, setting: str) -> tuple[list, list]:
+    """The last `holdout` items are held out for evaluation; at least one item must remain for training."""
+    if holdout >= len(items):
+        raise ModelInputError(f"{setting}: {len(items)} examples cannot spare {holdout} for evaluation",
+                              "provide more examples, or lower eval_examples")
+    return (items[:-holdout], items[-holdout:]) if holdout else (items, [])
+
+
+def sft_data(path: str | None, task: Task | None, num: int, holdout: int, seed: int, setting: str,
+             error_rate: float = 0.0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, held-out) prompt/response pairs from a file or from the task.
+
+    With `error_rate`, that share of the generated training demonstrations
+    carries a corrupted answer; held-out pairs are always correct.
+    """
+    if path is not None:
+        pairs = [(r["prompt"], r["response"]) for r in read_jsonl(path, ("prompt", "response"), setting)]
+    elif task is not None:
+        examples = sft_examples(task, num + holdout, seed)
+        noise = random.Random(seed + 104729)
+        pairs = [(e.prompt, task.corrupt(e, noise) if i < num and noise.random() < error_rate else e.answer)
+                 for i, e in enumerate(examples)]
+    else:
+        raise ModelInputError(f"{setting} is not set and there is no task to generate examples from",
+                              f"set {setting} to a jsonl file of prompt/response objects, or set rlhf.task")
+    return split_holdout(pairs, holdout, setting)
+
+
+def preference_data(path: str | None, task: Task | None, num: int, holdout: int, seed: int,
+                    setting: str) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """(train, held-out) prompt/chosen/rejected triples from a file or from the task."""
+    if path is not None:
+        rows = read_jsonl(path, ("prompt", "chosen", "rejected"), setting)
+        triples = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    elif task is not None:
+        triples = preference_pairs(task, num + holdout, seed)
+    else:
+        raise ModelInputError(f"{setting} is not set and there is no task to generate pairs from",
+                              f"set {setting} to a jsonl file of prompt/chosen/rejected objects, or set rlhf.task")
+    return split_holdout(triples, holdout, setting)
+
+
+def prompt_data(path: str | None, task: Task | None, holdout: int, seed: int,
+                setting: str) -> tuple[PromptSource, list[Prompt]]:
+    """A source of training prompts and the held-out prompts, from a file or from the task."""
+    if path is not None:
+        rows = read_jsonl(path, ("prompt",), setting, optional=("answer",))
+        train, held = split_holdout([Prompt(r["prompt"], r.get("answer")) for r in rows], holdout, setting)
+        return PromptSource(fixed=train), held
+    if task is None:
+        raise ModelInputError(f"{setting} is not set and there is no task to generate prompts from",
+                              f"set {setting} to a jsonl file of {{\"prompt\": ...}} objects, or set rlhf.task")
+    rng = random.Random(seed + 7919)  # held-out prompts: their own stream, never the training draws
+    held = [Prompt(e.prompt, e.answer) for e in (task.sample(rng) for _ in range(holdout))]
+    return PromptSource(task=task), held
+
+
+class PromptSource:
+    """Training prompts: freshly generated by a task, or drawn (shuffled, epoch after epoch) from a file."""
+
+    def __init__(self, task: Task | None = None, fixed: list[Prompt] | None = None) -> None:
+        self.task, self.fixed = task, fixed
+        self._order: list[int] = []
+
+    def batch(self, n: int, rng: random.Random) -> list[Prompt]:
+        if self.task is not None:
+            return [Prompt(e.prompt, e.answer) for e in (self.task.sample(rng) for _ in range(n))]
+        assert self.fixed is not None
+        out: list[Prompt] = []
+        while len(out) < n:
+            if not self._order:
+                self._order = list(range(len(self.fixed)))
+                rng.shuffle(self._order)
+            out.append(self.fixed[self._order.pop()])
+        return out
+
+
+def encode(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """`prompt + response + eos` as ids, and how many of them are the prompt."""
+    p = tokenizer.encode(prompt)
+    if not p:
+        raise ModelInputError(f"an empty prompt (response {response[:40]!r}): the first response token would have "
+                              "nothing to be predicted from", "give every example a non-empty prompt")
+    return p + tokenizer.encode(response) + [tokenizer.eos_id], len(p)
+
+
+@dataclass
+class SFTRows:
+    """Training rows: ids, labels (-100 on prompts and padding) and document ids for attention."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    segment_ids: torch.Tensor
+    dropped: int  # examples longer than a row
+
+
+def sft_rows(examples: Sequence[tuple[list[int], int]], max_length: int, pad_id: int, packing: bool) -> SFTRows:
+    """Rows of `max_length` tokens: several examples each when `packing` (first fit, in order), else one.
+
+    Each example keeps its own segment id, so the model attends within it only
+    and every packed token sees exactly what it would alone.
+    """
+    rows: list[list[tuple[list[int], int]]] = []
+    dropped = 0
+    for ids, n_prompt in examples:
+        if len(ids) > max_length:
+            dropped += 1
+            continue
+        if packing and rows and sum(len(x) for x, _ in rows[-1]) + len(ids) <= max_length:
+            rows[-1].append((ids, n_prompt))
+        else:
+            rows.append([(ids, n_prompt)])
+    width = max_length if packing else max((sum(len(x) for x, _ in r) for r in rows), default=1)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for s, (ids, n_prompt) in enumerate(row):
+            input_ids[r, at:at + len(ids)] = torch.tensor(ids)
+            labels[r, at + n_prompt:at + len(ids)] = torch.tensor(ids[n_prompt:])
+            segments[r, at:at + len(ids)] = s
+            at += len(ids)
+        segments[r, at:] = len(row)  # padding: a document of its own, never attended to by the others
+    return SFTRows(input_ids, labels, segments, dropped)
+
+
+def rank_batches(n_rows: int, batch: int, rank: int, world: int, seed: int) -> Iterator[list[int]]:
+    """Row indices of this rank's micro batches, forever: an epoch is a fresh shuffle shared by all ranks."""
+    per_step = batch * world
+    if n_rows < per_step:
+        raise ModelInputError(f"{n_rows} training rows are fewer than one step's {batch} x {world} rank(s)",
+                              "provide more examples, or lower the stage's batch_size")
+    epoch = 0
+    while True:
+        order = list(range(n_rows))
+        random.Random(seed * 1000003 + epoch).shuffle(order)
+        for start in range(0, n_rows - per_step + 1, per_step):
+            yield order[start + rank * batch:start + (rank + 1) * batch]
+        epoch += 1
+
+
+@dataclass
+class SequenceBatch:
+    """Right-padded sequences with their response masks, for log-probs and scores."""
+
+    input_ids: torch.Tensor  # (B, T)
+    response_mask: torch.Tensor  # (B, T-1): position t predicts a response token t+1
+    last_index: torch.Tensor  # (B,): each sequence's last real token (its eos)
+
+    def to(self, device: torch.device) -> SequenceBatch:
+        return SequenceBatch(self.input_ids.to(device), self.response_mask.to(device), self.last_index.to(device))
+
+
+def sequence_batch(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> SequenceBatch:
+    """Pad encoded `prompt + response + eos` sequences on the right (exact for a causal model)."""
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width - 1), dtype=torch.bool)
+    last = torch.zeros(len(encoded), dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(encoded):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        mask[i, n_prompt - 1:len(ids) - 1] = True
+        last[i] = len(ids) - 1
+    return SequenceBatch(input_ids, mask, last)

@@ -1,0 +1,101 @@
+"""DPO (and IPO): preference optimisation against a frozen reference, no reward model, no sampling.
+
+A sequence's log-prob is the sum over its response tokens (eos included) of
+the policy's token log-probs; IPO's regression target assumes the per-token
+average instead, so `loss_type: ipo` uses that. The reference is the stage's
+starting policy, run as a DeepSpeed inference engine.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ava.model import AvaForCausalLM
+from ava.rlhf.data import SequenceBatch, encode, preference_data, rank_batches, sequence_batch
+from ava.rlhf.engines import RoleEngine, build_engine
+from ava.rlhf.losses import dpo_loss, masked_mean, masked_sum
+from ava.rlhf.rollout import policy_logprobs
+from ava.rlhf.stage import StageEnv, StageResult, Updater, stage_lr
+
+EVAL_CHUNK = 32
+
+
+def run_dpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | None
+            ) -> tuple[StageResult, RoleEngine]:
+    s, cfg, tok = env.rlhf.dpo, env.config, env.tokenizer
+    assert reference is not None
+    started = time.perf_counter()
+    train, held = preference_data(s.data_path, env.task, s.num_examples, s.eval_examples, env.seed,
+                                  "rlhf.dpo.data_path")
+    encoded = [(encode(tok, p, c), encode(tok, p, r)) for p, c, r in train]
+    held_encoded = [(encode(tok, p, c), encode(tok, p, r)) for p, c, r in held]
+    batch = s.batch_size or cfg.training.batch_size
+    lr = stage_lr(env, s)
+    world = env.process.world_size
+    actor = build_engine(policy, cfg, "actor", env.zero_stage("actor"), micro_batch=2 * batch, world_size=world,
+                         learning_rate=lr)
+    ref = build_engine(reference, cfg, "reference", env.zero_stage("reference"), micro_batch=2 * batch,
+                       world_size=world, trainable=False)
+    env.note(f"dpo: {len(train)} pairs, {batch} pairs x {world} rank(s) per step, {s.loss_type} loss, "
+             f"beta {s.beta:g}, lr {lr:g}, ZeRO stages actor {actor.zero_stage} / reference {ref.zero_stage}")
+    updater = Updater(actor, env, lr, s.warmup_steps, s.steps, "dpo")
+    average = s.loss_type == "ipo"
+    before = _evaluate(actor, ref, held_encoded, tok.eos_id, average)
+    env.log({"stage": "dpo", "step": 0, **before})
+    batches = rank_batches(len(encoded), batch, env.process.rank, world, env.seed)
+    window: list[dict[str, float]] = []
+    first_loss = final_loss = None
+    for step in range(1, s.steps + 1):
+        pairs = [encoded[i] for i in next(batches)]
+        seqs = sequence_batch([c for c, _ in pairs] + [r for _, r in pairs], tok.eos_id).to(actor.device)
+        logp, _, router_loss = policy_logprobs(actor, seqs.input_ids)
+        with torch.no_grad():
+            ref_logp, _, _ = policy_logprobs(ref, seqs.input_ids)
+        pi, rf = _sequence_logps(logp, seqs, average), _sequence_logps(ref_logp, seqs, average)
+        losses, chosen_r, rejected_r = dpo_loss(pi[:batch], pi[batch:], rf[:batch], rf[batch:], s.beta, s.loss_type,
+                                                s.label_smoothing)
+        loss = losses.mean()
+        updater.step(loss + router_loss if router_loss is not None else loss)
+        window.append({"loss": float(loss), "accuracy": float((chosen_r > rejected_r).float().mean()),
+                       "reward_margin": float((chosen_r - rejected_r).mean()),
+                       "logp_margin": float((pi[:batch] - pi[batch:]).detach().mean())})
+        if step % s.logging_steps == 0 or step == s.steps:
+            stats = env.mean_over_ranks({k: sum(w[k] for w in window) / len(window) for k in window[0]}, actor.device)
+            first_loss = stats["loss"] if first_loss is None else first_loss
+            final_loss = stats["loss"]
+            env.log({"stage": "dpo", "step": step, **stats, "lr": updater.lr, "grad_norm": updater.last_grad_norm})
+            window = []
+    after = _evaluate(actor, ref, held_encoded, tok.eos_id, average)
+    env.log({"stage": "dpo", "step": s.steps, **after})
+    summary = {"first_loss": first_loss, "final_loss": final_loss,
+               **{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()}}
+    return StageResult("dpo", steps=s.steps, seconds=time.perf_counter() - started, summary=summary,
+                       health=updater.health.summary() if updater.health else None), actor
+
+
+def _sequence_logps(logp: torch.Tensor, seqs: SequenceBatch, average: bool) -> torch.Tensor:
+    if average:
+        return masked_mean(logp, seqs.response_mask, dim=1)
+    return masked_sum(logp, seqs.response_mask, dim=1)
+
+
+@torch.no_grad()
+def _evaluate(actor: RoleEngine, ref: RoleEngine, pairs: list, pad_id: int, average: bool) -> dict[str, float]:
+    """Held-out chosen-minus-rejected log-prob margin, and the share of pairs DPO's implicit reward orders right."""
+    if not pairs:
+        return {}
+    actor.engine.eval()
+    margins, ref_margins = [], []
+    for start in range(0, len(pairs), EVAL_CHUNK):
+        chunk = pairs[start:start + EVAL_CHUNK]
+        n = len(chunk)
+        seqs = sequence_batch([c for c, _ in chunk] + [r for _, r in chunk], pad_id).to(actor.device)
+        pi = _sequence_logps(policy_logprobs(actor, seqs.input_ids)[0], seqs, average)
+        rf = _sequence_logps(policy_logprobs(ref, seqs.input_ids)[0], seqs, average)
+        margins.append(pi[:n] - pi[n:])
+        ref_margins.append(rf[:n] - rf[n:])
+    actor.engine.train()
+    m, rm = torch.cat(margins), torch.cat(ref_margins)
+    return {"eval_logp_margin": float(m.mean()), "eval_accuracy": float((m - rm > 0).float().mean())}

@@ -1,0 +1,128 @@
+"""One DeepSpeed engine per model of an RLHF stage, each with its own ZeRO stage.
+
+Trained models (actor, critic, reward model being trained) get an optimizer;
+frozen ones (reference, reward model scoring PPO) are inference engines: no
+optimizer, no gradients, eval mode -- under ZeRO-3 their weights stay
+partitioned and are gathered layer by layer for each forward.
+
+Generation is the exception: sampling runs one forward per token, and under
+ZeRO-3 each forward would gather every layer again, so a 64-token rollout
+would move the whole model 64 times (the slowness users report most in RLHF
+with ZeRO-3). `generation_module` gathers the weights once per rollout
+instead, through DeepSpeed's own `unwrap_model_for_generation`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ava.config.deepspeed_json import build_engine_config
+from ava.config.schema import AvaConfig, ModelConfig
+from ava.model import AvaForCausalLM
+from ava.train.precision import PrecisionReport, apply_precision
+
+
+@dataclass
+class RoleEngine:
+    """A model of the stage, wrapped by DeepSpeed: `role` names it in logs and errors."""
+
+    role: str
+    engine: Any  # deepspeed.DeepSpeedEngine
+    zero_stage: int
+    trainable: bool
+    precision: PrecisionReport
+    ds_config: dict
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The model: section of the wrapped model (a policy or a value model)."""
+        config = self.engine.module.config
+        assert isinstance(config, ModelConfig)
+        return config
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.engine.device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context each forward runs in (Transformer Engine FP8; nothing otherwise)."""
+        return self.precision.autocast()
+
+
+def build_engine(module: nn.Module, cfg: AvaConfig, role: str, zero_stage: int, *, micro_batch: int,
+                 world_size: int, learning_rate: float | None = None, trainable: bool = True) -> RoleEngine:
+    """Wrap `module` in a DeepSpeed engine for `role`; a frozen one has no optimizer and no gradients."""
+    import deepspeed
+
+    if zero_stage == 3:
+        from ava.model.zero3 import mark_moe_zero3_leaves
+
+        mark_moe_zero3_leaves(module)
+    precision = apply_precision(module, cfg)
+    ds_config = build_engine_config(cfg, zero_stage=zero_stage, micro_batch=micro_batch, world_size=world_size,
+                                    learning_rate=learning_rate, inference=not trainable)
+    if trainable:
+        params = [p for p in module.parameters() if p.requires_grad]
+        engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config)
+    else:
+        module.requires_grad_(False)
+        engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config)
+        engine.eval()
+    return RoleEngine(role, engine, zero_stage, trainable, precision, ds_config)
+
+
+@contextlib.contextmanager
+def generation_module(role: RoleEngine) -> Iterator[AvaForCausalLM]:
+    """The plain module to sample from, with every weight present, for one whole rollout.
+
+    Under ZeRO-3 the weights are gathered once on entry (and the per-module
+    gather hooks lifted) and partitioned again on exit; other stages hold
+    whole weights already.
+    """
+    if not isinstance(role.module, AvaForCausalLM):
+        raise TypeError(f"{role.role} is not a causal LM: it cannot generate")
+    if role.zero_stage != 3:
+        yield role.module
+        return
+    from deepspeed.runtime.zero import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(role.engine) as engine:
+        yield engine.module  # the same AvaForCausalLM, its weights now whole
+
+
+def full_state_dict(role: RoleEngine) -> dict[str, torch.Tensor]:
+    """Every weight of the engine's module, whole and in float32, on the CPU (collective: all ranks call it).
+
+    Trained weights come from the optimizer's fp32 master copy (exact even in
+    bf16), assembled from ZeRO partitions by DeepSpeed's `safe_get_full_fp32_param`;
+    frozen weights (a LoRA base, a reference) are gathered from the module.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state: dict[str, torch.Tensor] = {}
+    for name, param in role.module.named_parameters():
+        value = safe_get_full_fp32_param(param) if role.trainable and param.requires_grad else None
+        if value is None:
+            if hasattr(param, "ds_id"):  # ZeRO-3 partitioned: gather it (every rank takes part)
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param]):
+                    value = param.detach().clone()
+            else:
+                value = param.detach()
+        state[name] = value.float().cpu().clone()
+    persistent = set(role.module.state_dict(keep_vars=True))  # names only; buffers are never partitioned
+    for name, buffer in role.module.named_buffers():
+        if name in persistent:
+            state[name] = buffer.detach().cpu().clone()
+    return state

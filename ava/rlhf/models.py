@@ -1,0 +1,156 @@
+"""The models of an RLHF pipeline: policies, value models (reward model, critic), and their directories.
+
+A value model is the Ava transformer without its output head plus a scalar
+head on the final hidden state: a reward model reads it at a sequence's last
+token, a critic at every token. Its directory is an Ava model directory
+(`ava_model.yaml`, `model.safetensors` with the trunk) plus
+`value_head.safetensors`, so the trunk stays readable by every Ava tool.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ava.config.schema.model import ModelConfig
+from ava.model import AvaForCausalLM
+from ava.model.attention import CausalSelfAttention
+from ava.model.errors import ModelInputError
+from ava.model.store import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_model_config,
+    load_model_dir,
+    save_model_dir,
+    write_model_config,
+)
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+@dataclass
+class ValueOutput:
+    values: torch.Tensor  # (batch, seq) float32: the head's output at every position
+    router_loss: torch.Tensor | None
+
+
+class AvaValueModel(nn.Module):
+    """Transformer trunk + scalar head: a reward model or a PPO critic."""
+
+    def __init__(self, config: ModelConfig, gradient_checkpointing: bool = False, head_std: float = 0.0) -> None:
+        super().__init__()
+        self.config = config
+        self.trunk = AvaForCausalLM(config, gradient_checkpointing=gradient_checkpointing)
+        del self.trunk.lm_head  # never read: an unused head would only confuse ZeRO's gradient bookkeeping
+        self.value_head = nn.Linear(config.hidden_size, 1)
+        with torch.no_grad():
+            nn.init.normal_(self.value_head.weight, 0.0, head_std) if head_std else self.value_head.weight.zero_()
+            self.value_head.bias.zero_()
+
+    def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> ValueOutput:
+        hidden, stats = self.trunk.hidden_states(input_ids, segment_ids=segment_ids)
+        values = self.value_head(hidden).squeeze(-1).float()
+        router_loss = torch.stack([s.router_loss for s in stats]).sum() if stats else None
+        return ValueOutput(values, router_loss)
+
+
+def trunk_state(policy_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A policy's weights without the output head: what a value model's trunk loads."""
+    return {k: v for k, v in policy_state.items() if not k.startswith("lm_head.")}
+
+
+def value_model_from_policy(policy: AvaForCausalLM, head_std: float = 0.0) -> AvaValueModel:
+    """A value model whose trunk starts as `policy`'s and whose head starts at `head_std` (0: values start at 0)."""
+    model = AvaValueModel(policy.config, policy.gradient_checkpointing, head_std)
+    model.trunk.load_state_dict(trunk_state(policy.state_dict()), strict=True)
+    return model
+
+
+def model_dir(path: str | Path, setting: str) -> Path:
+    """An Ava model directory from itself or from a run (or RLHF stage) directory holding `model/`."""
+    p = Path(path)
+    if (p / CONFIG_FILE).is_file():
+        return p
+    if (p / "model" / CONFIG_FILE).is_file():
+        return p / "model"
+    if not p.exists():
+        raise ModelInputError(f"{setting}: {p} does not exist",
+                              "point it at an Ava model directory (ava_model.yaml + model.safetensors), a training "
+                              "run directory, or an RLHF stage directory")
+    raise ModelInputError(f"{setting}: {p} is not an Ava model directory (no {CONFIG_FILE}, nor model/{CONFIG_FILE})",
+                          "point it at a run's model/ directory, or convert a Hugging Face model first with "
+                          "`ava model import-hf SRC --out DIR`")
+
+
+def is_value_model(directory: Path) -> bool:
+    return (directory / VALUE_HEAD_FILE).is_file()
+
+
+def load_policy(path: str | Path, setting: str) -> AvaForCausalLM:
+    """The causal LM in `path`; a reward-model directory is refused by name."""
+    directory = model_dir(path, setting)
+    if is_value_model(directory):
+        raise ModelInputError(f"{setting}: {directory} holds a reward model (a scalar head), not a policy",
+                              "point it at the policy: the sft/ (or dpo/, ppo/, grpo/) stage's model, or a training run")
+    return load_model_dir(directory)
+
+
+def load_value_model(path: str | Path, setting: str) -> AvaValueModel:
+    """The reward model (or critic) in `path`: trunk weights plus `value_head.safetensors`."""
+    from safetensors.torch import load_file
+
+    directory = model_dir(path, setting)
+    if not is_value_model(directory):
+        raise ModelInputError(f"{setting}: {directory} has no {VALUE_HEAD_FILE}, so it is not a reward model",
+                              "train one with the reward stage (rlhf.stages: [reward]) and point at its model/")
+    model = AvaValueModel(load_model_config(directory))
+    try:
+        trunk, head = load_file(str(directory / WEIGHTS_FILE)), load_file(str(directory / VALUE_HEAD_FILE))
+        model.trunk.load_state_dict(trunk, strict=True)
+        model.value_head.load_state_dict(head, strict=True)
+    except (RuntimeError, OSError) as exc:  # safetensors header errors and missing/mismatched tensors
+        raise ModelInputError(f"{setting}: the weights in {directory} cannot be loaded: {exc}",
+                              "re-run the reward stage, or restore the directory from its run") from exc
+    return model
+
+
+def save_policy(state: dict[str, torch.Tensor], config: ModelConfig, directory: Path) -> Path:
+    """Write a policy's full (consolidated) state as an Ava model directory."""
+    model = AvaForCausalLM(config)
+    if config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    model.load_state_dict(state, strict=not config.tie_word_embeddings)
+    return save_model_dir(model, directory, overwrite=True)
+
+
+def save_value_model(state: dict[str, torch.Tensor], config: ModelConfig, directory: Path) -> Path:
+    """Write a value model's full state: the trunk as an Ava model directory, the head beside it."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    trunk = {k.removeprefix("trunk."): v.contiguous() for k, v in state.items() if k.startswith("trunk.")}
+    head = {k.removeprefix("value_head."): v.contiguous() for k, v in state.items() if k.startswith("value_head.")}
+    save_file(trunk, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "producer": "ava"})
+    save_file(head, str(directory / VALUE_HEAD_FILE), metadata={"format": "pt", "producer": "ava"})
+    write_model_config(config, directory)
+    return directory
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout probability to 0 (module and attention): rollout and update must see one policy."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p:
+            module.p, count = 0.0, count + 1
+        if isinstance(module, CausalSelfAttention) and module.dropout:  # a probability SDPA applies itself
+            module.dropout, count = 0.0, count + 1
+    return count
+
+
+def head_std_for(hidden_size: int) -> float:
+    """The reward head's initial std: 1/sqrt(hidden + 1), as TRL initialises a score head."""
+    return 1.0 / math.sqrt(hidden_size + 1)

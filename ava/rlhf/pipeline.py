@@ -1,0 +1,241 @@
+"""Run the configured RLHF stages in order, each from the right starting model, and keep what each produces.
+
+Each stage writes `<output_dir>/<stage>/model/` (an Ava model directory; the
+reward stage adds its scalar head) and `<stage>/summary.json`. A policy stage
+starts from `init_from` -- an earlier stage's policy or a model directory --
+or else from the policy the previous policy stage produced, or
+`rlhf.policy_path`, or a freshly initialised model. A stage whose summary says
+it completed is not run again by `--resume`: the pipeline picks up at the
+first stage that did not finish.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ava.config.schema import AvaConfig
+from ava.data.tokenizer import ByteTokenizer, Tokenizer, check_vocab, load_tokenizer
+from ava.model import AvaForCausalLM
+from ava.model.errors import ModelInputError
+from ava.model.lora import adapter_state, apply_lora, merge_lora_state, parameter_report
+from ava.rlhf.engines import RoleEngine, full_state_dict
+from ava.rlhf.models import disable_dropout, load_policy, model_dir, save_policy, save_value_model
+from ava.rlhf.rewards import Scorer, make_scorer
+from ava.rlhf.stage import StageEnv, StageFailed, StageResult
+from ava.rlhf.tasks import make_task
+from ava.train.distributed import ProcessInfo
+
+SUMMARY = "summary.json"
+
+
+@dataclass
+class PipelineResult:
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "completed"
+
+
+def rlhf_tokenizer(cfg: AvaConfig) -> Tokenizer:
+    """The tokenizer the policy reads: bytes (null) or a `tokenizer.json`; never trained here."""
+    name = cfg.data.tokenizer_name
+    if name is None:
+        tokenizer: Tokenizer = ByteTokenizer()
+    elif name == "bpe":
+        raise ModelInputError("data.tokenizer_name: bpe trains a tokenizer on a pre-training corpus; RLHF must use "
+                              "the tokenizer the policy was trained with",
+                              "set data.tokenizer_name to that tokenizer.json (Ava caches trained ones under "
+                              "~/.cache/ava), or null for bytes")
+    else:
+        tokenizer = load_tokenizer(name)
+    check_vocab(tokenizer, cfg.model.vocab_size, "data.tokenizer_name")
+    return tokenizer
+
+
+def stage_complete(stage_dir: Path) -> dict[str, Any] | None:
+    path = stage_dir / SUMMARY
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("status") == "completed" and (stage_dir / "model").is_dir() else None
+
+
+def run_pipeline(cfg: AvaConfig, out_dir: Path, process: ProcessInfo, log: Callable[[dict], None],
+                 note: Callable[[str], None], resume: bool = False) -> PipelineResult:
+    """Run `cfg.rlhf.stages` in order under `out_dir`."""
+    r = cfg.rlhf
+    assert r is not None
+    # Everything a later stage reads is checked now, so a typo fails in seconds, not after hours of SFT.
+    tokenizer = rlhf_tokenizer(cfg)
+    task = make_task(r.task.name, r.task.length)
+    scorer = make_scorer(r.reward_function, task)
+    preflight(cfg)
+    seed = cfg.data.shuffle_seed
+    policies: dict[str, Path] = {}  # stage -> the policy it wrote
+    latest = model_dir(r.policy_path, "rlhf.policy_path") if r.policy_path else None
+    reward_model = model_dir(r.reward_model_path, "rlhf.reward_model_path") if r.reward_model_path else None
+    result = PipelineResult()
+    for stage in r.stages:
+        stage_dir = out_dir / stage
+        done = stage_complete(stage_dir) if resume else None
+        if done is not None:
+            note(f"{stage}: already completed in {stage_dir} (resume): using its model")
+            result.stages.append(done)
+        else:
+            env = StageEnv(cfg, process, tokenizer, task, stage_dir, seed, log, note)
+            start = _start_model(r, stage, policies, latest)
+            ppo_rm = _ppo_reward_model(r, reward_model, out_dir, note) if stage == "ppo" else None
+            try:
+                stage_result, engine, scaling = _run_stage(env, stage, start, scorer, ppo_rm)
+            except StageFailed as exc:
+                stage_result, engine, scaling = StageResult(stage, status="failed", failure=str(exc)), None, None
+            if engine is not None:
+                _save(engine, stage_dir / "model", stage, scaling, process)
+                stage_result.model_dir = stage_dir / "model"
+            summary = _write_summary(stage_result, stage_dir, process, start)
+            result.stages.append(summary)
+            del engine
+            gc.collect()
+            if stage_result.status != "completed":
+                result.status = "failed"
+                note(f"{stage} failed: {stage_result.failure}")
+                break
+        if stage == "reward":
+            reward_model = stage_dir / "model"
+        else:
+            policies[stage] = latest = stage_dir / "model"
+    return result
+
+
+def _run_stage(env: StageEnv, stage: str, start: Path | None, scorer: Scorer | None, ppo_reward_model: Path | None
+               ) -> tuple[StageResult, RoleEngine, float | None]:
+    """Build the stage's starting model(s) and run it; returns the result, the engine to save, LoRA's scaling."""
+    from ava.rlhf.dpo import run_dpo
+    from ava.rlhf.grpo import run_grpo
+    from ava.rlhf.ppo import run_ppo
+    from ava.rlhf.reward_model import run_reward
+    from ava.rlhf.sft import run_sft
+
+    cfg, r = env.config, env.rlhf
+    policy = _load_or_fresh(cfg, start, env.seed, env.note, stage)
+    if stage == "reward":
+        result, engine = run_reward(env, policy)
+        return result, engine, None
+    if r.disable_dropout:
+        disable_dropout(policy)
+    reference = copy.deepcopy(policy) if stage != "sft" else None  # the frozen start DPO, PPO, GRPO stay near
+    scaling = _lora(cfg, policy, env.note, stage)
+    if stage == "sft":
+        result, engine = run_sft(env, policy, scorer)
+    elif stage == "dpo":
+        result, engine = run_dpo(env, policy, reference)
+    elif stage == "ppo":
+        result, engine = run_ppo(env, policy, reference, scorer, ppo_reward_model)
+    else:
+        result, engine = run_grpo(env, policy, reference, scorer)
+    return result, engine, scaling
+
+
+def preflight(cfg: AvaConfig) -> None:
+    """Open every model directory and data file the stages will read; any problem is a ModelInputError now."""
+    from ava.rlhf.data import read_jsonl
+    from ava.rlhf.models import load_value_model
+
+    r = cfg.rlhf
+    assert r is not None
+    if r.policy_path:
+        load_policy(r.policy_path, "rlhf.policy_path")
+    if r.reward_model_path:
+        load_value_model(r.reward_model_path, "rlhf.reward_model_path")
+    files = {"sft": ("data_path", ("prompt", "response"), ()), "reward": ("data_path", ("prompt", "chosen", "rejected"), ()),
+             "dpo": ("data_path", ("prompt", "chosen", "rejected"), ()), "ppo": ("prompts_path", ("prompt",), ("answer",)),
+             "grpo": ("prompts_path", ("prompt",), ("answer",))}
+    for stage in r.stages:
+        section = getattr(r, stage)
+        if section.init_from is not None and section.init_from not in ("sft", "reward", "dpo", "ppo", "grpo"):
+            load_policy(section.init_from, f"rlhf.{stage}.init_from")
+        key, fields, optional = files[stage]
+        if getattr(section, key) is not None:
+            read_jsonl(getattr(section, key), fields, f"rlhf.{stage}.{key}", optional)
+
+
+def _start_model(r: Any, stage: str, policies: dict[str, Path], latest: Path | None) -> Path | None:
+    origin = getattr(r, stage).init_from
+    if origin is None:
+        return latest
+    if origin in policies:
+        return policies[origin]
+    return model_dir(origin, f"rlhf.{stage}.init_from")
+
+
+def _load_or_fresh(cfg: AvaConfig, start: Path | None, seed: int, note: Callable[[str], None],
+                   stage: str) -> AvaForCausalLM:
+    if start is not None:
+        note(f"{stage}: starting from {start}")
+        return load_policy(start, f"rlhf.{stage}.init_from")
+    if stage in ("ppo", "grpo", "dpo"):
+        note(f"warning: {stage} starts from a freshly initialised model: run sft first, or set rlhf.policy_path, "
+             "for rewards that can move")
+    torch.manual_seed(seed)  # every rank builds the same weights (ZeRO-3 keeps each rank's own slice)
+    return AvaForCausalLM(cfg.model)
+
+
+def _lora(cfg: AvaConfig, policy: AvaForCausalLM, note: Callable[[str], None], stage: str) -> float | None:
+    lora = cfg.rlhf.lora if cfg.rlhf is not None else None
+    if lora is None or not lora.enabled:
+        return None
+    scaling = apply_lora(policy, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+    note(f"{stage}: LoRA r={lora.rank} alpha={lora.alpha:g} on {', '.join(lora.target_modules)}; "
+         + parameter_report(policy).line())
+    return scaling
+
+
+def _ppo_reward_model(r: Any, given: Path | None, out_dir: Path, note: Callable[[str], None]) -> Path | None:
+    """The reward model PPO scores with, or None when it scores with a function or the task."""
+    source = r.ppo.reward_source
+    trained = out_dir / "reward" / "model" if "reward" in r.stages[: r.stages.index("ppo")] else None
+    model = trained or given
+    if source == "model" or (source == "auto" and r.reward_function is None and model is not None):
+        note(f"ppo: rewards from the reward model in {model}")
+        return model
+    return None
+
+
+def _save(engine: RoleEngine, directory: Path, stage: str, lora_scaling: float | None, process: ProcessInfo) -> None:
+    """Consolidate the trained weights (collective) and write them on rank 0."""
+    state = full_state_dict(engine)
+    if process.rank != 0:
+        return
+    config = engine.model_config
+    if stage == "reward":
+        save_value_model(state, config, directory)
+        return
+    if lora_scaling is not None:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in adapter_state(state).items()}, str(directory / "adapter.safetensors"))
+        state = merge_lora_state(state, lora_scaling)
+    save_policy(state, config, directory)
+
+
+def _write_summary(result: StageResult, stage_dir: Path, process: ProcessInfo, start: Path | None) -> dict[str, Any]:
+    summary = {"stage": result.stage, "status": result.status, "steps": result.steps, "seconds": result.seconds,
+               "started_from": str(start) if start else "a fresh model",
+               "model_dir": str(result.model_dir) if result.model_dir else None,
+               **({"failure": result.failure} if result.failure else {}),
+               "summary": result.summary, "gradient_health": result.health}
+    if process.rank == 0:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        tmp = stage_dir / (SUMMARY + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(stage_dir / SUMMARY)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return summary

@@ -1,0 +1,191 @@
+"""PPO: actor, critic, frozen reference and a reward (function or model), as in Ouyang et al. 2022.
+
+One step: sample a response per prompt (weights gathered once under ZeRO-3),
+score it, compute the old policy's, the reference's and the critic's view of
+every response token, turn the score and a per-token KL penalty into
+token rewards, estimate advantages with GAE, then take `ppo_epochs` passes of
+clipped policy and value updates over mini batches. The KL coefficient is
+fixed or adapted towards a target (Ziegler et al. 2019).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from ava.model import AvaForCausalLM
+from ava.rlhf.data import prompt_data
+from ava.rlhf.engines import RoleEngine, build_engine, generation_module
+from ava.rlhf.evaluation import evaluate_prompts
+from ava.rlhf.kl_control import make_kl_controller
+from ava.rlhf.losses import gae, kl_penalty, masked_mean, masked_sum, masked_whiten, ppo_policy_loss, value_loss
+from ava.rlhf.models import load_value_model, value_model_from_policy
+from ava.rlhf.rewards import Scorer
+from ava.rlhf.rollout import Rollout, policy_logprobs, sample_responses, sequence_scores, token_values
+from ava.rlhf.stage import StageEnv, StageFailed, StageResult, Timer, Updater, stage_lr
+
+
+class RunningMoments:
+    """Mean and variance of every score seen so far, on all ranks (Chan et al.'s parallel update)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.var = 0.0, 0.0, 1.0
+
+    def update(self, total: float, total_sq: float, n: float) -> None:
+        if n <= 0:
+            return
+        batch_mean = total / n
+        batch_var = max(total_sq / n - batch_mean * batch_mean, 0.0)
+        delta, new_count = batch_mean - self.mean, self.count + n
+        m2 = self.var * self.count + batch_var * n + delta * delta * self.count * n / new_count
+        self.mean += delta * n / new_count
+        self.count, self.var = new_count, m2 / new_count
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-8) ** 0.5
+
+
+def run_ppo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | None, scorer: Scorer | None,
+            reward_model: Path | None) -> tuple[StageResult, RoleEngine]:
+    s, cfg, tok = env.rlhf.ppo, env.config, env.tokenizer
+    assert reference is not None
+    started = time.perf_counter()
+    if reward_model is None and scorer is None:
+        raise StageFailed("ppo has no reward: set rlhf.reward_function, rlhf.reward_model_path or rlhf.task")
+    source, held = prompt_data(s.prompts_path, env.task, s.eval_prompts, env.seed, "rlhf.ppo.prompts_path")
+    world, mini = env.process.world_size, s.mini_batch_size
+    lr = stage_lr(env, s)
+    critic_lr = s.critic_learning_rate or lr
+    # The critic starts as the reward model when there is one (it already reads responses), else as the policy.
+    critic_model = (load_value_model(reward_model, "reward model") if reward_model is not None
+                    else value_model_from_policy(reference))
+    actor = build_engine(policy, cfg, "actor", env.zero_stage("actor"), micro_batch=mini, world_size=world,
+                         learning_rate=lr)
+    critic = build_engine(critic_model, cfg, "critic", env.zero_stage("critic"), micro_batch=mini, world_size=world,
+                          learning_rate=critic_lr)
+    ref = build_engine(reference, cfg, "reference", env.zero_stage("reference"), micro_batch=mini, world_size=world,
+                       trainable=False)
+    rm = (build_engine(load_value_model(reward_model, "reward model"), cfg, "reward", env.zero_stage("reward"),
+                       micro_batch=mini, world_size=world, trainable=False) if reward_model is not None else None)
+    updates = s.steps * s.ppo_epochs * (s.rollout_batch_size // mini)
+    actor_up = Updater(actor, env, lr, s.warmup_steps, updates, "ppo")
+    critic_up = Updater(critic, env, critic_lr, s.warmup_steps, updates, "ppo")
+    kl_ctl = make_kl_controller(s.kl_controller, s.kl_coef, s.kl_target, s.kl_horizon)
+    moments = RunningMoments()
+    reward_name = f"reward model {reward_model}" if rm is not None else scorer.name  # type: ignore[union-attr]
+    env.note(f"ppo: {s.rollout_batch_size} prompts x {world} rank(s) per step, {s.ppo_epochs} epoch(s) of "
+             f"{s.rollout_batch_size // mini} mini batch(es); reward: {reward_name}; KL {s.kl_estimator} x "
+             f"{s.kl_coef:g} ({s.kl_controller}); ZeRO stages actor {actor.zero_stage} / critic {critic.zero_stage} / "
+             f"reference {ref.zero_stage}" + (f" / reward {rm.zero_stage}" if rm else ""))
+    before = evaluate_prompts(actor, held, tok, env.rlhf.generation, scorer)
+    env.log({"stage": "ppo", "step": 0, **before})
+    rng = random.Random(env.seed * 1000003 + env.process.rank)
+    generator = torch.Generator(device=actor.device).manual_seed(env.seed * 1000003 + env.process.rank)
+    shuffle = torch.Generator().manual_seed(env.seed + env.process.rank)
+    timer = Timer()
+    rewards_per_step: list[float] = []
+    window: list[dict[str, float]] = []
+    for step in range(1, s.steps + 1):
+        prompts = source.batch(s.rollout_batch_size, rng)
+        with timer.phase("generation"):
+            actor.engine.eval()
+            with generation_module(actor) as module:
+                rollout = sample_responses(module, prompts, tok, env.rlhf.generation, generator, actor.device)
+        with timer.phase("scoring"), torch.no_grad():
+            ids, mask = rollout.batch.input_ids, rollout.batch.response_mask
+            old_logp, _, _ = policy_logprobs(actor, ids)
+            ref_logp, _, _ = policy_logprobs(ref, ids)
+            old_values, _ = token_values(critic, ids)
+            scores = _scores(rollout, rm, scorer)
+            shaped = _shape_scores(env, scores, moments, s.normalize_rewards, s.reward_clip)
+            kl = torch.where(mask, kl_penalty(old_logp, ref_logp, s.kl_estimator), torch.zeros_like(old_logp))
+            token_rewards = -kl_ctl.value * kl
+            last = rollout.batch.last_index - 1  # the position that predicts each response's last token
+            token_rewards[torch.arange(len(scores), device=ids.device), last] += shaped
+            advantages, returns = gae(token_rewards, old_values, mask, s.gamma, s.lam)
+            if s.whiten_advantages:
+                advantages = masked_whiten(advantages, mask, all_reduce=env.sum_over_ranks)
+        with timer.phase("training"):
+            actor.engine.train()
+            critic.engine.train()
+            for _ in range(s.ppo_epochs):
+                order = torch.randperm(len(scores), generator=shuffle).to(ids.device)
+                for chunk in order.split(mini):
+                    m = mask[chunk]
+                    logp, entropy, router = policy_logprobs(actor, ids[chunk], entropy=True,
+                                                            entropy_grad=s.entropy_coef > 0)
+                    assert entropy is not None
+                    pg, clip_frac, approx_kl = ppo_policy_loss(logp, old_logp[chunk], advantages[chunk], m,
+                                                               s.clip_range)
+                    loss = pg - s.entropy_coef * masked_mean(entropy, m)
+                    actor_up.step(loss + router if router is not None else loss)
+                    values, v_router = token_values(critic, ids[chunk])
+                    v_loss, v_clip = value_loss(values, old_values[chunk], returns[chunk], m, s.value_clip_range)
+                    critic_up.step(v_loss + v_router if v_router is not None else v_loss)
+                    window.append({"policy_loss": float(pg.detach()), "value_loss": float(v_loss.detach()),
+                                   "clip_fraction": float(clip_frac), "approx_kl": float(approx_kl),
+                                   "value_clip_fraction": float(v_clip),
+                                   "entropy": float(masked_mean(entropy.detach(), m))})
+        stats = _rollout_stats(env, rollout, scores, masked_sum(kl, mask, dim=1), actor.device)
+        rewards_per_step.append(stats["reward"])
+        kl_ctl.update(stats["kl"], s.rollout_batch_size * world)
+        if step % s.logging_steps == 0 or step == s.steps:
+            updates_mean = env.mean_over_ranks({k: sum(w[k] for w in window) / len(window) for k in window[0]},
+                                               actor.device)
+            spent = sum(timer.totals.values())
+            env.log({"stage": "ppo", "step": step, **stats, **updates_mean, "kl_coef": kl_ctl.value,
+                     "lr": actor_up.lr, "grad_norm": actor_up.last_grad_norm,
+                     "critic_grad_norm": critic_up.last_grad_norm,
+                     "generation_share": timer.totals.get("generation", 0.0) / spent if spent else None})
+            window = []
+    after = evaluate_prompts(actor, held, tok, env.rlhf.generation, scorer)
+    env.log({"stage": "ppo", "step": s.steps, **after})
+    tenth = max(1, len(rewards_per_step) // 10)
+    summary = {"reward_first_10pct": sum(rewards_per_step[:tenth]) / tenth,
+               "reward_last_10pct": sum(rewards_per_step[-tenth:]) / tenth, "reward_per_step": rewards_per_step,
+               "time_share": {k: v / sum(timer.totals.values()) for k, v in timer.totals.items()},
+               **{f"before/{k}": v for k, v in before.items() if k != "eval_samples"},
+               **{f"after/{k}": v for k, v in after.items() if k != "eval_samples"},
+               "samples": after.get("eval_samples", [])}
+    health = {"actor": actor_up.health.summary() if actor_up.health else None,
+              "critic": critic_up.health.summary() if critic_up.health else None}
+    return StageResult("ppo", steps=s.steps, seconds=time.perf_counter() - started, summary=summary,
+                       health=health), actor
+
+
+def _scores(rollout: Rollout, rm: RoleEngine | None, scorer: Scorer | None) -> torch.Tensor:
+    """Each response's score: the reward model's, or the reward function's."""
+    if rm is not None:
+        return sequence_scores(rm, rollout.batch)[0].float()
+    assert scorer is not None
+    values = scorer([p.text for p in rollout.prompts], rollout.responses, [p.answer for p in rollout.prompts])
+    return torch.tensor(values, dtype=torch.float32, device=rollout.batch.input_ids.device)
+
+
+def _shape_scores(env: StageEnv, scores: torch.Tensor, moments: RunningMoments, normalize: bool,
+                  clip: float | None) -> torch.Tensor:
+    """Scores as PPO's terminal rewards: divided by the running std (all ranks) if asked, then clipped."""
+    if normalize:
+        total = env.sum_over_ranks(torch.stack([scores.sum(), scores.square().sum(),
+                                                torch.tensor(float(len(scores)), device=scores.device)]).double())
+        moments.update(*total.tolist())
+        scores = scores / moments.std
+    return scores.clamp(-clip, clip) if clip is not None else scores
+
+
+def _rollout_stats(env: StageEnv, rollout: Rollout, scores: torch.Tensor, kl_per_sequence: torch.Tensor,
+                   device: torch.device) -> dict[str, float]:
+    """Global (all-rank) reward mean/std, KL per sequence, response length and eos share of one rollout."""
+    n = float(len(scores))
+    sums = env.sum_over_ranks(torch.tensor([
+        float(scores.sum()), float(scores.square().sum()), n, float(kl_per_sequence.sum()),
+        float(rollout.response_lengths.sum()), float(rollout.ended.float().sum())], dtype=torch.float64,
+        device=device)).tolist()
+    total, total_sq, count, kl, length, ended = sums
+    mean = total / count
+    return {"reward": mean, "reward_std": max(total_sq / count - mean * mean, 0.0) ** 0.5, "kl": kl / count,
+            "response_length": length / count, "ended_with_eos": ended / count}

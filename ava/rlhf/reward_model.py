@@ -1,0 +1,86 @@
+"""Reward-model training: the Ava model with a scalar head, fitted to chosen/rejected pairs.
+
+The score of a sequence is the head's value at its last token (the eos after
+the response). The Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected -
+margin), makes the chosen response score higher; accuracy is the share of
+pairs ordered correctly.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ava.model import AvaForCausalLM
+from ava.rlhf.data import encode, preference_data, rank_batches, sequence_batch
+from ava.rlhf.engines import RoleEngine, build_engine
+from ava.rlhf.losses import pairwise_reward_loss
+from ava.rlhf.models import head_std_for, value_model_from_policy
+from ava.rlhf.rollout import sequence_scores
+from ava.rlhf.stage import StageEnv, StageResult, Updater, stage_lr
+
+EVAL_CHUNK = 32
+
+
+def run_reward(env: StageEnv, init: AvaForCausalLM) -> tuple[StageResult, RoleEngine]:
+    """Train a reward model whose trunk starts as `init`; returns the result and its engine."""
+    s, cfg, tok = env.rlhf.reward, env.config, env.tokenizer
+    started = time.perf_counter()
+    train, held = preference_data(s.data_path, env.task, s.num_examples, s.eval_examples, env.seed,
+                                  "rlhf.reward.data_path")
+    encoded = [(encode(tok, p, c), encode(tok, p, r)) for p, c, r in train]
+    held_encoded = [(encode(tok, p, c), encode(tok, p, r)) for p, c, r in held]
+    batch = s.batch_size or cfg.training.batch_size
+    lr = stage_lr(env, s)
+    model = value_model_from_policy(init, head_std=head_std_for(cfg.model.hidden_size))
+    critic = build_engine(model, cfg, "reward model", env.zero_stage("critic"), micro_batch=2 * batch,
+                          world_size=env.process.world_size, learning_rate=lr)
+    env.note(f"reward: {len(train)} pairs, {batch} pairs x {env.process.world_size} rank(s) per step, lr {lr:g}, "
+             f"margin {s.margin:g}, ZeRO stage {critic.zero_stage}")
+    updater = Updater(critic, env, lr, s.warmup_steps, s.steps, "reward")
+    before = _evaluate(critic, held_encoded, tok.eos_id)
+    env.log({"stage": "reward", "step": 0, **before})
+    batches = rank_batches(len(encoded), batch, env.process.rank, env.process.world_size, env.seed)
+    device = critic.device
+    window: list[tuple[float, float, float]] = []
+    first_loss = final_loss = None
+    for step in range(1, s.steps + 1):
+        pairs = [encoded[i] for i in next(batches)]
+        seqs = sequence_batch([c for c, _ in pairs] + [r for _, r in pairs], tok.eos_id).to(device)
+        scores, router_loss = sequence_scores(critic, seqs)
+        loss, accuracy, margin = pairwise_reward_loss(scores[:batch], scores[batch:], s.margin or None)
+        updater.step(loss + router_loss if router_loss is not None else loss)
+        window.append((float(loss), float(accuracy), float(margin)))
+        if step % s.logging_steps == 0 or step == s.steps:
+            n = len(window)
+            stats = env.mean_over_ranks({"loss": sum(w[0] for w in window) / n, "accuracy": sum(w[1] for w in window) / n,
+                                         "margin": sum(w[2] for w in window) / n}, device)
+            first_loss = stats["loss"] if first_loss is None else first_loss
+            final_loss = stats["loss"]
+            env.log({"stage": "reward", "step": step, **stats, "lr": updater.lr, "grad_norm": updater.last_grad_norm})
+            window = []
+    after = _evaluate(critic, held_encoded, tok.eos_id)
+    env.log({"stage": "reward", "step": s.steps, **after})
+    summary = {"first_loss": first_loss, "final_loss": final_loss,
+               **{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()}}
+    return StageResult("reward", steps=s.steps, seconds=time.perf_counter() - started, summary=summary,
+                       health=updater.health.summary() if updater.health else None), critic
+
+
+@torch.no_grad()
+def _evaluate(critic: RoleEngine, pairs: list, pad_id: int) -> dict[str, float]:
+    """Held-out pair accuracy and mean score margin (every rank scores every pair)."""
+    if not pairs:
+        return {}
+    critic.engine.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), EVAL_CHUNK):
+        chunk = pairs[start:start + EVAL_CHUNK]
+        seqs = sequence_batch([c for c, _ in chunk] + [r for _, r in chunk], pad_id).to(critic.device)
+        scores, _ = sequence_scores(critic, seqs)
+        chosen.append(scores[:len(chunk)])
+        rejected.append(scores[len(chunk):])
+    critic.engine.train()
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    return {"eval_accuracy": float((c > r).float().mean()), "eval_margin": float((c - r).mean())}

@@ -1,0 +1,88 @@
+"""Rollouts: sample responses with the KV-cache `generate()`, then score them with each model of the stage.
+
+Prompts of one length are sampled together, so nothing is padded on the
+left and the model needs no attention mask; sequences are then padded on
+the right, which a causal model never looks at. Response tokens run up to
+and including the first eos (or `max_new_tokens`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ava.config.schema.rlhf import GenerationConfig
+from ava.data.tokenizer import Tokenizer
+from ava.model import AvaForCausalLM
+from ava.model.errors import ModelInputError
+from ava.rlhf.data import Prompt, SequenceBatch, sequence_batch
+from ava.rlhf.engines import RoleEngine
+from ava.rlhf.losses import token_entropy, token_logprobs
+
+
+@dataclass
+class Rollout:
+    prompts: list[Prompt]
+    responses: list[str]  # decoded, without the eos
+    batch: SequenceBatch
+    response_lengths: torch.Tensor  # (B,) tokens generated, eos included
+    ended: torch.Tensor  # (B,) bool: the response ended with eos (not cut at max_new_tokens)
+
+
+def sample_responses(model: AvaForCausalLM, prompts: list[Prompt], tokenizer: Tokenizer, gen: GenerationConfig,
+                     generator: torch.Generator, device: torch.device, greedy: bool = False) -> Rollout:
+    """Sample one response per prompt (temperature 0 when `greedy`)."""
+    eos = tokenizer.eos_id
+    encoded = [tokenizer.encode(p.text) for p in prompts]
+    limit = model.config.max_position_embeddings
+    longest = max(len(ids) for ids in encoded)
+    if longest + gen.max_new_tokens > limit:
+        raise ModelInputError(
+            f"a prompt of {longest} tokens plus rlhf.generation.max_new_tokens = {gen.max_new_tokens} exceeds "
+            f"model.max_position_embeddings = {limit}",
+            f"lower max_new_tokens to {max(limit - longest, 1)} or shorten the prompts")
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    responses: list[list[int]] = [[] for _ in prompts]
+    for length, rows in by_length.items():
+        batch = torch.tensor([encoded[i] for i in rows], dtype=torch.long, device=device)
+        out = model.generate(batch, gen.max_new_tokens, temperature=0.0 if greedy else gen.temperature,
+                             top_k=gen.top_k, top_p=gen.top_p, eos_token_id=eos, generator=generator)
+        for row, tokens in zip(rows, out[:, length:].tolist(), strict=True):
+            responses[row] = tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+    sequences = [(p + r, len(p)) for p, r in zip(encoded, responses, strict=True)]
+    return Rollout(
+        prompts=prompts,
+        responses=[tokenizer.decode([t for t in r if t != eos]) for r in responses],
+        batch=sequence_batch(sequences, pad_id=eos).to(device),
+        response_lengths=torch.tensor([float(len(r)) for r in responses], device=device),
+        ended=torch.tensor([bool(r) and r[-1] == eos for r in responses], device=device))
+
+
+def policy_logprobs(role: RoleEngine, input_ids: torch.Tensor, entropy: bool = False, entropy_grad: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-token log-probs (B, T-1) of `input_ids` under the policy, its entropy if asked, and the router loss.
+
+    The entropy carries gradient only with `entropy_grad` (an entropy bonus in the loss).
+    """
+    with role.autocast():
+        out = role.engine(input_ids)
+    logp = token_logprobs(out.logits, input_ids)
+    ent = token_entropy(out.logits if entropy_grad else out.logits.detach()) if entropy else None
+    return logp, ent, out.router_loss
+
+
+def token_values(role: RoleEngine, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A value model's output at positions 0..T-2, aligned with the tokens they precede, and the router loss."""
+    with role.autocast():
+        out = role.engine(input_ids)
+    return out.values[:, :-1], out.router_loss
+
+
+def sequence_scores(role: RoleEngine, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A reward model's score of each sequence: its value at the sequence's last token (the eos)."""
+    with role.autocast():
+        out = role.engine(batch.input_ids)
+    return out.values.gather(1, batch.last_index[:, None]).squeeze(1), out.router_loss
