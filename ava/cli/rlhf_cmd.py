@@ -65,7 +65,7 @@ def _output_dir(requested: str | None, name: str, resume: bool) -> Path:
 
 def _run(resolved: Any, ns: Any, config_name: str, main_rank: bool) -> int:
     from ava.rlhf.console import RLHFConsole
-    from ava.rlhf.pipeline import run_pipeline
+    from ava.rlhf.pipeline import prepare_pipeline, run_pipeline
     from ava.train.distributed import init_distributed, leave_process_group
     from ava.train.run_info import write_versions
 
@@ -73,6 +73,7 @@ def _run(resolved: Any, ns: Any, config_name: str, main_rank: bool) -> int:
     cfg = resolved.config
     name = cfg.training.run_name or f"rlhf-{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     out_dir = _output_dir(ns.output_dir, name, ns.resume)
+    plan = prepare_pipeline(cfg)  # every path and the reward function, before any rank starts
     process = init_distributed()
     if process.world_size > 1:
         import torch.distributed as dist
@@ -99,7 +100,7 @@ def _run(resolved: Any, ns: Any, config_name: str, main_rank: bool) -> int:
         console.log(record)
 
     try:
-        result = run_pipeline(cfg, out_dir, process, log, console.note, resume=ns.resume)
+        result = run_pipeline(plan, out_dir, process, log, console.note, resume=ns.resume)
     finally:
         if metrics is not None:
             metrics.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from ava.rlhf.engines import RoleEngine, full_state_dict
 from ava.rlhf.models import disable_dropout, load_policy, model_dir, save_policy, save_value_model
 from ava.rlhf.rewards import Scorer, make_scorer
 from ava.rlhf.stage import StageEnv, StageFailed, StageResult
-from ava.rlhf.tasks import make_task
+from ava.rlhf.tasks import Task, make_task
 from ava.train.distributed import ProcessInfo
 
 SUMMARY = "summary.json"
@@ -66,16 +67,37 @@ def stage_complete(stage_dir: Path) -> dict[str, Any] | None:
     return summary if summary.get("status") == "completed" and (stage_dir / "model").is_dir() else None
 
 
-def run_pipeline(cfg: AvaConfig, out_dir: Path, process: ProcessInfo, log: Callable[[dict], None],
-                 note: Callable[[str], None], resume: bool = False) -> PipelineResult:
-    """Run `cfg.rlhf.stages` in order under `out_dir`."""
+@dataclass
+class PipelinePlan:
+    """What every stage shares, resolved and checked before any process group or model exists."""
+
+    config: AvaConfig
+    tokenizer: Tokenizer
+    task: Task
+    scorer: Scorer | None
+
+
+def prepare_pipeline(cfg: AvaConfig) -> PipelinePlan:
+    """Resolve the tokenizer, task and reward, and open every file a stage will read.
+
+    Everything a later stage reads is checked now, so a typo in a path fails
+    in seconds, not after hours of SFT; any problem is a ModelInputError.
+    """
     r = cfg.rlhf
     assert r is not None
-    # Everything a later stage reads is checked now, so a typo fails in seconds, not after hours of SFT.
     tokenizer = rlhf_tokenizer(cfg)
     task = make_task(r.task.name, r.task.length)
     scorer = make_scorer(r.reward_function, task)
-    preflight(cfg)
+    preflight(cfg, tokenizer, task)
+    return PipelinePlan(cfg, tokenizer, task, scorer)
+
+
+def run_pipeline(plan: PipelinePlan, out_dir: Path, process: ProcessInfo, log: Callable[[dict], None],
+                 note: Callable[[str], None], resume: bool = False) -> PipelineResult:
+    """Run the plan's stages in order under `out_dir`."""
+    cfg, tokenizer, task, scorer = plan.config, plan.tokenizer, plan.task, plan.scorer
+    r = cfg.rlhf
+    assert r is not None
     seed = cfg.data.shuffle_seed
     policies: dict[str, Path] = {}  # stage -> the policy it wrote
     latest = model_dir(r.policy_path, "rlhf.policy_path") if r.policy_path else None
@@ -142,7 +164,7 @@ def _run_stage(env: StageEnv, stage: str, start: Path | None, scorer: Scorer | N
     return result, engine, scaling
 
 
-def preflight(cfg: AvaConfig) -> None:
+def preflight(cfg: AvaConfig, tokenizer: Tokenizer, task: Task) -> None:
     """Open every model directory and data file the stages will read; any problem is a ModelInputError now."""
     from ava.rlhf.data import read_jsonl
     from ava.rlhf.models import load_value_model
@@ -163,6 +185,12 @@ def preflight(cfg: AvaConfig) -> None:
         key, fields, optional = files[stage]
         if getattr(section, key) is not None:
             read_jsonl(getattr(section, key), fields, f"rlhf.{stage}.{key}", optional)
+    prompt = len(tokenizer.encode(task.sample(random.Random(0)).prompt))
+    limit = cfg.model.max_position_embeddings
+    if any(s in r.stages for s in ("ppo", "grpo")) and prompt + r.generation.max_new_tokens > limit:
+        raise ModelInputError(f"rlhf.generation.max_new_tokens = {r.generation.max_new_tokens} after a {prompt}-token "
+                              f"'{task.name}' prompt exceeds model.max_position_embeddings = {limit}",
+                              f"set rlhf.generation.max_new_tokens <= {limit - prompt}")
 
 
 def _start_model(r: Any, stage: str, policies: dict[str, Path], latest: Path | None) -> Path | None:

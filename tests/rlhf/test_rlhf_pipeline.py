@@ -143,3 +143,25 @@ def test_ppo_can_score_with_the_reward_model_and_grpo_with_a_python_function(pip
     assert f"reward: reward model {out / 'reward' / 'model'}" in result.stdout
     assert "reward: my_rewards:digit_sevens" in result.stdout
     assert (tmp_path / "called").exists()
+
+
+def test_lora_trains_only_adapters_and_writes_a_merged_model_and_the_adapter(pipeline, tmp_path):
+    out = pipeline[0]
+    run = tmp_path / "run"
+    result = run_rlhf(*STACK, "--rlhf.stages", "[grpo]", "--rlhf.policy_path", str(out / "sft"),
+                      "--rlhf.grpo.init_from", "null", "--rlhf.grpo.steps", "4", "--rlhf.lora.enabled", "true",
+                      "--rlhf.lora.target_modules", "[q_proj, v_proj, up_proj]", "--output_dir", str(run))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    line = next(x for x in result.stdout.splitlines() if "LoRA r=8" in x)
+    percent = float(line.split("trainable (")[1].split("%")[0])
+    assert 0 < percent < 50, line
+
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(run / "grpo" / "model" / "adapter.safetensors"))
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
+    merged = load_file(str(run / "grpo" / "model" / "model.safetensors"))
+    start = load_file(str(out / "sft" / "model" / "model.safetensors"))
+    assert set(merged) == set(start)  # a plain Ava model: adapters merged in, no peft names
+    changed = {k for k in merged if not (merged[k] == start[k]).all()}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight", "up_proj.weight")) for k in changed)
