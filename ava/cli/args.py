@@ -12,7 +12,8 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ava.config import ConfigFiles, WorldSize
+from ava.config import ConfigFiles, WorldSize, load_config
+from ava.config.loader import ResolvedConfig
 
 OVERRIDE_HELP = """\
 overrides:
@@ -48,6 +49,28 @@ def stack_from(ns: argparse.Namespace, extras: Sequence[str]) -> Stack:
     files = ConfigFiles(ns.config, ns.hardware_config, ns.distributed_config, ns.rlhf_config)
     world = WorldSize.detect(num_gpus=ns.num_gpus, num_nodes=ns.num_nodes)
     return Stack(files, tuple(_without_local_rank(extras)), world)
+
+
+def resolve_stack(ns: argparse.Namespace, extras: Sequence[str]) -> ResolvedConfig:
+    """Load and validate the config stack as a launched rank sees it; rank 0 prints the notices.
+
+    Inside an `srun` step SLURM's variables are turned into the launcher's first,
+    so the batch plan sees the real world size.
+    """
+    import os
+    import sys
+
+    from ava.train.rendezvous import discover, export
+
+    launch = discover(os.environ)
+    if launch.source == "SLURM srun":  # before the config reads the world size from WORLD_SIZE
+        export(launch, os.environ)
+    stack = stack_from(ns, extras)
+    resolved = load_config(stack.files, stack.overrides, stack.world)
+    if os.environ.get("RANK", "0") == "0":
+        for notice in resolved.notices:
+            print(notice.render(), file=sys.stderr)
+    return resolved
 
 
 def _without_local_rank(extras: Sequence[str]) -> list[str]:

@@ -18,9 +18,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ava.cli.args import add_stack_arguments, new_parser, stack_from
+from ava.cli.args import add_stack_arguments, new_parser, resolve_stack
 from ava.cli.render import render_yaml
-from ava.config import build_deepspeed_config, load_config
+from ava.cli.train_cmd import output_dir_for
+from ava.config import build_deepspeed_config
 from ava.model.errors import ModelInputError
 
 
@@ -36,31 +37,14 @@ def main(argv: Sequence[str], prog: str = "train_rlhf.py") -> int:
     if ns.rlhf_config is None:
         raise ModelInputError("--rlhf_config is required: it says which RLHF stages to run",
                               "add --rlhf_config configs/rlhf/test_cpu.yaml (or your own)")
-    stack = stack_from(ns, extras)
-    resolved = load_config(stack.files, stack.overrides, stack.world)
+    resolved = resolve_stack(ns, extras)
     main_rank = os.environ.get("RANK", "0") == "0"
-    if main_rank:
-        for notice in resolved.notices:
-            print(notice.render(), file=sys.stderr)
     if ns.dry_run:
         if main_rank:
             sys.stdout.write(render_yaml(resolved, with_origins=True))
             print(f"\nconfig OK: RLHF stages {', '.join(resolved.config.rlhf.stages)}")  # type: ignore[union-attr]
         return 0
-    return _run(resolved, ns, Path(stack.files.config or "run").stem, main_rank)
-
-
-def _output_dir(requested: str | None, name: str, resume: bool) -> Path:
-    if resume:
-        if requested is None or not Path(requested).is_dir():
-            raise ModelInputError(f"--resume needs the --output_dir of the pipeline to continue (got {requested})",
-                                  "pass --output_dir RUN_DIR, the directory the interrupted pipeline wrote")
-        return Path(requested)
-    path = Path(requested) if requested is not None else Path("outputs") / name
-    if path.exists() and any(path.iterdir()):
-        raise ModelInputError(f"--output_dir {path} already holds files; Ava never overwrites a run",
-                              "choose a new --output_dir, or add --resume to continue the pipeline in it")
-    return path
+    return _run(resolved, ns, Path(ns.config or "run").stem, main_rank)
 
 
 def _run(resolved: Any, ns: Any, config_name: str, main_rank: bool) -> int:
@@ -72,7 +56,7 @@ def _run(resolved: Any, ns: Any, config_name: str, main_rank: bool) -> int:
     started = time.perf_counter()
     cfg = resolved.config
     name = cfg.training.run_name or f"rlhf-{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    out_dir = _output_dir(ns.output_dir, name, ns.resume)
+    out_dir = output_dir_for(ns.output_dir, name, ns.resume)
     plan = prepare_pipeline(cfg)  # every path and the reward function, before any rank starts
     process = init_distributed()
     if process.world_size > 1:

@@ -23,9 +23,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ava.cli.args import add_stack_arguments, new_parser, stack_from
+from ava.cli.args import add_stack_arguments, new_parser, resolve_stack
 from ava.cli.render import render_yaml
-from ava.config import build_deepspeed_config, load_config
+from ava.config import build_deepspeed_config
 from ava.config.loader import ResolvedConfig
 from ava.model.errors import ModelInputError
 
@@ -55,22 +55,13 @@ def main(argv: Sequence[str], prog: str = "train.py") -> int:
 
 def _main(parser: Any, argv: Sequence[str], preemption: Any) -> int:
     ns, extras = parser.parse_known_args(argv)
-    from ava.train.rendezvous import discover, export
-
-    launch = discover(os.environ)
-    if launch.source == "SLURM srun":  # before the config reads the world size from WORLD_SIZE
-        export(launch, os.environ)
-    stack = stack_from(ns, extras)
-    resolved = load_config(stack.files, stack.overrides, stack.world)
+    resolved = resolve_stack(ns, extras)
     main_rank = os.environ.get("RANK", "0") == "0"
-    if main_rank:
-        for notice in resolved.notices:
-            print(notice.render(), file=sys.stderr)
     if ns.dry_run:
         if main_rank:
             _print_plan(resolved)
         return 0
-    return _train(resolved, ns, Path(stack.files.config or "run").stem, main_rank, preemption)
+    return _train(resolved, ns, Path(ns.config or "run").stem, main_rank, preemption)
 
 
 def _print_plan(resolved: ResolvedConfig) -> None:
@@ -103,7 +94,8 @@ def _auto_resume(ns: Any) -> bool:
     return not ns.resume
 
 
-def _output_dir(requested: str | None, run_name: str, resume: bool, allow_existing: bool = False) -> Path:
+def output_dir_for(requested: str | None, run_name: str, resume: bool, allow_existing: bool = False) -> Path:
+    """The run's output directory: refused when it already holds files, unless resuming (then it must exist)."""
     if resume:
         if requested is None or not Path(requested).is_dir():
             raise ModelInputError(f"--resume needs the --output_dir of the run to continue (got {requested})",
@@ -160,7 +152,7 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
 
     run_name = cfg.training.run_name or f"{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     fresh_in_place = _auto_resume(ns)
-    out_dir = _output_dir(ns.output_dir, run_name, ns.resume, allow_existing=fresh_in_place)  # refuse early
+    out_dir = output_dir_for(ns.output_dir, run_name, ns.resume, allow_existing=fresh_in_place)  # refuse early
     faults = _fault_plan()
     ds_config = build_deepspeed_config(cfg)
     resume_from = _resume_point(ns, out_dir, ds_config)

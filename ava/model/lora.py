@@ -57,8 +57,9 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
         raise ModelInputError("LoRA needs the `peft` package, which is not installed",
                               "pip install peft (or re-run scripts/setup.sh, which installs it)") from exc
     try:
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; any float works lora_dropout=dropout,
-                                           target_modules=list(target_modules)), model)
+        config = LoraConfig(r=rank, lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
+                            lora_dropout=dropout, target_modules=list(target_modules))
+        inject_adapter_in_model(config, model)
     except ValueError as exc:  # peft: "Target modules ... not found in the base model"
         raise ModelInputError(f"LoRA target modules {target_modules} do not match the model: {exc}",
                               "choose rlhf.lora.target_modules among q_proj, k_proj, v_proj, o_proj and, for a "

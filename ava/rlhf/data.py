@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -100,6 +101,18 @@ def preference_data(path: str | None, task: Task | None, num: int, holdout: int,
     return split_holdout(triples, holdout, setting)
 
 
+EncodedPair = tuple[tuple[list[int], int], tuple[list[int], int]]
+
+
+def encoded_preferences(tokenizer: Tokenizer, stage_cfg: Any, task: Task | None, seed: int, setting: str
+                        ) -> tuple[list[EncodedPair], list[EncodedPair]]:
+    """(train, held-out) (chosen, rejected) sequences of a preference stage (reward model or DPO), as ids."""
+    train, held = preference_data(stage_cfg.data_path, task, stage_cfg.num_examples, stage_cfg.eval_examples, seed,
+                                  setting)
+    return ([(encode(tokenizer, p, c), encode(tokenizer, p, r)) for p, c, r in train],
+            [(encode(tokenizer, p, c), encode(tokenizer, p, r)) for p, c, r in held])
+
+
 def prompt_data(path: str | None, task: Task | None, holdout: int, seed: int,
                 setting: str) -> tuple[PromptSource, list[Prompt]]:
     """A source of training prompts and the held-out prompts, from a file or from the task."""
@@ -155,7 +168,7 @@ class SFTRows:
 
 
 def sft_rows(examples: Sequence[tuple[list[int], int]], max_length: int, pad_id: int, packing: bool) -> SFTRows:
-    """Rows of `max_length` tokens: several examples each when `packing` (first fit, in order), else one.
+    """Rows of `max_length` tokens: several examples each when `packing` (next fit, in order), else one.
 
     Each example keeps its own segment id, so the model attends within it only
     and every packed token sees exactly what it would alone.

@@ -13,7 +13,7 @@ import time
 import torch
 
 from ava.model import AvaForCausalLM
-from ava.rlhf.data import SequenceBatch, encode, preference_data, rank_batches, sequence_batch
+from ava.rlhf.data import SequenceBatch, encoded_preferences, rank_batches, sequence_batch
 from ava.rlhf.engines import RoleEngine, build_engine
 from ava.rlhf.losses import dpo_loss, masked_mean, masked_sum
 from ava.rlhf.rollout import policy_logprobs
@@ -27,10 +27,7 @@ def run_dpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
     s, cfg, tok = env.rlhf.dpo, env.config, env.tokenizer
     assert reference is not None
     started = time.perf_counter()
-    train, held = preference_data(s.data_path, env.task, s.num_examples, s.eval_examples, env.seed,
-                                  "rlhf.dpo.data_path")
-    encoded = [(encode(tok, p, c), encode(tok, p, r)) for p, c, r in train]
-    held_encoded = [(encode(tok, p, c), encode(tok, p, r)) for p, c, r in held]
+    encoded, held_encoded = encoded_preferences(tok, s, env.task, env.seed, "rlhf.dpo.data_path")
     batch = s.batch_size or cfg.training.batch_size
     lr = stage_lr(env, s)
     world = env.process.world_size
@@ -38,7 +35,7 @@ def run_dpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
                          learning_rate=lr)
     ref = build_engine(reference, cfg, "reference", env.zero_stage("reference"), micro_batch=2 * batch,
                        world_size=world, trainable=False)
-    env.note(f"dpo: {len(train)} pairs, {batch} pairs x {world} rank(s) per step, {s.loss_type} loss, "
+    env.note(f"dpo: {len(encoded)} pairs, {batch} pairs x {world} rank(s) per step, {s.loss_type} loss, "
              f"beta {s.beta:g}, lr {lr:g}, ZeRO stages actor {actor.zero_stage} / reference {ref.zero_stage}")
     updater = Updater(actor, env, lr, s.warmup_steps, s.steps, "dpo")
     average = s.loss_type == "ipo"

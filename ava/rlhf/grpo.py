@@ -9,7 +9,6 @@ default, as in the paper), aggregated over tokens or over sequences.
 
 from __future__ import annotations
 
-import random
 import time
 
 import torch
@@ -22,7 +21,16 @@ from ava.rlhf.losses import aggregate_tokens, group_advantages, kl_penalty, mask
 from ava.rlhf.ppo import _rollout_stats
 from ava.rlhf.rewards import Scorer
 from ava.rlhf.rollout import policy_logprobs, sample_responses
-from ava.rlhf.stage import StageEnv, StageFailed, StageResult, Timer, Updater, stage_lr
+from ava.rlhf.stage import (
+    RolloutRandomness,
+    StageEnv,
+    StageFailed,
+    StageResult,
+    Timer,
+    Updater,
+    reward_curve_summary,
+    stage_lr,
+)
 
 
 def run_grpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | None,
@@ -47,18 +55,17 @@ def run_grpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | 
              f"reference {ref.zero_stage}")
     before = evaluate_prompts(actor, held, tok, env.rlhf.generation, scorer)
     env.log({"stage": "grpo", "step": 0, **before})
-    rng = random.Random(env.seed * 1000003 + env.process.rank)
-    generator = torch.Generator(device=actor.device).manual_seed(env.seed * 1000003 + env.process.rank)
-    shuffle = torch.Generator().manual_seed(env.seed + env.process.rank)
+    randomness = RolloutRandomness.for_rank(env.seed, env.process.rank, actor.device)
     timer = Timer()
     rewards_per_step: list[float] = []
     window: list[dict[str, float]] = []
     for step in range(1, g.steps + 1):
-        prompts: list[Prompt] = [p for p in source.batch(g.prompts_per_step, rng) for _ in range(group)]
+        prompts: list[Prompt] = [p for p in source.batch(g.prompts_per_step, randomness.prompts) for _ in range(group)]
         with timer.phase("generation"):
             actor.engine.eval()
             with generation_module(actor) as module:
-                rollout = sample_responses(module, prompts, tok, env.rlhf.generation, generator, actor.device)
+                rollout = sample_responses(module, prompts, tok, env.rlhf.generation, randomness.sampling,
+                                           actor.device)
         with timer.phase("scoring"), torch.no_grad():
             ids, mask = rollout.batch.input_ids, rollout.batch.response_mask
             scores = torch.tensor(scorer([p.text for p in prompts], rollout.responses, [p.answer for p in prompts]),
@@ -70,7 +77,7 @@ def run_grpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | 
         with timer.phase("training"):
             actor.engine.train()
             for _ in range(g.ppo_epochs):
-                order = torch.randperm(completions, generator=shuffle).to(ids.device)
+                order = torch.randperm(completions, generator=randomness.shuffle).to(ids.device)
                 for chunk in order.split(mini):
                     m = mask[chunk]
                     logp, entropy, router = policy_logprobs(actor, ids[chunk], entropy=True)
@@ -100,12 +107,6 @@ def run_grpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | 
             window = []
     after = evaluate_prompts(actor, held, tok, env.rlhf.generation, scorer)
     env.log({"stage": "grpo", "step": g.steps, **after})
-    tenth = max(1, len(rewards_per_step) // 10)
-    summary = {"reward_first_10pct": sum(rewards_per_step[:tenth]) / tenth,
-               "reward_last_10pct": sum(rewards_per_step[-tenth:]) / tenth, "reward_per_step": rewards_per_step,
-               "time_share": {k: v / sum(timer.totals.values()) for k, v in timer.totals.items()},
-               **{f"before/{k}": v for k, v in before.items() if k != "eval_samples"},
-               **{f"after/{k}": v for k, v in after.items() if k != "eval_samples"},
-               "samples": after.get("eval_samples", [])}
+    summary = reward_curve_summary(rewards_per_step, timer, before, after)
     return StageResult("grpo", steps=g.steps, seconds=time.perf_counter() - started, summary=summary,
                        health=updater.health.summary() if updater.health else None), actor

@@ -25,6 +25,7 @@ from ava.model.store import (
     WEIGHTS_FILE,
     load_model_config,
     load_model_dir,
+    load_state_exactly,
     save_model_dir,
     write_model_config,
 )
@@ -121,9 +122,7 @@ def load_value_model(path: str | Path, setting: str) -> AvaValueModel:
 def save_policy(state: dict[str, torch.Tensor], config: ModelConfig, directory: Path) -> Path:
     """Write a policy's full (consolidated) state as an Ava model directory."""
     model = AvaForCausalLM(config)
-    if config.tie_word_embeddings:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    model.load_state_dict(state, strict=not config.tie_word_embeddings)
+    load_state_exactly(model, state, f"the {directory.parent.name} stage's consolidated weights")
     return save_model_dir(model, directory, overwrite=True)
 
 

@@ -10,7 +10,6 @@ fixed or adapted towards a target (Ziegler et al. 2019).
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -25,7 +24,16 @@ from ava.rlhf.losses import gae, kl_penalty, masked_mean, masked_sum, masked_whi
 from ava.rlhf.models import load_value_model, value_model_from_policy
 from ava.rlhf.rewards import Scorer
 from ava.rlhf.rollout import Rollout, policy_logprobs, sample_responses, sequence_scores, token_values
-from ava.rlhf.stage import StageEnv, StageFailed, StageResult, Timer, Updater, stage_lr
+from ava.rlhf.stage import (
+    RolloutRandomness,
+    StageEnv,
+    StageFailed,
+    StageResult,
+    Timer,
+    Updater,
+    reward_curve_summary,
+    stage_lr,
+)
 
 
 class RunningMoments:
@@ -83,18 +91,17 @@ def run_ppo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
              f"reference {ref.zero_stage}" + (f" / reward {rm.zero_stage}" if rm else ""))
     before = evaluate_prompts(actor, held, tok, env.rlhf.generation, scorer)
     env.log({"stage": "ppo", "step": 0, **before})
-    rng = random.Random(env.seed * 1000003 + env.process.rank)
-    generator = torch.Generator(device=actor.device).manual_seed(env.seed * 1000003 + env.process.rank)
-    shuffle = torch.Generator().manual_seed(env.seed + env.process.rank)
+    randomness = RolloutRandomness.for_rank(env.seed, env.process.rank, actor.device)
     timer = Timer()
     rewards_per_step: list[float] = []
     window: list[dict[str, float]] = []
     for step in range(1, s.steps + 1):
-        prompts = source.batch(s.rollout_batch_size, rng)
+        prompts = source.batch(s.rollout_batch_size, randomness.prompts)
         with timer.phase("generation"):
             actor.engine.eval()
             with generation_module(actor) as module:
-                rollout = sample_responses(module, prompts, tok, env.rlhf.generation, generator, actor.device)
+                rollout = sample_responses(module, prompts, tok, env.rlhf.generation, randomness.sampling,
+                                           actor.device)
         with timer.phase("scoring"), torch.no_grad():
             ids, mask = rollout.batch.input_ids, rollout.batch.response_mask
             old_logp, _, _ = policy_logprobs(actor, ids)
@@ -113,7 +120,7 @@ def run_ppo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
             actor.engine.train()
             critic.engine.train()
             for _ in range(s.ppo_epochs):
-                order = torch.randperm(len(scores), generator=shuffle).to(ids.device)
+                order = torch.randperm(len(scores), generator=randomness.shuffle).to(ids.device)
                 for chunk in order.split(mini):
                     m = mask[chunk]
                     logp, entropy, router = policy_logprobs(actor, ids[chunk], entropy=True,
@@ -144,13 +151,7 @@ def run_ppo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
             window = []
     after = evaluate_prompts(actor, held, tok, env.rlhf.generation, scorer)
     env.log({"stage": "ppo", "step": s.steps, **after})
-    tenth = max(1, len(rewards_per_step) // 10)
-    summary = {"reward_first_10pct": sum(rewards_per_step[:tenth]) / tenth,
-               "reward_last_10pct": sum(rewards_per_step[-tenth:]) / tenth, "reward_per_step": rewards_per_step,
-               "time_share": {k: v / sum(timer.totals.values()) for k, v in timer.totals.items()},
-               **{f"before/{k}": v for k, v in before.items() if k != "eval_samples"},
-               **{f"after/{k}": v for k, v in after.items() if k != "eval_samples"},
-               "samples": after.get("eval_samples", [])}
+    summary = reward_curve_summary(rewards_per_step, timer, before, after)
     health = {"actor": actor_up.health.summary() if actor_up.health else None,
               "critic": critic_up.health.summary() if critic_up.health else None}
     return StageResult("ppo", steps=s.steps, seconds=time.perf_counter() - started, summary=summary,

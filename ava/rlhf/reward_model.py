@@ -13,7 +13,7 @@ import time
 import torch
 
 from ava.model import AvaForCausalLM
-from ava.rlhf.data import encode, preference_data, rank_batches, sequence_batch
+from ava.rlhf.data import encoded_preferences, rank_batches, sequence_batch
 from ava.rlhf.engines import RoleEngine, build_engine
 from ava.rlhf.losses import pairwise_reward_loss
 from ava.rlhf.models import head_std_for, value_model_from_policy
@@ -27,16 +27,13 @@ def run_reward(env: StageEnv, init: AvaForCausalLM) -> tuple[StageResult, RoleEn
     """Train a reward model whose trunk starts as `init`; returns the result and its engine."""
     s, cfg, tok = env.rlhf.reward, env.config, env.tokenizer
     started = time.perf_counter()
-    train, held = preference_data(s.data_path, env.task, s.num_examples, s.eval_examples, env.seed,
-                                  "rlhf.reward.data_path")
-    encoded = [(encode(tok, p, c), encode(tok, p, r)) for p, c, r in train]
-    held_encoded = [(encode(tok, p, c), encode(tok, p, r)) for p, c, r in held]
+    encoded, held_encoded = encoded_preferences(tok, s, env.task, env.seed, "rlhf.reward.data_path")
     batch = s.batch_size or cfg.training.batch_size
     lr = stage_lr(env, s)
     model = value_model_from_policy(init, head_std=head_std_for(cfg.model.hidden_size))
     critic = build_engine(model, cfg, "reward model", env.zero_stage("critic"), micro_batch=2 * batch,
                           world_size=env.process.world_size, learning_rate=lr)
-    env.note(f"reward: {len(train)} pairs, {batch} pairs x {env.process.world_size} rank(s) per step, lr {lr:g}, "
+    env.note(f"reward: {len(encoded)} pairs, {batch} pairs x {env.process.world_size} rank(s) per step, lr {lr:g}, "
              f"margin {s.margin:g}, ZeRO stage {critic.zero_stage}")
     updater = Updater(critic, env, lr, s.warmup_steps, s.steps, "reward")
     before = _evaluate(critic, held_encoded, tok.eos_id)

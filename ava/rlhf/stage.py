@@ -11,6 +11,7 @@ bad updates in a row stop the stage with the reason.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,6 +158,37 @@ class _Phase:
 
     def __exit__(self, *exc: object) -> None:
         self.timer.totals[self.name] = self.timer.totals.get(self.name, 0.0) + time.perf_counter() - self.start
+
+
+@dataclass
+class RolloutRandomness:
+    """Where a rank's randomness in an RL stage comes from: prompts, sampling, mini-batch order.
+
+    Seeded by the run seed and the rank, so ranks draw different prompts and
+    samples and a rerun draws the same ones.
+    """
+
+    prompts: random.Random
+    sampling: torch.Generator
+    shuffle: torch.Generator
+
+    @classmethod
+    def for_rank(cls, seed: int, rank: int, device: torch.device) -> RolloutRandomness:
+        base = seed * 1000003 + rank
+        return cls(random.Random(base), torch.Generator(device=device).manual_seed(base),
+                   torch.Generator().manual_seed(seed + rank))
+
+
+def reward_curve_summary(rewards_per_step: list[float], timer: Timer, before: dict, after: dict) -> dict[str, Any]:
+    """An RL stage's headline numbers: the rollout reward at its start and end, time shares, held-out evals."""
+    tenth = max(1, len(rewards_per_step) // 10)
+    spent = sum(timer.totals.values()) or 1.0
+    return {"reward_first_10pct": sum(rewards_per_step[:tenth]) / tenth,
+            "reward_last_10pct": sum(rewards_per_step[-tenth:]) / tenth, "reward_per_step": rewards_per_step,
+            "time_share": {k: v / spent for k, v in timer.totals.items()},
+            **{f"before/{k}": v for k, v in before.items() if k != "eval_samples"},
+            **{f"after/{k}": v for k, v in after.items() if k != "eval_samples"},
+            "samples": after.get("eval_samples", [])}
 
 
 def stage_lr(env: StageEnv, stage_cfg: Any) -> float:
