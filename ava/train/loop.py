@@ -209,6 +209,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         return to_step
 
     measure_layers = health is not None and t.gradient_health.layer_grad_norms
+    balances_bias = config.model.is_moe and config.model.router_type == "aux_loss_free"
     step = start_step
     while step < steps:
         step += 1
@@ -221,6 +222,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         router_loss = torch.zeros((), device=device)
         layer_norms: dict[str, float] = {}
         stats: list = []
+        step_loads: list[torch.Tensor] = []  # per MoE layer, summed over the step's micro batches
         for micro in range(accumulation):
             batch = next(stream).to(device)
             with precision.autocast():
@@ -232,6 +234,9 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
             if out.router_loss is not None:
                 router_loss += out.router_loss.detach().float() / accumulation
             stats = out.moe_stats
+            if balances_bias:
+                loads = [s.load.detach().float() for s in stats]
+                step_loads = loads if not step_loads else [a + b for a, b in zip(step_loads, loads, strict=True)]
             if micro == accumulation - 1:
                 if logs and measure_layers:
                     layer_norms = layer_grad_norms(engine.module)
@@ -240,6 +245,8 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
             engine.step()
         step_losses.append(step_loss)
         verdict = gate.finish() if gate is not None else None
+        if balances_bias and (verdict is None or verdict.apply):
+            _balance_router_biases(engine.module, step_loads)
         if health is not None and verdict is not None:
             health.end_step(step, verdict)
             for event in health.drain_events():
@@ -326,6 +333,18 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     result.model = engine.module
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _balance_router_biases(model: AvaForCausalLM, loads: list[torch.Tensor]) -> None:
+    """aux_loss_free routing: move every MoE layer's expert bias from the step's load on all ranks.
+
+    The loads are summed over ranks (one collective) so every rank applies the
+    same update and the biases, buffers DeepSpeed never synchronises, stay equal.
+    """
+    total = torch.stack(loads)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(total)
+    model.update_router_biases(list(total.unbind()))
 
 
 def _unrecoverable(config: AvaConfig, health: HealthMonitor, step: int) -> str:
