@@ -160,12 +160,6 @@ class AvaForCausalLM(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
-    @torch.no_grad()
-    def update_router_biases(self, loads: list[torch.Tensor]) -> None:
-        """aux_loss_free routing: move each MoE layer's expert bias from that layer's summed load."""
-        for layer, load in zip(self.moe_layers(), loads, strict=True):
-            layer.router.update_bias(load, self.config.router_bias_update_rate)
-
     def new_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty KV cache able to hold `max_length` positions."""
         param = self.embed_tokens.weight

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from ava.config.deepspeed_json import build_engine_config
 from ava.config.schema import AvaConfig, ModelConfig
 from ava.model import AvaForCausalLM
 from ava.train.precision import PrecisionReport, apply_precision
+from ava.train.router_balance import add_loads, uses_bias_balancing
 
 
 @dataclass
@@ -38,6 +39,17 @@ class RoleEngine:
     trainable: bool
     precision: PrecisionReport
     ds_config: dict
+    collects_loads: bool = False  # a trained model with aux_loss_free routing
+    # Expert loads of the training forwards since the last optimizer step (see `Updater`).
+    pending_loads: list[torch.Tensor] = field(default_factory=list)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        """The engine's forward; a trained aux_loss_free model keeps its expert loads for the bias update."""
+        with self.autocast():
+            out = self.engine(input_ids, **kwargs)
+        if self.collects_loads and torch.is_grad_enabled():
+            self.pending_loads = add_loads(self.pending_loads, out.moe_stats)
+        return out
 
     @property
     def module(self) -> nn.Module:
@@ -78,7 +90,8 @@ def build_engine(module: nn.Module, cfg: AvaConfig, role: str, zero_stage: int, 
         module.requires_grad_(False)
         engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config)
         engine.eval()
-    return RoleEngine(role, engine, zero_stage, trainable, precision, ds_config)
+    return RoleEngine(role, engine, zero_stage, trainable, precision, ds_config,
+                      collects_loads=trainable and uses_bias_balancing(module))
 
 
 @contextlib.contextmanager

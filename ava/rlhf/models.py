@@ -10,7 +10,7 @@ token, a critic at every token. Its directory is an Ava model directory
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from ava.config.schema.model import ModelConfig
 from ava.model import AvaForCausalLM
 from ava.model.attention import CausalSelfAttention
 from ava.model.errors import ModelInputError
+from ava.model.moe import MoEStats
 from ava.model.store import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -37,6 +38,7 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 class ValueOutput:
     values: torch.Tensor  # (batch, seq) float32: the head's output at every position
     router_loss: torch.Tensor | None
+    moe_stats: list[MoEStats] = field(default_factory=list)
 
 
 class AvaValueModel(nn.Module):
@@ -56,7 +58,7 @@ class AvaValueModel(nn.Module):
         hidden, stats = self.trunk.hidden_states(input_ids, segment_ids=segment_ids)
         values = self.value_head(hidden).squeeze(-1).float()
         router_loss = torch.stack([s.router_loss for s in stats]).sum() if stats else None
-        return ValueOutput(values, router_loss)
+        return ValueOutput(values, router_loss, stats)
 
 
 def trunk_state(policy_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

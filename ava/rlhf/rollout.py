@@ -67,8 +67,7 @@ def policy_logprobs(role: RoleEngine, input_ids: torch.Tensor, entropy: bool = F
 
     The entropy carries gradient only with `entropy_grad` (an entropy bonus in the loss).
     """
-    with role.autocast():
-        out = role.engine(input_ids)
+    out = role.forward(input_ids)
     logp = token_logprobs(out.logits, input_ids)
     ent = token_entropy(out.logits if entropy_grad else out.logits.detach()) if entropy else None
     return logp, ent, out.router_loss
@@ -76,13 +75,11 @@ def policy_logprobs(role: RoleEngine, input_ids: torch.Tensor, entropy: bool = F
 
 def token_values(role: RoleEngine, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A value model's output at positions 0..T-2, aligned with the tokens they precede, and the router loss."""
-    with role.autocast():
-        out = role.engine(input_ids)
+    out = role.forward(input_ids)
     return out.values[:, :-1], out.router_loss
 
 
 def sequence_scores(role: RoleEngine, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A reward model's score of each sequence: its value at the sequence's last token (the eos)."""
-    with role.autocast():
-        out = role.engine(batch.input_ids)
+    out = role.forward(batch.input_ids)
     return out.values.gather(1, batch.last_index[:, None]).squeeze(1), out.router_loss

@@ -49,8 +49,7 @@ def run_sft(env: StageEnv, policy: AvaForCausalLM, scorer: Scorer | None) -> tup
     for step in range(1, s.steps + 1):
         index = next(batches)
         ids, labels = rows.input_ids[index].to(device), rows.labels[index].to(device)
-        with actor.autocast():
-            out = actor.engine(ids, labels=labels, segment_ids=rows.segment_ids[index].to(device))
+        out = actor.forward(ids, labels=labels, segment_ids=rows.segment_ids[index].to(device))
         updater.step(out.loss)
         losses.append(out.lm_loss.detach().float())
         tokens += int((labels != IGNORE_INDEX).sum()) * env.process.world_size
@@ -81,8 +80,7 @@ def _evaluate(env: StageEnv, actor: RoleEngine, held, prompts: list[Prompt], sco
     total, count = 0.0, 0
     for start in range(0, held.input_ids.shape[0], 16):
         ids, labels = held.input_ids[start:start + 16].to(device), held.labels[start:start + 16].to(device)
-        with actor.autocast():
-            out = actor.engine(ids, labels=labels, segment_ids=held.segment_ids[start:start + 16].to(device))
+        out = actor.forward(ids, labels=labels, segment_ids=held.segment_ids[start:start + 16].to(device))
         n = int((labels[:, 1:] != IGNORE_INDEX).sum())
         total, count = total + float(out.lm_loss) * n, count + n
     actor.engine.train()

@@ -27,6 +27,7 @@ from ava.rlhf.tasks import Task
 from ava.train.distributed import ProcessInfo
 from ava.train.gradient_health import HealthMonitor
 from ava.train.lr_schedule import LRSchedule
+from ava.train.router_balance import balance_router_biases
 from ava.train.update_gate import UpdateGate, set_clip, set_lr
 
 
@@ -97,6 +98,7 @@ class Updater:
         self.gate = UpdateGate(role.engine, self.health) if self.health is not None else None
         self.updates = 0
         self.skipped = 0
+        self.balances = role.collects_loads  # the same on every rank: the collective stays matched
         self.last_grad_norm: float | None = None
 
     @property
@@ -114,16 +116,20 @@ class Updater:
         if self.gate is not None:
             self.gate.begin(self.updates, loss.detach().float(), measure_update=False)
         engine.step()
+        loads, self.role.pending_loads = self.role.pending_loads, []
         if self.gate is None or self.health is None:
             norm = engine.get_global_grad_norm()
             self.last_grad_norm = float(norm) if norm is not None else None
+            self._balance(loads)
             return True
         verdict = self.gate.finish()
         self.last_grad_norm = self.gate.grad_norm
         self.health.end_step(self.updates, verdict)
         for event in self.health.drain_events():
             self.env.log({**event, "stage": self.stage, "role": self.role.role, "update": event["step"]})
-        if not verdict.apply:
+        if verdict.apply:
+            self._balance(loads)
+        else:
             self.skipped += 1
         if verdict.rollback:
             limit = self.env.config.training.gradient_health.max_consecutive_bad_steps
@@ -131,6 +137,11 @@ class Updater:
                               "gradients). Lower the stage's learning_rate, or raise "
                               "training.gradient_health.explosion_threshold if the norms are legitimately large")
         return verdict.apply
+
+
+    def _balance(self, loads: list[torch.Tensor]) -> None:
+        if self.balances:
+            balance_router_biases(self.role.module, loads, self.role.model_config.router_bias_update_rate)
 
 
 def check_finite(name: str, value: float) -> float:

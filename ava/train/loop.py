@@ -33,6 +33,7 @@ from ava.train.gradient_health import HealthMonitor
 from ava.train.lr_schedule import LRSchedule
 from ava.train.precision import PrecisionReport, apply_precision
 from ava.train.preemption import PreemptionFlag
+from ava.train.router_balance import add_loads, balance_router_biases
 from ava.train.update_gate import UpdateGate, clip_in_use, layer_grad_norms, set_clip, set_lr
 
 SAMPLE_PROMPT_TOKENS = 32
@@ -235,8 +236,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
                 router_loss += out.router_loss.detach().float() / accumulation
             stats = out.moe_stats
             if balances_bias:
-                loads = [s.load.detach().float() for s in stats]
-                step_loads = loads if not step_loads else [a + b for a, b in zip(step_loads, loads, strict=True)]
+                step_loads = add_loads(step_loads, stats)
             if micro == accumulation - 1:
                 if logs and measure_layers:
                     layer_norms = layer_grad_norms(engine.module)
@@ -246,7 +246,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         step_losses.append(step_loss)
         verdict = gate.finish() if gate is not None else None
         if balances_bias and (verdict is None or verdict.apply):
-            _balance_router_biases(engine.module, step_loads)
+            balance_router_biases(engine.module, step_loads, config.model.router_bias_update_rate)
         if health is not None and verdict is not None:
             health.end_step(step, verdict)
             for event in health.drain_events():
@@ -333,18 +333,6 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     result.model = engine.module
     result.seconds = time.perf_counter() - start
     return result
-
-
-def _balance_router_biases(model: AvaForCausalLM, loads: list[torch.Tensor]) -> None:
-    """aux_loss_free routing: move every MoE layer's expert bias from the step's load on all ranks.
-
-    The loads are summed over ranks (one collective) so every rank applies the
-    same update and the biases, buffers DeepSpeed never synchronises, stay equal.
-    """
-    total = torch.stack(loads)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(total)
-    model.update_router_biases(list(total.unbind()))
 
 
 def _unrecoverable(config: AvaConfig, health: HealthMonitor, step: int) -> str:

@@ -173,11 +173,13 @@ def test_initialisation_uses_initializer_range_and_scales_residual_projections()
     assert abs(model.layers[0].attn.o_proj.weight.std().item() - 0.05 / 4) < 0.002
 
 
-def test_update_router_biases_uses_each_layers_summed_load():
+def test_balance_router_biases_uses_each_layers_summed_load():
+    from ava.train.router_balance import balance_router_biases
+
     model = _model(router_type="aux_loss_free", router_bias_update_rate=0.1)
     out = model(_ids())
     loads = [s.load for s in out.moe_stats]
-    model.update_router_biases(loads)
+    balance_router_biases(model, loads, 0.1)
     for layer, load in zip(model.moe_layers(), loads, strict=True):
         expected = 0.1 * torch.sign(load.float().mean() - load.float())
         torch.testing.assert_close(layer.router.expert_bias, expected)

@@ -165,3 +165,17 @@ def test_lora_trains_only_adapters_and_writes_a_merged_model_and_the_adapter(pip
     assert set(merged) == set(start)  # a plain Ava model: adapters merged in, no peft names
     changed = {k for k in merged if not (merged[k] == start[k]).all()}
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight", "up_proj.weight")) for k in changed)
+
+
+def test_an_aux_loss_free_moe_policy_balances_its_router_in_rl(tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    moe = [a for a in STACK if a not in ("--num_experts", "0")]
+    result = run_rlhf(*moe, "--num_experts", "4", "--num_experts_per_token", "2", "--router_type", "aux_loss_free",
+                      "--rlhf.stages", "[grpo]", "--rlhf.grpo.init_from", "null", "--rlhf.grpo.steps", "3",
+                      "--rlhf.grpo.eval_prompts", "0", "--output_dir", str(run))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    weights = load_file(str(run / "grpo" / "model" / "model.safetensors"))
+    biases = [v for k, v in weights.items() if k.endswith("router.expert_bias")]
+    assert len(biases) == 2 and all(b.abs().sum() > 0 for b in biases)
