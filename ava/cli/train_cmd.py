@@ -101,12 +101,12 @@ def output_dir_for(requested: str | None, run_name: str, resume: bool, allow_exi
             raise ModelInputError(f"--resume needs the --output_dir of the run to continue (got {requested})",
                                   "pass --output_dir RUN_DIR, the directory the interrupted run wrote")
         return Path(requested)
-    if requested is None:
-        return Path("outputs") / run_name
-    path = Path(requested)
+    # The default (outputs/<run_name>) is checked too: a fixed training.run_name names the same directory twice.
+    path = Path(requested) if requested is not None else Path("outputs") / run_name
     if path.exists() and any(path.iterdir()) and not allow_existing:
-        raise ModelInputError(f"--output_dir {path} already holds files; Ava never overwrites a run",
-                              "choose a new --output_dir, or add --resume to continue the run in it")
+        raise ModelInputError(f"the output directory {path} already holds files; Ava never overwrites a run",
+                              "choose a new --output_dir (or training.run_name), or add --resume (with "
+                              "--output_dir) to continue the run in it")
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ava.config.errors import Notice
 from ava.config.schema import DeepSpeedSection, ModelConfig, RLHFConfig
 from ava.config.schema.rlhf import POLICY_STAGES
 
@@ -24,15 +25,45 @@ def check_rlhf(ctx: CheckContext) -> None:
     _stages(ctx, r)
     _batches(ctx, r)
     _rewards(ctx, r)
-    if r.ppo.kl_controller == "adaptive" and r.ppo.kl_target is None:
-        ctx.problem("rlhf.ppo.kl_controller", "the adaptive KL controller steers the KL towards rlhf.ppo.kl_target, "
-                    "which is not set", "set rlhf.ppo.kl_target (e.g. 6.0, nats per sequence) or use "
-                    "kl_controller: fixed", r.ppo.kl_controller)
+    _kl(ctx, r)
+    if r.dpo.loss_type == "ipo" and r.dpo.label_smoothing:
+        ctx.problem("rlhf.dpo.label_smoothing", "applies to the sigmoid (DPO) loss only; IPO regresses the margin "
+                    "to a target and has no labels to smooth", "set label_smoothing: 0, or loss_type: sigmoid",
+                    r.dpo.label_smoothing)
     if ds.ep_size > 1:
         ctx.problem("deepspeed.ep_size", f"is {ds.ep_size}, but RLHF engines do not support expert parallelism",
                     "set deepspeed.ep_size: 1 for RLHF (experts are then replicated or ZeRO-partitioned)", ds.ep_size)
+    _lora(ctx, r, m)
+
+
+def _kl(ctx: CheckContext, r: RLHFConfig) -> None:
+    p = r.ppo
+    if p.kl_controller == "adaptive" and p.kl_target is None:
+        ctx.problem("rlhf.ppo.kl_controller", "the adaptive KL controller steers the KL towards rlhf.ppo.kl_target, "
+                    "which is not set", "set rlhf.ppo.kl_target (e.g. 6.0, nats per sequence) or use "
+                    "kl_controller: fixed", p.kl_controller)
+    if p.kl_controller == "adaptive" and p.kl_coef == 0:
+        ctx.problem("rlhf.ppo.kl_coef", "is 0, and the adaptive controller only ever multiplies it: it would stay 0",
+                    "start from a positive kl_coef (e.g. 0.05), or use kl_controller: fixed", p.kl_coef)
+    if p.kl_controller == "fixed" and p.kl_target is not None:
+        ctx.notices.append(Notice("warning", ctx.where("rlhf.ppo.kl_target"), "rlhf.ppo.kl_target",
+                                  "is only used by kl_controller: adaptive; with fixed it has no effect"))
+
+
+def _lora(ctx: CheckContext, r: RLHFConfig, m: ModelConfig) -> None:
+    if not r.lora.enabled:
+        return
+    if r.lora.dropout and r.disable_dropout:
+        ctx.problem("rlhf.lora.dropout", "rlhf.disable_dropout (on by default) turns every dropout off, this one too, "
+                    "so that rollouts and updates see the same policy", "set rlhf.lora.dropout: 0, or "
+                    "rlhf.disable_dropout: false (then PPO/GRPO ratios start away from 1)", r.lora.dropout)
+    ffn = [t for t in r.lora.target_modules if t in ("gate_proj", "up_proj", "down_proj")]
+    if ffn and m.is_moe and not m.shared_expert_intermediate_size:
+        ctx.problem("rlhf.lora.target_modules", f"{', '.join(ffn)}: this MoE model's FFNs are experts, stacked "
+                    "tensors rather than linear layers, so nothing would be adapted there",
+                    "target the attention layers (q_proj, k_proj, v_proj, o_proj)", r.lora.target_modules)
     unknown = [t for t in r.lora.target_modules if t not in LORA_TARGETS]
-    if r.lora.enabled and unknown:
+    if unknown:
         ctx.problem("rlhf.lora.target_modules", f"{', '.join(map(repr, unknown))} not a linear layer of the Ava "
                     "model (MoE experts are stacked tensors, not linear layers, and take no adapter)",
                     f"choose from {', '.join(LORA_TARGETS)}", r.lora.target_modules)

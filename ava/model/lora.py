@@ -84,6 +84,15 @@ def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str
     return merged
 
 
+def lora_base_state(wrapped: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The non-adapter entries of a LoRA-wrapped state dict, taken from the plain model's state `base`."""
+    out = {}
+    for key in wrapped:
+        if not key.endswith((_A, _B)):
+            out[key] = base[key.replace(".base_layer.", ".")]
+    return out
+
+
 def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Only the adapter tensors of a LoRA-wrapped model's state dict (what `adapter.safetensors` holds)."""
     return {k: v for k, v in state.items() if k.endswith((_A, _B))}

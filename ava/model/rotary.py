@@ -12,7 +12,7 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables for every position up to `max_positions`."""
+    """cos/sin of the rotation angles for the positions asked for (computed per call from `inv_freq`)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
         super().__init__()

@@ -104,22 +104,49 @@ def preference_data(path: str | None, task: Task | None, num: int, holdout: int,
 EncodedPair = tuple[tuple[list[int], int], tuple[list[int], int]]
 
 
-def encoded_preferences(tokenizer: Tokenizer, stage_cfg: Any, task: Task | None, seed: int, setting: str
-                        ) -> tuple[list[EncodedPair], list[EncodedPair]]:
-    """(train, held-out) (chosen, rejected) sequences of a preference stage (reward model or DPO), as ids."""
+@dataclass
+class EncodedPreferences:
+    train: list[EncodedPair]
+    held: list[EncodedPair]
+    dropped: int  # pairs with a sequence longer than max_length, left out
+
+
+def encoded_preferences(tokenizer: Tokenizer, stage_cfg: Any, task: Task | None, seed: int, setting: str,
+                        max_length: int) -> EncodedPreferences:
+    """The (chosen, rejected) sequences of a preference stage (reward model or DPO), as ids.
+
+    A pair with a sequence longer than `max_length` (data.max_length) is left
+    out and counted, as SFT does: fed to the model it would stop the run.
+    """
     train, held = preference_data(stage_cfg.data_path, task, stage_cfg.num_examples, stage_cfg.eval_examples, seed,
                                   setting)
-    return ([(encode(tokenizer, p, c), encode(tokenizer, p, r)) for p, c, r in train],
-            [(encode(tokenizer, p, c), encode(tokenizer, p, r)) for p, c, r in held])
+
+    def fitting(triples: list[tuple[str, str, str]]) -> list[EncodedPair]:
+        pairs = [(encode(tokenizer, p, c), encode(tokenizer, p, r)) for p, c, r in triples]
+        return [pair for pair in pairs if max(len(pair[0][0]), len(pair[1][0])) <= max_length]
+
+    kept_train, kept_held = fitting(train), fitting(held)
+    if not kept_train:
+        raise ModelInputError(f"{setting}: every preference pair is longer than data.max_length = {max_length} tokens",
+                              "raise data.max_length (up to model.max_position_embeddings), or shorten the pairs")
+    return EncodedPreferences(kept_train, kept_held, len(train) + len(held) - len(kept_train) - len(kept_held))
 
 
-def prompt_data(path: str | None, task: Task | None, holdout: int, seed: int,
-                setting: str) -> tuple[PromptSource, list[Prompt]]:
-    """A source of training prompts and the held-out prompts, from a file or from the task."""
+def prompt_data(path: str | None, task: Task | None, holdout: int, seed: int, setting: str, rank: int = 0,
+                world: int = 1) -> tuple[PromptSource, list[Prompt]]:
+    """This rank's source of training prompts, and the held-out prompts, from a file or from the task.
+
+    A file's training prompts are shared out between the ranks (every
+    `world`-th from the `rank`-th), so ranks never answer the same prompt in
+    one epoch; every rank evaluates all held-out prompts.
+    """
     if path is not None:
         rows = read_jsonl(path, ("prompt",), setting, optional=("answer",))
         train, held = split_holdout([Prompt(r["prompt"], r.get("answer")) for r in rows], holdout, setting)
-        return PromptSource(fixed=train), held
+        if len(train) < world:
+            raise ModelInputError(f"{setting}: {len(train)} training prompts cannot be shared by {world} ranks",
+                                  "provide at least one training prompt per rank, or lower eval_prompts")
+        return PromptSource(fixed=train[rank::world]), held
     if task is None:
         raise ModelInputError(f"{setting} is not set and there is no task to generate prompts from",
                               f"set {setting} to a jsonl file of {{\"prompt\": ...}} objects, or set rlhf.task")

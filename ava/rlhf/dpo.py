@@ -27,7 +27,10 @@ def run_dpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
     s, cfg, tok = env.rlhf.dpo, env.config, env.tokenizer
     assert reference is not None
     started = time.perf_counter()
-    encoded, held_encoded = encoded_preferences(tok, s, env.task, env.seed, "rlhf.dpo.data_path")
+    data = encoded_preferences(tok, s, env.task, env.seed, "rlhf.dpo.data_path", cfg.data.max_length)
+    encoded, held_encoded = data.train, data.held
+    if data.dropped:
+        env.note(f"dpo: {data.dropped} pair(s) longer than data.max_length = {cfg.data.max_length} left out")
     batch = s.batch_size or cfg.training.batch_size
     lr = stage_lr(env, s)
     world = env.process.world_size
@@ -62,7 +65,7 @@ def run_dpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
             stats = env.mean_over_ranks({k: sum(w[k] for w in window) / len(window) for k in window[0]}, actor.device)
             first_loss = stats["loss"] if first_loss is None else first_loss
             final_loss = stats["loss"]
-            env.log({"stage": "dpo", "step": step, **stats, "lr": updater.lr, "grad_norm": updater.last_grad_norm})
+            env.log({"stage": "dpo", "step": step, **stats, "lr": updater.last_lr, "grad_norm": updater.last_grad_norm})
             window = []
     after = _evaluate(actor, ref, held_encoded, tok.eos_id, average)
     env.log({"stage": "dpo", "step": s.steps, **after})

@@ -73,9 +73,16 @@ class RoleEngine:
 
 def build_engine(module: nn.Module, cfg: AvaConfig, role: str, zero_stage: int, *, micro_batch: int,
                  world_size: int, learning_rate: float | None = None, trainable: bool = True) -> RoleEngine:
-    """Wrap `module` in a DeepSpeed engine for `role`; a frozen one has no optimizer and no gradients."""
+    """Wrap `module` in a DeepSpeed engine for `role`; a frozen one has no optimizer and no gradients.
+
+    ZeRO stages 1 and 2 partition optimizer state and gradients, which a frozen
+    model has none of (DeepSpeed refuses them without an optimizer): a frozen
+    model under stage 1 or 2 runs as stage 0, whole on every rank, as it would.
+    """
     import deepspeed
 
+    if not trainable and zero_stage in (1, 2):
+        zero_stage = 0
     if zero_stage == 3:
         from ava.model.zero3 import mark_moe_zero3_leaves
 
@@ -113,27 +120,33 @@ def generation_module(role: RoleEngine) -> Iterator[AvaForCausalLM]:
         yield engine.module  # the same AvaForCausalLM, its weights now whole
 
 
-def full_state_dict(role: RoleEngine) -> dict[str, torch.Tensor]:
+def full_state_dict(role: RoleEngine, keep: bool = True) -> dict[str, torch.Tensor]:
     """Every weight of the engine's module, whole and in float32, on the CPU (collective: all ranks call it).
+
+    Ranks that only take part in the gathers pass `keep=False` and get an empty
+    dict, so a large model's full copy is held on one rank only.
 
     Trained weights come from the optimizer's fp32 master copy (exact even in
     bf16), assembled from ZeRO partitions by DeepSpeed's `safe_get_full_fp32_param`;
     frozen weights (a LoRA base, a reference) are gathered from the module.
     """
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     state: dict[str, torch.Tensor] = {}
     for name, param in role.module.named_parameters():
         value = safe_get_full_fp32_param(param) if role.trainable and param.requires_grad else None
-        if value is None:
-            if hasattr(param, "ds_id"):  # ZeRO-3 partitioned: gather it (every rank takes part)
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([param]):
-                    value = param.detach().clone()
-            else:
-                value = param.detach()
-        state[name] = value.float().cpu().clone()
+        if value is not None:
+            if keep:
+                state[name] = value.float().cpu().clone()
+        elif hasattr(param, "ds_id"):  # ZeRO-3 partitioned: gather it (every rank takes part)
+            with deepspeed.zero.GatheredParameters([param]):
+                if keep:
+                    state[name] = param.detach().float().cpu().clone()
+        elif keep:
+            state[name] = param.detach().float().cpu().clone()
+    if not keep:
+        return {}
     persistent = set(role.module.state_dict(keep_vars=True))  # names only; buffers are never partitioned
     for name, buffer in role.module.named_buffers():
         if name in persistent:

@@ -23,7 +23,11 @@ EVAL_CHUNK = 64  # prompts per generate call: bounds the KV cache on long evalua
 @torch.no_grad()
 def evaluate_prompts(actor: RoleEngine, prompts: list[Prompt], tokenizer: Tokenizer, generation: GenerationConfig,
                      scorer: Scorer | None) -> dict:
-    """`eval_reward` (mean score of greedy answers), `eval_exact` (share scoring 1.0), lengths and a few samples."""
+    """`eval_reward` (mean score of greedy answers), `eval_exact` (share scoring 1.0), lengths and a few samples.
+
+    No reward is reported when the scorer compares with reference answers and
+    some held-out prompt has none.
+    """
     if not prompts:
         return {}
     was_training = actor.engine.training
@@ -41,7 +45,7 @@ def evaluate_prompts(actor: RoleEngine, prompts: list[Prompt], tokenizer: Tokeni
     out: dict = {"eval_response_length": sum(lengths) / len(lengths)}
     samples: list[dict[str, str | float]] = [
         {"prompt": p.text, "response": r} for p, r in zip(prompts[:SHOWN_SAMPLES], responses, strict=False)]
-    if scorer is not None:
+    if scorer is not None and not (scorer.needs_answers and any(p.answer is None for p in prompts)):
         scores = scorer([p.text for p in prompts], responses, [p.answer for p in prompts])
         out["eval_reward"] = sum(scores) / len(scores)
         out["eval_exact"] = sum(s >= 1.0 for s in scores) / len(scores)

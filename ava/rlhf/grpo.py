@@ -40,7 +40,8 @@ def run_grpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | 
     if scorer is None:
         raise StageFailed("grpo needs a programmatic reward: set rlhf.reward_function or rlhf.task")
     started = time.perf_counter()
-    source, held = prompt_data(g.prompts_path, env.task, g.eval_prompts, env.seed, "rlhf.grpo.prompts_path")
+    source, held = prompt_data(g.prompts_path, env.task, g.eval_prompts, env.seed, "rlhf.grpo.prompts_path",
+                               env.process.rank, env.process.world_size)
     world, mini, group = env.process.world_size, g.mini_batch_size, g.num_generations
     completions = g.prompts_per_step * group
     lr = stage_lr(env, g)
@@ -55,8 +56,9 @@ def run_grpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | 
              f"reference {ref.zero_stage}")
     before = evaluate_prompts(actor, held, tok, env.rlhf.generation, scorer)
     env.log({"stage": "grpo", "step": 0, **before})
-    randomness = RolloutRandomness.for_rank(env.seed, env.process.rank, actor.device)
+    randomness = RolloutRandomness.for_rank(env.seed, env.process.rank, actor.device, "grpo")
     timer = Timer()
+    temperature = env.rlhf.generation.temperature
     rewards_per_step: list[float] = []
     window: list[dict[str, float]] = []
     for step in range(1, g.steps + 1):
@@ -71,8 +73,8 @@ def run_grpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | 
             scores = torch.tensor(scorer([p.text for p in prompts], rollout.responses, [p.answer for p in prompts]),
                                   dtype=torch.float32, device=ids.device)
             advantages = group_advantages(scores, group, g.scale_rewards)[:, None].expand_as(mask)
-            old_logp, _, _ = policy_logprobs(actor, ids)
-            ref_logp, _, _ = policy_logprobs(ref, ids)
+            old_logp, _, _ = policy_logprobs(actor, ids, temperature=temperature)
+            ref_logp, _, _ = policy_logprobs(ref, ids, temperature=temperature)
             flat_groups = float((scores.reshape(-1, group).std(dim=1) == 0).float().mean())
         with timer.phase("training"):
             actor.engine.train()
@@ -80,7 +82,8 @@ def run_grpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | 
                 order = torch.randperm(completions, generator=randomness.shuffle).to(ids.device)
                 for chunk in order.split(mini):
                     m = mask[chunk]
-                    logp, entropy, router = policy_logprobs(actor, ids[chunk], entropy=True)
+                    logp, entropy, router = policy_logprobs(actor, ids[chunk], entropy=True,
+                                                            temperature=temperature)
                     assert entropy is not None
                     pg, clip_frac, approx_kl = ppo_policy_loss(logp, old_logp[chunk], advantages[chunk], m,
                                                                g.clip_range, g.loss_aggregation)
@@ -102,7 +105,7 @@ def run_grpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | 
                 1, sum("flat_groups" in w for w in window))
             spent = sum(timer.totals.values())
             env.log({"stage": "grpo", "step": step, **stats, **env.mean_over_ranks(means, actor.device),
-                     "lr": updater.lr, "grad_norm": updater.last_grad_norm,
+                     "lr": updater.last_lr, "grad_norm": updater.last_grad_norm,
                      "generation_share": timer.totals.get("generation", 0.0) / spent if spent else None})
             window = []
     after = evaluate_prompts(actor, held, tok, env.rlhf.generation, scorer)

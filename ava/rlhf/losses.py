@@ -7,6 +7,7 @@ masked-out positions never leak into a result, even when they hold inf/NaN.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -150,11 +151,12 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: Literal["k
     k1 = logp - ref: unbiased, high variance, can be negative.
     k2 = 0.5 * (logp - ref)^2: biased, low variance, >= 0.
     k3 = exp(ref - logp) - (ref - logp) - 1: unbiased and >= 0. Written as
-    expm1(r) - r so that small r does not round to a negative value, with
-    r = ref - logp clamped to [-20, 20]: exp(r) overflows float32 beyond ~88
-    (half precision much sooner), and one token with an extreme ratio would
-    otherwise give an inf penalty and gradient; e^20 keeps it finite (and the
-    clamp passes no gradient outside that range).
+    expm1(r) - r (r = ref - logp) so that small r does not round to a negative
+    value. Beyond r = 20 it continues as its tangent line at 20: exp(r)
+    overflows float32 beyond ~88 (half precision much sooner), and one token
+    the policy finds far less likely than the reference would otherwise give
+    an inf penalty; the tangent keeps value and gradient finite, increasing
+    and pointing back towards the reference. For r < 0 it is exact (about -r).
     """
     log_ratio = logp - ref_logp
     if estimator == "k1":
@@ -162,8 +164,10 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: Literal["k
     if estimator == "k2":
         return 0.5 * log_ratio.square()
     if estimator == "k3":
-        r = (-log_ratio).clamp(-_K3_LOG_RATIO_BOUND, _K3_LOG_RATIO_BOUND)
-        return (torch.expm1(r) - r).clamp(min=0)
+        r = -log_ratio
+        bounded = r.clamp(max=_K3_LOG_RATIO_BOUND)
+        beyond = (r - _K3_LOG_RATIO_BOUND).clamp(min=0)  # the tangent's run past the bound
+        return (torch.expm1(bounded) - bounded + beyond * math.expm1(_K3_LOG_RATIO_BOUND)).clamp(min=0)
     raise ValueError(f"kl_penalty: unknown estimator {estimator!r}; use 'k1', 'k2' or 'k3'")
 
 

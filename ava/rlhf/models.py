@@ -93,12 +93,53 @@ def is_value_model(directory: Path) -> bool:
     return (directory / VALUE_HEAD_FILE).is_file()
 
 
+def _require_kind(directory: Path, setting: str, value: bool) -> None:
+    if value and not is_value_model(directory):
+        raise ModelInputError(f"{setting}: {directory} has no {VALUE_HEAD_FILE}, so it is not a reward model",
+                              "train one with the reward stage (rlhf.stages: [reward]) and point at its model/")
+    if not value and is_value_model(directory):
+        raise ModelInputError(f"{setting}: {directory} holds a reward model (a scalar head), not a policy",
+                              "point it at the policy: the sft/ (or dpo/, ppo/, grpo/) stage's model, or a training run")
+
+
+def check_model_dir(path: str | Path, setting: str, value: bool = False) -> Path:
+    """Check a policy (or, with `value`, a reward model) directory without reading its weights.
+
+    The config must validate and the weight file's tensor names and shapes
+    must be the model's (read from the safetensors header; the model is built
+    on the meta device), so a pipeline can check every model it will load, on
+    every rank, in moments, whatever their size.
+    """
+    from safetensors import safe_open
+
+    directory = model_dir(path, setting)
+    _require_kind(directory, setting, value)
+    config = load_model_config(directory)
+    with torch.device("meta"):
+        model: nn.Module = AvaValueModel(config).trunk if value else AvaForCausalLM(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    try:
+        with safe_open(str(directory / WEIGHTS_FILE), "pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k != "lm_head.weight"
+                     or not config.tie_word_embeddings}
+    except Exception as exc:  # a missing, truncated or corrupt file: safetensors' own error types
+        raise ModelInputError(f"{setting}: {directory / WEIGHTS_FILE} cannot be read ({exc})",
+                              "restore the model directory, or re-export it") from exc
+    if found != expected:
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        shapes = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
+        raise ModelInputError(f"{setting}: the weights in {directory} do not match its {CONFIG_FILE} (missing "
+                              f"{missing[:3]}, unexpected {extra[:3]}, other shapes {shapes[:3]})",
+                              "keep ava_model.yaml beside the weights it was written with")
+    return directory
+
+
 def load_policy(path: str | Path, setting: str) -> AvaForCausalLM:
     """The causal LM in `path`; a reward-model directory is refused by name."""
     directory = model_dir(path, setting)
-    if is_value_model(directory):
-        raise ModelInputError(f"{setting}: {directory} holds a reward model (a scalar head), not a policy",
-                              "point it at the policy: the sft/ (or dpo/, ppo/, grpo/) stage's model, or a training run")
+    _require_kind(directory, setting, value=False)
     return load_model_dir(directory)
 
 
@@ -107,9 +148,7 @@ def load_value_model(path: str | Path, setting: str) -> AvaValueModel:
     from safetensors.torch import load_file
 
     directory = model_dir(path, setting)
-    if not is_value_model(directory):
-        raise ModelInputError(f"{setting}: {directory} has no {VALUE_HEAD_FILE}, so it is not a reward model",
-                              "train one with the reward stage (rlhf.stages: [reward]) and point at its model/")
+    _require_kind(directory, setting, value=True)
     model = AvaValueModel(load_model_config(directory))
     try:
         trunk, head = load_file(str(directory / WEIGHTS_FILE)), load_file(str(directory / VALUE_HEAD_FILE))

@@ -26,10 +26,10 @@ from ava.config.schema import AvaConfig
 from ava.data.tokenizer import ByteTokenizer, Tokenizer, check_vocab, load_tokenizer
 from ava.model import AvaForCausalLM
 from ava.model.errors import ModelInputError
-from ava.model.lora import adapter_state, apply_lora, merge_lora_state, parameter_report
+from ava.model.lora import adapter_state, apply_lora, lora_base_state, merge_lora_state, parameter_report
 from ava.rlhf.engines import RoleEngine, full_state_dict
-from ava.rlhf.models import disable_dropout, load_policy, model_dir, save_policy, save_value_model
-from ava.rlhf.rewards import Scorer, make_scorer
+from ava.rlhf.models import check_model_dir, disable_dropout, load_policy, model_dir, save_policy, save_value_model
+from ava.rlhf.rewards import Scorer, make_scorer, task_reward
 from ava.rlhf.stage import StageEnv, StageFailed, StageResult
 from ava.rlhf.tasks import Task, make_task
 from ava.train.distributed import ProcessInfo
@@ -107,20 +107,21 @@ def run_pipeline(plan: PipelinePlan, out_dir: Path, process: ProcessInfo, log: C
         stage_dir = out_dir / stage
         done = stage_complete(stage_dir) if resume else None
         if done is not None:
+            _same_settings(done, _settings(r, stage), stage, stage_dir)
             note(f"{stage}: already completed in {stage_dir} (resume): using its model")
             result.stages.append(done)
         else:
             env = StageEnv(cfg, process, tokenizer, task, stage_dir, seed, log, note)
             start = _start_model(r, stage, policies, latest)
-            ppo_rm = _ppo_reward_model(r, reward_model, out_dir, note) if stage == "ppo" else None
+            ppo_reward = _ppo_reward(r, reward_model, out_dir, task, scorer) if stage == "ppo" else None
             try:
-                stage_result, engine, scaling = _run_stage(env, stage, start, scorer, ppo_rm)
+                stage_result, engine, scaling = _run_stage(env, stage, start, scorer, ppo_reward)
             except StageFailed as exc:
                 stage_result, engine, scaling = StageResult(stage, status="failed", failure=str(exc)), None, None
             if engine is not None:
-                _save(engine, stage_dir / "model", stage, scaling, process)
+                _save(engine, stage_dir / "model", stage, scaling, process, start)
                 stage_result.model_dir = stage_dir / "model"
-            summary = _write_summary(stage_result, stage_dir, process, start)
+            summary = _write_summary(stage_result, stage_dir, process, start, _settings(r, stage))
             result.stages.append(summary)
             del engine
             gc.collect()
@@ -135,7 +136,7 @@ def run_pipeline(plan: PipelinePlan, out_dir: Path, process: ProcessInfo, log: C
     return result
 
 
-def _run_stage(env: StageEnv, stage: str, start: Path | None, scorer: Scorer | None, ppo_reward_model: Path | None
+def _run_stage(env: StageEnv, stage: str, start: Path | None, scorer: Scorer | None, ppo_reward: PPOReward | None
                ) -> tuple[StageResult, RoleEngine, float | None]:
     """Build the stage's starting model(s) and run it; returns the result, the engine to save, LoRA's scaling."""
     from ava.rlhf.dpo import run_dpo
@@ -158,7 +159,8 @@ def _run_stage(env: StageEnv, stage: str, start: Path | None, scorer: Scorer | N
     elif stage == "dpo":
         result, engine = run_dpo(env, policy, reference)
     elif stage == "ppo":
-        result, engine = run_ppo(env, policy, reference, scorer, ppo_reward_model)
+        assert ppo_reward is not None
+        result, engine = run_ppo(env, policy, reference, scorer, ppo_reward.scorer, ppo_reward.model)
     else:
         result, engine = run_grpo(env, policy, reference, scorer)
     return result, engine, scaling
@@ -167,30 +169,61 @@ def _run_stage(env: StageEnv, stage: str, start: Path | None, scorer: Scorer | N
 def preflight(cfg: AvaConfig, tokenizer: Tokenizer, task: Task) -> None:
     """Open every model directory and data file the stages will read; any problem is a ModelInputError now."""
     from ava.rlhf.data import read_jsonl
-    from ava.rlhf.models import load_value_model
 
     r = cfg.rlhf
     assert r is not None
     if r.policy_path:
-        load_policy(r.policy_path, "rlhf.policy_path")
+        check_model_dir(r.policy_path, "rlhf.policy_path")
     if r.reward_model_path:
-        load_value_model(r.reward_model_path, "rlhf.reward_model_path")
+        check_model_dir(r.reward_model_path, "rlhf.reward_model_path", value=True)
     files = {"sft": ("data_path", ("prompt", "response"), ()), "reward": ("data_path", ("prompt", "chosen", "rejected"), ()),
-             "dpo": ("data_path", ("prompt", "chosen", "rejected"), ()), "ppo": ("prompts_path", ("prompt",), ("answer",)),
-             "grpo": ("prompts_path", ("prompt",), ("answer",))}
+             "dpo": ("data_path", ("prompt", "chosen", "rejected"), ())}
     for stage in r.stages:
         section = getattr(r, stage)
         if section.init_from is not None and section.init_from not in ("sft", "reward", "dpo", "ppo", "grpo"):
-            load_policy(section.init_from, f"rlhf.{stage}.init_from")
-        key, fields, optional = files[stage]
-        if getattr(section, key) is not None:
+            check_model_dir(section.init_from, f"rlhf.{stage}.init_from")
+        if stage in files and getattr(section, files[stage][0]) is not None:
+            key, fields, optional = files[stage]
             read_jsonl(getattr(section, key), fields, f"rlhf.{stage}.{key}", optional)
-    prompt = len(tokenizer.encode(task.sample(random.Random(0)).prompt))
-    limit = cfg.model.max_position_embeddings
-    if any(s in r.stages for s in ("ppo", "grpo")) and prompt + r.generation.max_new_tokens > limit:
-        raise ModelInputError(f"rlhf.generation.max_new_tokens = {r.generation.max_new_tokens} after a {prompt}-token "
-                              f"'{task.name}' prompt exceeds model.max_position_embeddings = {limit}",
-                              f"set rlhf.generation.max_new_tokens <= {limit - prompt}")
+        elif stage in ("ppo", "grpo"):
+            _check_prompts(cfg, stage, tokenizer, task)
+
+
+def _check_prompts(cfg: AvaConfig, stage: str, tokenizer: Tokenizer, task: Task) -> None:
+    """Every prompt an RL stage will answer fits the context with its response, and has an answer if scored by one."""
+    from ava.rlhf.data import read_jsonl
+
+    r = cfg.rlhf
+    assert r is not None
+    path = getattr(r, stage).prompts_path
+    setting = f"rlhf.{stage}.prompts_path"
+    rows = (read_jsonl(path, ("prompt",), setting, ("answer",)) if path is not None
+            else [{"prompt": task.sample(random.Random(0)).prompt, "answer": ""}])
+    limit, new = cfg.model.max_position_embeddings, r.generation.max_new_tokens
+    for number, row in enumerate(rows, 1):
+        length = len(tokenizer.encode(row["prompt"]))
+        if length + new > limit:
+            where = f"{path} line {number}: a {length}-token prompt" if path else f"a {length}-token '{task.name}' prompt"
+            raise ModelInputError(f"rlhf.generation.max_new_tokens = {new} after {where} exceeds "
+                                  f"model.max_position_embeddings = {limit}",
+                                  f"set rlhf.generation.max_new_tokens <= {limit - length}, or shorten the prompts")
+    if path is not None and _scored_by_task(r, stage):
+        unanswered = [n for n, row in enumerate(rows, 1) if row.get("answer") is None]
+        if unanswered:
+            raise ModelInputError(f"{setting}: {path} line {unanswered[0]} (and {len(unanswered) - 1} more) has no "
+                                  f"\"answer\", but the rewards come from the '{task.name}' task's scorer, which "
+                                  "compares with it", "add an \"answer\" to every prompt, or set rlhf.reward_function "
+                                  "(or a reward model) to score without one")
+
+
+def _scored_by_task(r: Any, stage: str) -> bool:
+    """Whether the stage's rollouts are scored by the task's scorer (which needs each prompt's answer)."""
+    if stage == "grpo":
+        return r.reward_function is None
+    source = r.ppo.reward_source
+    has_model = r.reward_model_path is not None or ("reward" in r.stages
+                                                    and r.stages.index("reward") < r.stages.index("ppo"))
+    return source == "task" or (source == "auto" and r.reward_function is None and not has_model)
 
 
 def _start_model(r: Any, stage: str, policies: dict[str, Path], latest: Path | None) -> Path | None:
@@ -210,7 +243,7 @@ def _load_or_fresh(cfg: AvaConfig, start: Path | None, seed: int, note: Callable
     if stage in ("ppo", "grpo", "dpo"):
         note(f"warning: {stage} starts from a freshly initialised model: run sft first, or set rlhf.policy_path, "
              "for rewards that can move")
-    torch.manual_seed(seed)  # every rank builds the same weights (ZeRO-3 keeps each rank's own slice)
+    torch.manual_seed(seed)  # the same weights on every rank (DeepSpeed also broadcasts rank 0's)
     return AvaForCausalLM(cfg.model)
 
 
@@ -224,37 +257,84 @@ def _lora(cfg: AvaConfig, policy: AvaForCausalLM, note: Callable[[str], None], s
     return scaling
 
 
-def _ppo_reward_model(r: Any, given: Path | None, out_dir: Path, note: Callable[[str], None]) -> Path | None:
-    """The reward model PPO scores with, or None when it scores with a function or the task."""
+@dataclass
+class PPOReward:
+    """What PPO's rollouts are scored with: a reward model directory, or else a scorer."""
+
+    model: Path | None
+    scorer: Scorer | None
+
+
+def _ppo_reward(r: Any, given: Path | None, out_dir: Path, task: Task, scorer: Scorer | None) -> PPOReward:
+    """`reward_source` resolved: auto takes the reward function, else a reward model, else the task's scorer."""
     source = r.ppo.reward_source
     trained = out_dir / "reward" / "model" if "reward" in r.stages[: r.stages.index("ppo")] else None
     model = trained or given
     if source == "model" or (source == "auto" and r.reward_function is None and model is not None):
-        note(f"ppo: rewards from the reward model in {model}")
-        return model
-    return None
+        return PPOReward(model, None)
+    if source == "task":
+        return PPOReward(None, Scorer(task_reward(task), f"the {task.name} task's scorer", needs_answers=True))
+    return PPOReward(None, scorer)
 
 
-def _save(engine: RoleEngine, directory: Path, stage: str, lora_scaling: float | None, process: ProcessInfo) -> None:
-    """Consolidate the trained weights (collective) and write them on rank 0."""
-    state = full_state_dict(engine)
+def _save(engine: RoleEngine, directory: Path, stage: str, lora_scaling: float | None, process: ProcessInfo,
+          start: Path | None) -> None:
+    """Consolidate the trained weights (collective) and write them on rank 0.
+
+    With LoRA, the adapters come from the optimizer's fp32 master copy and the
+    frozen base weights from the starting model's file: the engine's copy of
+    the base may have been cast to bf16, and merging onto it would round a
+    model nobody trained.
+    """
+    state = full_state_dict(engine, keep=process.rank == 0)
     if process.rank != 0:
         return
     config = engine.model_config
     if stage == "reward":
         save_value_model(state, config, directory)
         return
+    adapter_file = directory / "adapter.safetensors"
     if lora_scaling is not None:
         from safetensors.torch import save_file
 
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in adapter_state(state).items()}, str(directory / "adapter.safetensors"))
+        adapters = adapter_state(state)
+        save_file({k: v.contiguous() for k, v in adapters.items()}, str(adapter_file))
+        if start is not None:
+            state = {**lora_base_state(state, load_policy(start, "the stage's starting model").state_dict()),
+                     **adapters}
         state = merge_lora_state(state, lora_scaling)
+    elif adapter_file.exists():
+        adapter_file.unlink()  # from an earlier LoRA attempt at this stage: it does not belong to this model
     save_policy(state, config, directory)
 
 
-def _write_summary(result: StageResult, stage_dir: Path, process: ProcessInfo, start: Path | None) -> dict[str, Any]:
+def _settings(r: Any, stage: str) -> dict[str, Any]:
+    """What a completed stage's model depends on, beside its starting model: compared on --resume."""
+    return {stage: getattr(r, stage).model_dump(), "task": r.task.model_dump(), "lora": r.lora.model_dump(),
+            "generation": r.generation.model_dump(), "reward_function": r.reward_function}
+
+
+def _same_settings(done: dict[str, Any], now: dict[str, Any], stage: str, stage_dir: Path) -> None:
+    before = done.get("settings")
+    if before is None or before == now:
+        return
+    changed = []
+    for section, values in now.items():
+        old = before.get(section)
+        if isinstance(values, dict) and isinstance(old, dict):
+            changed += [f"{section}.{k}: {old.get(k)!r} -> {v!r}" for k, v in values.items() if old.get(k) != v]
+        elif old != values:
+            changed.append(f"{section}: {old!r} -> {values!r}")
+    raise ModelInputError(f"--resume: the {stage} stage in {stage_dir} completed with other settings "
+                          f"(rlhf.{'; rlhf.'.join(changed)}), so its model is not what this config "
+                          "asks for", "resume with the settings it ran with, or start a new --output_dir")
+
+
+def _write_summary(result: StageResult, stage_dir: Path, process: ProcessInfo, start: Path | None,
+                   settings: dict[str, Any]) -> dict[str, Any]:
     summary = {"stage": result.stage, "status": result.status, "steps": result.steps, "seconds": result.seconds,
+               "settings": settings,
                "started_from": str(start) if start else "a fresh model",
                "model_dir": str(result.model_dir) if result.model_dir else None,
                **({"failure": result.failure} if result.failure else {}),

@@ -21,7 +21,7 @@ from ava.rlhf.engines import RoleEngine, build_engine, generation_module
 from ava.rlhf.evaluation import evaluate_prompts
 from ava.rlhf.kl_control import make_kl_controller
 from ava.rlhf.losses import gae, kl_penalty, masked_mean, masked_sum, masked_whiten, ppo_policy_loss, value_loss
-from ava.rlhf.models import load_value_model, value_model_from_policy
+from ava.rlhf.models import disable_dropout, load_value_model, value_model_from_policy
 from ava.rlhf.rewards import Scorer
 from ava.rlhf.rollout import Rollout, policy_logprobs, sample_responses, sequence_scores, token_values
 from ava.rlhf.stage import (
@@ -57,20 +57,29 @@ class RunningMoments:
         return max(self.var, 1e-8) ** 0.5
 
 
-def run_ppo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | None, scorer: Scorer | None,
-            reward_model: Path | None) -> tuple[StageResult, RoleEngine]:
+def run_ppo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | None, eval_scorer: Scorer | None,
+            scorer: Scorer | None, reward_model: Path | None) -> tuple[StageResult, RoleEngine]:
+    """PPO from `policy`; rollouts are scored by `reward_model` when given, else by `scorer`.
+
+    Held-out prompts are always judged by `eval_scorer` (the reward function or
+    the task's scorer), so a reward model's progress is measured against the
+    thing it stands in for.
+    """
     s, cfg, tok = env.rlhf.ppo, env.config, env.tokenizer
     assert reference is not None
     started = time.perf_counter()
     if reward_model is None and scorer is None:
         raise StageFailed("ppo has no reward: set rlhf.reward_function, rlhf.reward_model_path or rlhf.task")
-    source, held = prompt_data(s.prompts_path, env.task, s.eval_prompts, env.seed, "rlhf.ppo.prompts_path")
+    source, held = prompt_data(s.prompts_path, env.task, s.eval_prompts, env.seed, "rlhf.ppo.prompts_path",
+                               env.process.rank, env.process.world_size)
     world, mini = env.process.world_size, s.mini_batch_size
     lr = stage_lr(env, s)
     critic_lr = s.critic_learning_rate or lr
     # The critic starts as the reward model when there is one (it already reads responses), else as the policy.
     critic_model = (load_value_model(reward_model, "reward model") if reward_model is not None
                     else value_model_from_policy(reference))
+    if env.rlhf.disable_dropout:  # the critic's rollout values and its updates must see one function too
+        disable_dropout(critic_model)
     actor = build_engine(policy, cfg, "actor", env.zero_stage("actor"), micro_batch=mini, world_size=world,
                          learning_rate=lr)
     critic = build_engine(critic_model, cfg, "critic", env.zero_stage("critic"), micro_batch=mini, world_size=world,
@@ -89,10 +98,11 @@ def run_ppo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
              f"{s.rollout_batch_size // mini} mini batch(es); reward: {reward_name}; KL {s.kl_estimator} x "
              f"{s.kl_coef:g} ({s.kl_controller}); ZeRO stages actor {actor.zero_stage} / critic {critic.zero_stage} / "
              f"reference {ref.zero_stage}" + (f" / reward {rm.zero_stage}" if rm else ""))
-    before = evaluate_prompts(actor, held, tok, env.rlhf.generation, scorer)
+    before = evaluate_prompts(actor, held, tok, env.rlhf.generation, eval_scorer)
     env.log({"stage": "ppo", "step": 0, **before})
-    randomness = RolloutRandomness.for_rank(env.seed, env.process.rank, actor.device)
+    randomness = RolloutRandomness.for_rank(env.seed, env.process.rank, actor.device, "ppo")
     timer = Timer()
+    temperature = env.rlhf.generation.temperature
     rewards_per_step: list[float] = []
     window: list[dict[str, float]] = []
     for step in range(1, s.steps + 1):
@@ -103,9 +113,10 @@ def run_ppo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
                 rollout = sample_responses(module, prompts, tok, env.rlhf.generation, randomness.sampling,
                                            actor.device)
         with timer.phase("scoring"), torch.no_grad():
+            critic.engine.eval()
             ids, mask = rollout.batch.input_ids, rollout.batch.response_mask
-            old_logp, _, _ = policy_logprobs(actor, ids)
-            ref_logp, _, _ = policy_logprobs(ref, ids)
+            old_logp, _, _ = policy_logprobs(actor, ids, temperature=temperature)
+            ref_logp, _, _ = policy_logprobs(ref, ids, temperature=temperature)
             old_values, _ = token_values(critic, ids)
             scores = _scores(rollout, rm, scorer)
             shaped = _shape_scores(env, scores, moments, s.normalize_rewards, s.reward_clip)
@@ -124,7 +135,8 @@ def run_ppo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
                 for chunk in order.split(mini):
                     m = mask[chunk]
                     logp, entropy, router = policy_logprobs(actor, ids[chunk], entropy=True,
-                                                            entropy_grad=s.entropy_coef > 0)
+                                                            entropy_grad=s.entropy_coef > 0,
+                                                            temperature=temperature)
                     assert entropy is not None
                     pg, clip_frac, approx_kl = ppo_policy_loss(logp, old_logp[chunk], advantages[chunk], m,
                                                                s.clip_range)
@@ -145,11 +157,11 @@ def run_ppo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
                                                actor.device)
             spent = sum(timer.totals.values())
             env.log({"stage": "ppo", "step": step, **stats, **updates_mean, "kl_coef": kl_ctl.value,
-                     "lr": actor_up.lr, "grad_norm": actor_up.last_grad_norm,
+                     "lr": actor_up.last_lr, "grad_norm": actor_up.last_grad_norm,
                      "critic_grad_norm": critic_up.last_grad_norm,
                      "generation_share": timer.totals.get("generation", 0.0) / spent if spent else None})
             window = []
-    after = evaluate_prompts(actor, held, tok, env.rlhf.generation, scorer)
+    after = evaluate_prompts(actor, held, tok, env.rlhf.generation, eval_scorer)
     env.log({"stage": "ppo", "step": s.steps, **after})
     summary = reward_curve_summary(rewards_per_step, timer, before, after)
     health = {"actor": actor_up.health.summary() if actor_up.health else None,

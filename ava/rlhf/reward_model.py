@@ -27,7 +27,10 @@ def run_reward(env: StageEnv, init: AvaForCausalLM) -> tuple[StageResult, RoleEn
     """Train a reward model whose trunk starts as `init`; returns the result and its engine."""
     s, cfg, tok = env.rlhf.reward, env.config, env.tokenizer
     started = time.perf_counter()
-    encoded, held_encoded = encoded_preferences(tok, s, env.task, env.seed, "rlhf.reward.data_path")
+    data = encoded_preferences(tok, s, env.task, env.seed, "rlhf.reward.data_path", cfg.data.max_length)
+    encoded, held_encoded = data.train, data.held
+    if data.dropped:
+        env.note(f"reward: {data.dropped} pair(s) longer than data.max_length = {cfg.data.max_length} left out")
     batch = s.batch_size or cfg.training.batch_size
     lr = stage_lr(env, s)
     model = value_model_from_policy(init, head_std=head_std_for(cfg.model.hidden_size))
@@ -55,7 +58,7 @@ def run_reward(env: StageEnv, init: AvaForCausalLM) -> tuple[StageResult, RoleEn
                                          "margin": sum(w[2] for w in window) / n}, device)
             first_loss = stats["loss"] if first_loss is None else first_loss
             final_loss = stats["loss"]
-            env.log({"stage": "reward", "step": step, **stats, "lr": updater.lr, "grad_norm": updater.last_grad_norm})
+            env.log({"stage": "reward", "step": step, **stats, "lr": updater.last_lr, "grad_norm": updater.last_grad_norm})
             window = []
     after = _evaluate(critic, held_encoded, tok.eos_id)
     env.log({"stage": "reward", "step": s.steps, **after})

@@ -165,8 +165,9 @@ def score_responses(fn: RewardFunction, prompts: Sequence[str], responses: Seque
 class Scorer:
     """A reward function bound to its name: scores responses to prompts that may carry reference answers."""
 
-    def __init__(self, fn: RewardFunction, name: str) -> None:
+    def __init__(self, fn: RewardFunction, name: str, needs_answers: bool = False) -> None:
         self.fn, self.name = fn, name
+        self.needs_answers = needs_answers  # a task's scorer compares with each prompt's reference answer
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str], answers: Sequence[str | None]) -> list[float]:
         return score_responses(self.fn, prompts, responses, answers, self.name)
@@ -177,5 +178,5 @@ def make_scorer(spec: str | None, task: Task | None) -> Scorer | None:
     if spec is not None:
         return Scorer(load_reward_function(spec), spec)
     if task is not None:
-        return Scorer(task_reward(task), f"the {task.name} task's scorer")
+        return Scorer(task_reward(task), f"the {task.name} task's scorer", needs_answers=True)
     return None

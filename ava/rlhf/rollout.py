@@ -61,15 +61,18 @@ def sample_responses(model: AvaForCausalLM, prompts: list[Prompt], tokenizer: To
         ended=torch.tensor([bool(r) and r[-1] == eos for r in responses], device=device))
 
 
-def policy_logprobs(role: RoleEngine, input_ids: torch.Tensor, entropy: bool = False, entropy_grad: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def policy_logprobs(role: RoleEngine, input_ids: torch.Tensor, entropy: bool = False, entropy_grad: bool = False,
+                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-token log-probs (B, T-1) of `input_ids` under the policy, its entropy if asked, and the router loss.
 
-    The entropy carries gradient only with `entropy_grad` (an entropy bonus in the loss).
+    With `temperature` the distribution is the one rollouts were sampled from
+    (logits / T), so PPO's ratios and the KL compare the sampling policy (as
+    TRL does). The entropy carries gradient only with `entropy_grad`.
     """
     out = role.forward(input_ids)
-    logp = token_logprobs(out.logits, input_ids)
-    ent = token_entropy(out.logits if entropy_grad else out.logits.detach()) if entropy else None
+    logits = out.logits if temperature == 1.0 else out.logits / temperature
+    logp = token_logprobs(logits, input_ids)
+    ent = token_entropy(logits if entropy_grad else logits.detach()) if entropy else None
     return logp, ent, out.router_loss
 
 

@@ -56,7 +56,7 @@ def run_sft(env: StageEnv, policy: AvaForCausalLM, scorer: Scorer | None) -> tup
         if step % s.logging_steps == 0 or step == s.steps:
             stats = env.mean_over_ranks({"loss": float(torch.stack(losses[-s.logging_steps:]).mean())}, device)
             elapsed = time.perf_counter() - window
-            env.log({"stage": "sft", "step": step, **stats, "lr": updater.lr, "grad_norm": updater.last_grad_norm,
+            env.log({"stage": "sft", "step": step, **stats, "lr": updater.last_lr, "grad_norm": updater.last_grad_norm,
                      "response_tokens_per_s": tokens / elapsed if elapsed > 0 else None})
             window, tokens = time.perf_counter(), 0
     after = _evaluate(env, actor, held_rows, held_prompts, scorer)
@@ -84,5 +84,5 @@ def _evaluate(env: StageEnv, actor: RoleEngine, held, prompts: list[Prompt], sco
         n = int((labels[:, 1:] != IGNORE_INDEX).sum())
         total, count = total + float(out.lm_loss) * n, count + n
     actor.engine.train()
-    return {"eval_loss": total / max(count, 1),
+    return {"eval_loss": total / count if count else None,
             **evaluate_prompts(actor, prompts, env.tokenizer, env.rlhf.generation, scorer)}

@@ -100,16 +100,19 @@ class Updater:
         self.skipped = 0
         self.balances = role.collects_loads  # the same on every rank: the collective stays matched
         self.last_grad_norm: float | None = None
+        self.last_lr = 0.0  # the LR the last update used (what a log record shows)
 
     @property
     def lr(self) -> float:
+        """The LR of the next update (the schedule is 0-based, as in pre-training)."""
         return self.schedule.lr(self.updates) * (self.health.lr_scale if self.health else 1.0)
 
     def step(self, loss: torch.Tensor) -> bool:
         """Backward `loss` and take one optimizer step; False when the health gate skipped the update."""
         engine = self.role.engine
+        self.last_lr = self.lr
+        set_lr(engine, self.last_lr)
         self.updates += 1
-        set_lr(engine, self.lr)
         if self.health is not None:
             set_clip(engine, self.health.clip_value(self.updates))
         engine.backward(loss)
@@ -184,10 +187,12 @@ class RolloutRandomness:
     shuffle: torch.Generator
 
     @classmethod
-    def for_rank(cls, seed: int, rank: int, device: torch.device) -> RolloutRandomness:
-        base = seed * 1000003 + rank
+    def for_rank(cls, seed: int, rank: int, device: torch.device, stage: str) -> RolloutRandomness:
+        """Differs by rank and by stage (PPO and GRPO in one pipeline draw different prompts)."""
+        salt = sum(ord(c) * 31 ** i for i, c in enumerate(stage)) % 1000  # stable across runs, unlike hash()
+        base = (seed * 1000 + salt) * 1000003 + rank
         return cls(random.Random(base), torch.Generator(device=device).manual_seed(base),
-                   torch.Generator().manual_seed(seed + rank))
+                   torch.Generator().manual_seed(base + 1))
 
 
 def reward_curve_summary(rewards_per_step: list[float], timer: Timer, before: dict, after: dict) -> dict[str, Any]:

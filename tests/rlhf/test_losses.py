@@ -208,6 +208,24 @@ def test_kl_estimators_by_hand_and_k3_nonnegative_and_finite_for_extreme_ratios(
     assert k3[4] == 0
 
 
+@pytest.mark.parametrize("drift", [-30.0, -21.0, 21.0, 30.0, 60.0])
+def test_k3_keeps_pulling_the_policy_back_however_far_it_drifted(drift):
+    # drift = log(pi / ref) of a sampled token; the penalty must grow with |drift| and its gradient point back.
+    logp = torch.tensor([drift], dtype=torch.float64, requires_grad=True)
+    value = kl_penalty(logp, torch.zeros(1, dtype=torch.float64), "k3")
+    value.sum().backward()
+    assert torch.isfinite(value).all() and torch.isfinite(logp.grad).all()
+    assert value.item() > kl_penalty(torch.tensor([drift / 2]), torch.zeros(1), "k3").item()
+    assert value.dtype == torch.float64
+    assert logp.grad.item() * drift > 0  # descending the penalty moves log(pi/ref) back towards 0
+    if drift > 0:  # exact there: e^r - r - 1 with r = -drift; beyond r = 20 it is the tangent line
+        assert value.item() == pytest.approx(math.expm1(-drift) + drift, rel=1e-5)
+    else:
+        bound = 20.0
+        tangent = math.expm1(bound) - bound + (-drift - bound) * math.expm1(bound)
+        assert value.item() == pytest.approx(tangent, rel=1e-12)
+
+
 def test_k1_and_k3_averaged_over_samples_from_pi_estimate_the_true_kl():
     p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     q = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)

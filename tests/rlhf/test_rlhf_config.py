@@ -83,3 +83,23 @@ def test_a_misspelt_stage_key_gets_a_did_you_mean():
 def test_a_reward_function_must_look_like_module_colon_function():
     text = _problems("--rlhf.reward_function", "my_rewards.score")
     assert "rlhf.reward_function" in text and "module:function" in text
+
+
+def test_ipo_with_label_smoothing_is_refused_before_anything_trains():
+    assert "applies to the sigmoid (DPO) loss only" in _problems("--rlhf.dpo.loss_type", "ipo",
+                                                                  "--rlhf.dpo.label_smoothing", "0.1")
+
+
+def test_an_adaptive_controller_from_zero_and_a_target_without_one_are_reported():
+    assert "it would stay 0" in _problems("--rlhf.ppo.kl_controller", "adaptive", "--rlhf.ppo.kl_target", "4",
+                                          "--rlhf.ppo.kl_coef", "0")
+    notices = [n.render() for n in _load("--rlhf.ppo.kl_target", "4").notices]
+    assert any("rlhf.ppo.kl_target" in n and "no effect" in n for n in notices)
+
+
+def test_lora_dropout_conflicts_with_disable_dropout_and_moe_experts_take_no_adapter():
+    assert "rlhf.disable_dropout" in _problems("--rlhf.lora.enabled", "true", "--rlhf.lora.dropout", "0.1")
+    assert _load("--rlhf.lora.enabled", "true", "--rlhf.lora.dropout", "0.1",
+                 "--rlhf.disable_dropout", "false").config.rlhf.lora.dropout == 0.1
+    text = _problems("--rlhf.lora.enabled", "true", "--rlhf.lora.target_modules", "[q_proj, up_proj]")
+    assert "experts, stacked tensors" in text  # tiny.yaml is MoE without a shared expert

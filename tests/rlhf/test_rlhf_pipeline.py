@@ -24,7 +24,9 @@ SMALL_MODEL = ["--hidden_size", "64", "--num_layers", "2", "--intermediate_size"
                "--max_position_embeddings", "64", "--max_length", "64", "--num_experts", "0"]
 STACK = ["--config", "configs/gpu/tiny.yaml", "--hardware_config", "configs/hardware/cpu.yaml",
          "--rlhf_config", "configs/rlhf/test_cpu.yaml", *SMALL_MODEL]
-PIPELINE = [*STACK, "--rlhf.stages", "[sft, reward, dpo, ppo, grpo]", "--rlhf.sft.steps", "300",
+# ZeRO-2: the trained engines partition their optimizer state; the frozen ones (reference) must still build.
+PIPELINE = [*STACK, "--deepspeed.zero_stage", "2", "--rlhf.stages", "[sft, reward, dpo, ppo, grpo]",
+            "--rlhf.sft.steps", "300",
             "--rlhf.ppo.reward_source", "task", "--rlhf.ppo.steps", "60", "--rlhf.grpo.steps", "60",
             "--rlhf.ppo.learning_rate", "2e-4", "--rlhf.grpo.learning_rate", "2e-4", "--rlhf.dpo.steps", "60",
             "--rlhf.dpo.learning_rate", "1e-4", "--rlhf.reward.learning_rate", "3e-4"]
@@ -59,6 +61,7 @@ def _steps(records: list[dict], stage: str) -> list[dict]:
 
 def test_every_stage_completes_and_writes_a_model_and_a_summary(pipeline):
     out, stdout, stages, records = pipeline
+    assert "ZeRO stages actor 2 / reference 0" in stdout  # a frozen model takes no optimizer, so no ZeRO-1/2
     assert list(stages) == ["sft", "reward", "dpo", "ppo", "grpo"]
     for name, stage in stages.items():
         assert stage["status"] == "completed", stage
@@ -124,6 +127,11 @@ def test_resume_runs_only_the_stages_that_did_not_complete(pipeline, tmp_path):
     assert "grpo step 2/2" in result.stdout
     assert (copy / "ppo" / "model" / "model.safetensors").stat().st_mtime_ns == before
     assert json.loads((copy / "grpo" / "summary.json").read_text())["steps"] == 2
+
+    changed = run_rlhf(*PIPELINE, "--output_dir", str(copy), "--resume", "--rlhf.grpo.steps", "2",
+                       "--rlhf.sft.steps", "301")
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert "the sft stage" in changed.stderr and "sft.steps: 300 -> 301" in changed.stderr
 
 
 def test_ppo_can_score_with_the_reward_model_and_grpo_with_a_python_function(pipeline, tmp_path):

@@ -215,3 +215,15 @@ def test_lora_dropout_reaches_the_adapters():
     dropouts = [m for name, m in model.named_modules() if name.endswith("lora_dropout.default")]
     assert len(dropouts) == 2 * len(TARGETS)
     assert all(isinstance(m, nn.Dropout) and m.p == 0.3 for m in dropouts)
+
+
+def test_the_lora_base_comes_from_the_plain_models_weights_under_the_wrapped_names():
+    from ava.model.lora import lora_base_state
+
+    plain = _model()
+    wrapped = _model()
+    apply_lora(wrapped, rank=4, alpha=8.0, dropout=0.0, target_modules=TARGETS)
+    base = lora_base_state(wrapped.state_dict(), plain.state_dict())
+    assert set(base) == {k for k in wrapped.state_dict() if ".lora_" not in k}
+    for key, value in base.items():
+        assert torch.equal(value, plain.state_dict()[key.replace(".base_layer.", ".")])
