@@ -322,7 +322,7 @@ def test_unknown_command(argv: tuple[str, ...], expect: tuple[str, ...]) -> None
 def test_unknown_command_message_has_fix() -> None:
     assert_user_error(run_cli("config", "frobnicate"), "config frobnicate")
     assert_user_error(run_cli("modle", "summary"), "Fix: run `ava model`")
-    assert_user_error(run_cli("qqqq"), "Fix: pick one of: `ava train`, `ava config`, `ava model`")
+    assert_user_error(run_cli("qqqq"), "Fix: pick one of: `ava train`, `ava rlhf`, `ava config`, `ava model`")
 
 
 # -------------------------------------------------------------------- several problems at once

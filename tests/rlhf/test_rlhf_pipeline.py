@@ -187,3 +187,20 @@ def test_an_aux_loss_free_moe_policy_balances_its_router_in_rl(tmp_path):
     weights = load_file(str(run / "grpo" / "model" / "model.safetensors"))
     biases = [v for k, v in weights.items() if k.endswith("router.expert_bias")]
     assert len(biases) == 2 and all(b.abs().sum() > 0 for b in biases)
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo", "grpo"])
+def test_each_shipped_stage_config_runs(stage, tmp_path):
+    # Two steps of each single-stage config as shipped (adaptive KL, reward normalisation, ... included),
+    # on the small model with the task's data: the configs users copy must run.
+    short = ["--rlhf.generation.max_new_tokens", "8", f"--rlhf.{stage}.steps", "2",
+             f"--rlhf.{stage}.logging_steps", "1", f"--rlhf.{stage}.eval_" +
+             ("prompts" if stage in ("ppo", "grpo") else "examples"), "4"]
+    if stage in ("sft", "reward", "dpo"):
+        short += [f"--rlhf.{stage}.num_examples", "64"]
+    result = run_rlhf("--config", "configs/gpu/tiny.yaml", "--hardware_config", "configs/hardware/cpu.yaml",
+                      "--rlhf_config", f"configs/rlhf/{stage}.yaml", *SMALL_MODEL, *short,
+                      "--output_dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["stages"][0]["steps"] == 2
