@@ -51,7 +51,7 @@ def _run(resolved: Any, ns: Any, config_name: str, main_rank: bool) -> int:
     from ava.rlhf.console import RLHFConsole
     from ava.rlhf.pipeline import prepare_pipeline, run_pipeline
     from ava.train.distributed import init_distributed, leave_process_group
-    from ava.train.run_info import write_versions
+    from ava.train.run_info import peak_memory, write_versions
 
     started = time.perf_counter()
     cfg = resolved.config
@@ -92,11 +92,14 @@ def _run(resolved: Any, ns: Any, config_name: str, main_rank: bool) -> int:
     if not main_rank:
         return 0 if result.status == "completed" else 1
     summary = {"status": result.status, "stages": result.stages, "seconds": time.perf_counter() - started,
-               "output_dir": str(out_dir)}
+               "output_dir": str(out_dir), **peak_memory()}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.final_table(result.stages)
     for line in reward_curve_lines(result.stages):
         console.note(line)
+    memory = ", ".join(f"{k.removeprefix('memory/')} {v:.2f} GB" for k, v in summary.items() if k.startswith("memory/"))
+    console.note(f"{result.status}: {len(result.stages)} stage(s) in {summary['seconds']:.0f} s; memory {memory}; "
+                 f"outputs in {out_dir}")
     return 0 if result.status == "completed" else 1
 
 
