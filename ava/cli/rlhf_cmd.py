@@ -20,7 +20,7 @@ from typing import Any
 
 from ava.cli.args import add_stack_arguments, new_parser, resolve_stack
 from ava.cli.render import render_yaml
-from ava.cli.train_cmd import output_dir_for
+from ava.cli.train_cmd import output_dir_for, same_on_every_rank
 from ava.config import build_deepspeed_config
 from ava.model.errors import ModelInputError
 
@@ -59,12 +59,7 @@ def _run(resolved: Any, ns: Any, config_name: str, main_rank: bool) -> int:
     out_dir = output_dir_for(ns.output_dir, name, ns.resume)
     plan = prepare_pipeline(cfg)  # every path and the reward function, before any rank starts
     process = init_distributed()
-    if process.world_size > 1:
-        import torch.distributed as dist
-
-        chosen = [str(out_dir)]
-        dist.broadcast_object_list(chosen, src=0)  # a date-stamped default can differ by a second between ranks
-        out_dir = Path(chosen[0])
+    out_dir = same_on_every_rank(out_dir)
     planned = {s: getattr(cfg.rlhf, s).steps for s in cfg.rlhf.stages}
     console = RLHFConsole(planned, enabled=main_rank)
     metrics = None

@@ -161,7 +161,7 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
         from ava.train.rendezvous import discover
 
         print(f"ava: {discover(os.environ).describe()}", flush=True)
-    out_dir = _same_on_every_rank(out_dir)  # a date-stamped default can differ by a second between ranks
+    out_dir = same_on_every_rank(out_dir)  # a date-stamped default can differ by a second between ranks
     if process.world_size != resolved.batch.world.size:
         raise ModelInputError(
             f"the launcher started {process.world_size} process(es) but the batch was planned for "
@@ -380,7 +380,8 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _same_on_every_rank(path: Path) -> Path:
+def same_on_every_rank(path: Path) -> Path:
+    """Rank 0's `path` on every rank (a date-stamped default name can differ by a second between ranks)."""
     import torch.distributed as dist
 
     if dist.get_world_size() == 1:

@@ -15,12 +15,11 @@ import torch
 
 from ava.model import AvaForCausalLM
 from ava.rlhf.data import Prompt, prompt_data
-from ava.rlhf.engines import RoleEngine, build_engine, generation_module
+from ava.rlhf.engines import RoleEngine, build_engine
 from ava.rlhf.evaluation import evaluate_prompts
 from ava.rlhf.losses import aggregate_tokens, group_advantages, kl_penalty, masked_mean, ppo_policy_loss
-from ava.rlhf.ppo import _rollout_stats
 from ava.rlhf.rewards import Scorer
-from ava.rlhf.rollout import policy_logprobs, sample_responses
+from ava.rlhf.rollout import policy_logprobs, rollout_stats, sample_rollout, scored
 from ava.rlhf.stage import (
     RolloutRandomness,
     StageEnv,
@@ -61,21 +60,18 @@ def run_grpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | 
     temperature = env.rlhf.generation.temperature
     rewards_per_step: list[float] = []
     window: list[dict[str, float]] = []
+    flat_groups: list[float] = []
     for step in range(1, g.steps + 1):
         prompts: list[Prompt] = [p for p in source.batch(g.prompts_per_step, randomness.prompts) for _ in range(group)]
         with timer.phase("generation"):
-            actor.engine.eval()
-            with generation_module(actor) as module:
-                rollout = sample_responses(module, prompts, tok, env.rlhf.generation, randomness.sampling,
-                                           actor.device)
+            rollout = sample_rollout(actor, prompts, tok, env.rlhf.generation, randomness.sampling)
         with timer.phase("scoring"), torch.no_grad():
             ids, mask = rollout.batch.input_ids, rollout.batch.response_mask
-            scores = torch.tensor(scorer([p.text for p in prompts], rollout.responses, [p.answer for p in prompts]),
-                                  dtype=torch.float32, device=ids.device)
+            scores = scored(scorer, rollout)
             advantages = group_advantages(scores, group, g.scale_rewards)[:, None].expand_as(mask)
             old_logp, _, _ = policy_logprobs(actor, ids, temperature=temperature)
             ref_logp, _, _ = policy_logprobs(ref, ids, temperature=temperature)
-            flat_groups = float((scores.reshape(-1, group).std(dim=1) == 0).float().mean())
+            flat_groups.append(float((scores.reshape(-1, group).std(dim=1) == 0).float().mean()))
         with timer.phase("training"):
             actor.engine.train()
             for _ in range(g.ppo_epochs):
@@ -95,14 +91,12 @@ def run_grpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | 
                                    "kl_per_token": float(masked_mean(kl.detach(), m))})
         with torch.no_grad():
             kl_seq = torch.where(mask, kl_penalty(old_logp, ref_logp, g.kl_estimator), 0.0).sum(dim=1)
-        stats = _rollout_stats(env, rollout, scores, kl_seq, actor.device)
+        stats = rollout_stats(rollout, scores, kl_seq, env.sum_over_ranks)
         rewards_per_step.append(stats["reward"])
-        window[-1]["flat_groups"] = flat_groups
         if step % g.logging_steps == 0 or step == g.steps:
-            keys = [k for k in window[0]]
-            means = {k: sum(w[k] for w in window) / len(window) for k in keys}
-            means["flat_groups"] = sum(w.get("flat_groups", 0.0) for w in window) / max(
-                1, sum("flat_groups" in w for w in window))
+            means = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            means["flat_groups"] = sum(flat_groups) / len(flat_groups)  # groups whose rewards were all equal
+            flat_groups = []
             spent = sum(timer.totals.values())
             env.log({"stage": "grpo", "step": step, **stats, **env.mean_over_ranks(means, actor.device),
                      "lr": updater.last_lr, "grad_norm": updater.last_grad_norm,

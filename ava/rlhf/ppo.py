@@ -17,13 +17,21 @@ import torch
 
 from ava.model import AvaForCausalLM
 from ava.rlhf.data import prompt_data
-from ava.rlhf.engines import RoleEngine, build_engine, generation_module
+from ava.rlhf.engines import RoleEngine, build_engine
 from ava.rlhf.evaluation import evaluate_prompts
 from ava.rlhf.kl_control import make_kl_controller
 from ava.rlhf.losses import gae, kl_penalty, masked_mean, masked_sum, masked_whiten, ppo_policy_loss, value_loss
 from ava.rlhf.models import disable_dropout, load_value_model, value_model_from_policy
 from ava.rlhf.rewards import Scorer
-from ava.rlhf.rollout import Rollout, policy_logprobs, sample_responses, sequence_scores, token_values
+from ava.rlhf.rollout import (
+    Rollout,
+    policy_logprobs,
+    rollout_stats,
+    sample_rollout,
+    scored,
+    sequence_scores,
+    token_values,
+)
 from ava.rlhf.stage import (
     RolloutRandomness,
     StageEnv,
@@ -108,10 +116,7 @@ def run_ppo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
     for step in range(1, s.steps + 1):
         prompts = source.batch(s.rollout_batch_size, randomness.prompts)
         with timer.phase("generation"):
-            actor.engine.eval()
-            with generation_module(actor) as module:
-                rollout = sample_responses(module, prompts, tok, env.rlhf.generation, randomness.sampling,
-                                           actor.device)
+            rollout = sample_rollout(actor, prompts, tok, env.rlhf.generation, randomness.sampling)
         with timer.phase("scoring"), torch.no_grad():
             critic.engine.eval()
             ids, mask = rollout.batch.input_ids, rollout.batch.response_mask
@@ -149,7 +154,7 @@ def run_ppo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
                                    "clip_fraction": float(clip_frac), "approx_kl": float(approx_kl),
                                    "value_clip_fraction": float(v_clip),
                                    "entropy": float(masked_mean(entropy.detach(), m))})
-        stats = _rollout_stats(env, rollout, scores, masked_sum(kl, mask, dim=1), actor.device)
+        stats = rollout_stats(rollout, scores, masked_sum(kl, mask, dim=1), env.sum_over_ranks)
         rewards_per_step.append(stats["reward"])
         kl_ctl.update(stats["kl"], s.rollout_batch_size * world)
         if step % s.logging_steps == 0 or step == s.steps:
@@ -175,8 +180,7 @@ def _scores(rollout: Rollout, rm: RoleEngine | None, scorer: Scorer | None) -> t
     if rm is not None:
         return sequence_scores(rm, rollout.batch)[0].float()
     assert scorer is not None
-    values = scorer([p.text for p in rollout.prompts], rollout.responses, [p.answer for p in rollout.prompts])
-    return torch.tensor(values, dtype=torch.float32, device=rollout.batch.input_ids.device)
+    return scored(scorer, rollout)
 
 
 def _shape_scores(env: StageEnv, scores: torch.Tensor, moments: RunningMoments, normalize: bool,
@@ -188,17 +192,3 @@ def _shape_scores(env: StageEnv, scores: torch.Tensor, moments: RunningMoments, 
         moments.update(*total.tolist())
         scores = scores / moments.std
     return scores.clamp(-clip, clip) if clip is not None else scores
-
-
-def _rollout_stats(env: StageEnv, rollout: Rollout, scores: torch.Tensor, kl_per_sequence: torch.Tensor,
-                   device: torch.device) -> dict[str, float]:
-    """Global (all-rank) reward mean/std, KL per sequence, response length and eos share of one rollout."""
-    n = float(len(scores))
-    sums = env.sum_over_ranks(torch.tensor([
-        float(scores.sum()), float(scores.square().sum()), n, float(kl_per_sequence.sum()),
-        float(rollout.response_lengths.sum()), float(rollout.ended.float().sum())], dtype=torch.float64,
-        device=device)).tolist()
-    total, total_sq, count, kl, length, ended = sums
-    mean = total / count
-    return {"reward": mean, "reward_std": max(total_sq / count - mean * mean, 0.0) ** 0.5, "kl": kl / count,
-            "response_length": length / count, "ended_with_eos": ended / count}

@@ -8,6 +8,7 @@ and including the first eos (or `max_new_tokens`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,9 @@ from ava.data.tokenizer import Tokenizer
 from ava.model import AvaForCausalLM
 from ava.model.errors import ModelInputError
 from ava.rlhf.data import Prompt, SequenceBatch, sequence_batch
-from ava.rlhf.engines import RoleEngine
+from ava.rlhf.engines import RoleEngine, generation_module
 from ava.rlhf.losses import token_entropy, token_logprobs
+from ava.rlhf.rewards import Scorer
 
 
 @dataclass
@@ -59,6 +61,34 @@ def sample_responses(model: AvaForCausalLM, prompts: list[Prompt], tokenizer: To
         batch=sequence_batch(sequences, pad_id=eos).to(device),
         response_lengths=torch.tensor([float(len(r)) for r in responses], device=device),
         ended=torch.tensor([bool(r) and r[-1] == eos for r in responses], device=device))
+
+
+def sample_rollout(actor: RoleEngine, prompts: list[Prompt], tokenizer: Tokenizer, gen: GenerationConfig,
+                   generator: torch.Generator) -> Rollout:
+    """One rollout of a PPO/GRPO step: the actor in eval mode samples, its weights whole for the whole rollout."""
+    actor.engine.eval()
+    with generation_module(actor) as module:
+        return sample_responses(module, prompts, tokenizer, gen, generator, actor.device)
+
+
+def scored(scorer: Scorer, rollout: Rollout) -> torch.Tensor:
+    """The rollout's responses scored by a reward function (or a task), as a float32 tensor on its device."""
+    values = scorer([p.text for p in rollout.prompts], rollout.responses, [p.answer for p in rollout.prompts])
+    return torch.tensor(values, dtype=torch.float32, device=rollout.batch.input_ids.device)
+
+
+def rollout_stats(rollout: Rollout, scores: torch.Tensor, kl_per_sequence: torch.Tensor,
+                  sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """Global (all-rank) reward mean/std, KL per sequence, response length and eos share of one rollout."""
+    n = float(len(scores))
+    sums = sum_over_ranks(torch.tensor([
+        float(scores.sum()), float(scores.square().sum()), n, float(kl_per_sequence.sum()),
+        float(rollout.response_lengths.sum()), float(rollout.ended.float().sum())], dtype=torch.float64,
+        device=scores.device)).tolist()
+    total, total_sq, count, kl, length, ended = sums
+    mean = total / count
+    return {"reward": mean, "reward_std": max(total_sq / count - mean * mean, 0.0) ** 0.5, "kl": kl / count,
+            "response_length": length / count, "ended_with_eos": ended / count}
 
 
 def policy_logprobs(role: RoleEngine, input_ids: torch.Tensor, entropy: bool = False, entropy_grad: bool = False,
