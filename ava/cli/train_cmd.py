@@ -55,16 +55,18 @@ def main(argv: Sequence[str], prog: str = "train.py") -> int:
 
 def _main(parser: Any, argv: Sequence[str], preemption: Any) -> int:
     ns, extras = parser.parse_known_args(argv)
-    resolved = resolve_stack(ns, extras)
+    from ava.train.init_from import apply_init_from
+
+    resolved, pretrained = apply_init_from(resolve_stack(ns, extras))
     main_rank = os.environ.get("RANK", "0") == "0"
     if ns.dry_run:
         if main_rank:
-            _print_plan(resolved)
+            _print_plan(resolved, pretrained)
         return 0
-    return _train(resolved, ns, Path(ns.config or "run").stem, main_rank, preemption)
+    return _train(resolved, ns, Path(ns.config or "run").stem, main_rank, preemption, pretrained)
 
 
-def _print_plan(resolved: ResolvedConfig) -> None:
+def _print_plan(resolved: ResolvedConfig, pretrained: Any = None) -> None:
     cfg, b = resolved.config, resolved.batch
     print("# resolved configuration (each value with its origin)")
     sys.stdout.write(render_yaml(resolved, with_origins=True))
@@ -79,6 +81,8 @@ def _print_plan(resolved: ResolvedConfig) -> None:
     m = summarise_config(cfg.model, cfg.data.max_length)
     print(f"model: {m.total:,} parameters ({m.active_per_token:,} active per token), "
           f"{m.training_flops_per_token / 1e6:,.1f} MFLOP per training token (`ava model summary` for details)")
+    if pretrained is not None:
+        print(f"init_from: weights and architecture from {pretrained.describe()}")
 
 
 def _auto_resume(ns: Any) -> bool:
@@ -141,7 +145,8 @@ def _resume_point(ns: Any, out_dir: Path, ds_config: dict) -> Path | None:
     return point
 
 
-def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool, preemption: Any) -> int:
+def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool, preemption: Any,
+           pretrained: Any = None) -> int:
     from ava.train.preemption import REQUEUE_EXIT_CODE
 
     started = time.perf_counter()
@@ -192,7 +197,11 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
             console.note(f"resuming from {resume_from}")
         console.note(f"data: {data.description}")
         console.note(f"batch: {b.micro} x {b.accumulation} x {b.world.size} rank(s) = {b.global_batch} sequences "
-                     f"per step; precision {cfg.training.mixed_precision}; ZeRO stage {cfg.deepspeed.zero_stage}")
+                     f"= {b.tokens_per_step(cfg.data.max_length):,} tokens per step; precision "
+                     f"{cfg.training.mixed_precision}; ZeRO stage {cfg.deepspeed.zero_stage}")
+        if pretrained is not None:
+            console.note(f"init_from: {pretrained.describe()}"
+                         + (" (the resumed checkpoint replaces these weights)" if resume_from is not None else ""))
         console.note(f"outputs: {out_dir}")
         if cfg.training.gradient_health.enabled:
             console.note(_health_plan(cfg))
@@ -202,6 +211,10 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
             wandb = WandbLogger.start(resolved.to_dict(), cfg.training.wandb_project, cfg.training.wandb_entity,
                                       out_dir.name, out_dir)
 
+    from ava.train.expert_usage import OverflowWatch
+
+    overflow = OverflowWatch(cfg.model.expert_capacity_factor) if cfg.model.is_moe else None
+
     def on_log(record: dict) -> None:
         if metrics is None:
             return
@@ -210,14 +223,22 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
         console.log(record)
+        if overflow is not None and (message := overflow.check(record)) is not None:
+            console.warn(message)
         if wandb is not None:
             wandb.log(record)
 
+    initial_state = None
+    if pretrained is not None and resume_from is None:
+        from ava.model.pretrained import load_weights
+
+        initial_state = load_weights(pretrained)
     try:
         with console:
             result = train(cfg, ds_config, process, data.train, data.eval, on_log,
                            checkpoint_dir=out_dir / "checkpoints", resume_from=resume_from,
-                           faults=faults, on_note=console.note, preemption=preemption)
+                           faults=faults, on_note=console.note, preemption=preemption,
+                           initial_state=initial_state, on_warning=console.warn)
     except BaseException as exc:
         if main_rank:
             _record_failure(out_dir, exc, started, wandb)
@@ -234,7 +255,8 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
         return 0
     from ava.train.plots import write_plots
 
-    summary = _summary(result, data, out_dir, started, evaluates=cfg.training.eval_strategy != "no")
+    summary = _summary(result, data, out_dir, started, cfg)
+    usage = _add_diagnosis(summary, out_dir / "metrics.jsonl", cfg)
     write_plots(out_dir / "metrics.jsonl", out_dir / "plots")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if wandb is not None:
@@ -244,6 +266,7 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
         console.note(f"sample (greedy, from a held-out prompt): {summary['sample']['prompt']!r} -> "
                      f"{summary['sample']['continuation']!r}")
     _print_checks(summary)
+    _print_diagnosis(summary, usage, console)
     return 0 if summary["checks_passed"] else 1
 
 
@@ -303,17 +326,21 @@ def _record_failure(out_dir: Path, exc: BaseException, started: float, wandb: An
         wandb.finish(summary)
 
 
-def _summary(result: Any, data: Any, out_dir: Path, started: float, evaluates: bool) -> dict[str, Any]:
+def _summary(result: Any, data: Any, out_dir: Path, started: float, cfg: Any) -> dict[str, Any]:
     """summary.json: how the run ended, its losses, and the checks a smoke test relies on."""
     from ava.train.checkpoint import best_tag
     from ava.train.evaluation import perplexity
     from ava.train.export import export_checkpoint
     from ava.train.run_info import peak_memory
 
+    evaluates = cfg.training.eval_strategy != "no"
+    best = best_tag(out_dir / "checkpoints")
+    # save_strategy best: the model a fine-tuning run hands over is its best one, not its last.
+    exported = out_dir / "checkpoints" / best if best and cfg.training.save_strategy == "best" else result.checkpoint
     model_dir = None
-    if result.checkpoint is not None:
+    if exported is not None:
         model_dir = out_dir / "model"
-        export_checkpoint(result.checkpoint, result.model.config, model_dir, overwrite=True)
+        export_checkpoint(exported, result.model.config, model_dir, overwrite=True, lora_scaling=result.lora_scaling)
     first, final = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
     sample = None
     if result.sample is not None:
@@ -322,7 +349,6 @@ def _summary(result: Any, data: Any, out_dir: Path, started: float, evaluates: b
         tokenizer = getattr(data, "tokenizer", None)
         if tokenizer is not None:
             sample.update(prompt=tokenizer.decode(prompt), continuation=tokenizer.decode(generated))
-    best = best_tag(out_dir / "checkpoints")
     skipped_nonfinite = (result.health or {}).get("counts", {}).get("nonfinite_gradient", 0)
     checks = {
         "steps_completed": result.steps == result.planned_steps or result.status == "early_stopped",
@@ -346,6 +372,10 @@ def _summary(result: Any, data: Any, out_dir: Path, started: float, evaluates: b
         "best_checkpoint": str(out_dir / "checkpoints" / best) if best else None,
         "final_checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "model_dir": str(model_dir) if model_dir else None,
+        "exported_checkpoint": str(exported) if exported else None,
+        "init_from": cfg.training.init_from,
+        "parameters": result.parameters.as_dict() if result.parameters is not None else None,
+        "warnings": list(result.warnings),
         "tokens": result.tokens, "seconds": time.perf_counter() - started,
         "tokens_per_s": result.tokens / result.seconds if result.seconds else None, "output_dir": str(out_dir),
         "first_step_seconds": result.first_step_seconds,
@@ -353,6 +383,37 @@ def _summary(result: Any, data: Any, out_dir: Path, started: float, evaluates: b
         **peak_memory(),
         "checks": checks, "checks_passed": all(v is not False for v in checks.values()),
     }
+
+
+def _add_diagnosis(summary: dict[str, Any], metrics_path: Path, cfg: Any) -> Any:
+    """The train/validation fit verdict and, for MoE, the expert-utilisation report, from the whole metrics history.
+
+    Read from metrics.jsonl rather than this process's records so that a
+    resumed run is judged on its full history.
+    """
+    from ava.train.expert_usage import expert_usage
+    from ava.train.fit_verdict import diagnose_fit
+    from ava.train.plots import read_metrics
+
+    records = read_metrics(metrics_path)
+    summary["fit"] = diagnose_fit(records).as_dict() if cfg.training.eval_strategy != "no" else None
+    usage = expert_usage(records, cfg.model.expert_capacity_factor) if cfg.model.is_moe else None
+    summary["experts"] = usage.as_dict() if usage is not None else None
+    if usage is not None:
+        summary["warnings"] = summary["warnings"] + list(usage.warnings)
+    return usage
+
+
+def _print_diagnosis(summary: dict[str, Any], usage: Any, console: Any) -> None:
+    """The verdict line, the expert table and every warning again, last, where the user looks."""
+    from ava.train.fit_verdict import FitVerdict
+
+    if summary.get("fit"):
+        console.note(FitVerdict(**summary["fit"]).line())
+    if usage is not None:
+        console.expert_table(usage)
+    for warning in summary["warnings"]:
+        console.warn(warning)
 
 
 def _print_checks(summary: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ava.config.batch import BatchPlan, BatchValue, WorldSize, solve_batch
 from ava.config.errors import Notice, Problem
+from ava.config.lora_checks import check_lora_targets
 from ava.config.provenance import DEFAULT_ORIGIN, Origin
 from ava.config.rlhf_checks import check_rlhf
 from ava.config.schema import (
@@ -116,6 +117,31 @@ def _training(ctx: CheckContext) -> None:
             f"{h.max_consecutive_bad_steps} bad steps in a row roll back to the last checkpoint, but "
             f"save_strategy is 'no' ({ctx.where('training.save_strategy')}): such a run would stop as failed "
             "instead. Set save_strategy: steps to make rollback possible, or max_consecutive_bad_steps: 0"))
+
+
+def _saving(ctx: CheckContext) -> None:
+    t = ctx.sections["training"]
+    assert isinstance(t, TrainingConfig)
+    if t.save_strategy == "best" and t.eval_strategy == "no":
+        ctx.problem("training.save_strategy", "'best' saves when the evaluation loss improves, but "
+                    f"training.eval_strategy is 'no' ({ctx.where('training.eval_strategy')}): nothing would be saved",
+                    "set eval_strategy: steps (with eval_steps) or epoch, or save_strategy: steps", t.save_strategy)
+
+
+def _lora(ctx: CheckContext) -> None:
+    t, m, ds = ctx.sections["training"], ctx.sections["model"], ctx.sections["deepspeed"]
+    assert isinstance(t, TrainingConfig) and isinstance(m, ModelConfig) and isinstance(ds, DeepSpeedSection)
+    if not t.lora.enabled:
+        return
+    check_lora_targets(ctx, "training.lora", t.lora, m)
+    if t.mixed_precision == "fp8":
+        ctx.problem("training.lora.enabled", "LoRA adapters wrap the linear layers that FP8 training converts; "
+                    f"the two do not combine (training.mixed_precision is fp8, {ctx.where('training.mixed_precision')})",
+                    "train LoRA in bf16 (training.mixed_precision: bf16)", t.lora.enabled)
+    if ds.ep_size > 1:
+        ctx.problem("training.lora.enabled", f"LoRA runs do not support expert parallelism (deepspeed.ep_size is "
+                    f"{ds.ep_size}, {ctx.where('deepspeed.ep_size')})",
+                    "set deepspeed.ep_size: 1 (experts are frozen under LoRA anyway)", t.lora.enabled)
 
 
 def _data(ctx: CheckContext) -> None:
@@ -223,6 +249,8 @@ def _batch(ctx: CheckContext) -> None:
 CHECKS: tuple[tuple[tuple[str, ...], Callable[[CheckContext], None]], ...] = (
     (("model",), _model),
     (("training",), _training),
+    (("training",), _saving),
+    (("training", "model", "deepspeed"), _lora),
     (("data", "model"), _data),
     (("training", "hardware"), _precision),
     (("deepspeed", "training"), _deepspeed),

@@ -10,14 +10,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ava.config.errors import Notice
+from ava.config.lora_checks import check_lora_targets
 from ava.config.schema import DeepSpeedSection, ModelConfig, RLHFConfig
 from ava.config.schema.rlhf import POLICY_STAGES
 
 if TYPE_CHECKING:
     from ava.config.checks import CheckContext
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def check_rlhf(ctx: CheckContext) -> None:
     r, ds, m = ctx.sections["rlhf"], ctx.sections["deepspeed"], ctx.sections["model"]
@@ -57,16 +55,7 @@ def _lora(ctx: CheckContext, r: RLHFConfig, m: ModelConfig) -> None:
         ctx.problem("rlhf.lora.dropout", "rlhf.disable_dropout (on by default) turns every dropout off, this one too, "
                     "so that rollouts and updates see the same policy", "set rlhf.lora.dropout: 0, or "
                     "rlhf.disable_dropout: false (then PPO/GRPO ratios start away from 1)", r.lora.dropout)
-    ffn = [t for t in r.lora.target_modules if t in ("gate_proj", "up_proj", "down_proj")]
-    if ffn and m.is_moe and not m.shared_expert_intermediate_size:
-        ctx.problem("rlhf.lora.target_modules", f"{', '.join(ffn)}: this MoE model's FFNs are experts, stacked "
-                    "tensors rather than linear layers, so nothing would be adapted there",
-                    "target the attention layers (q_proj, k_proj, v_proj, o_proj)", r.lora.target_modules)
-    unknown = [t for t in r.lora.target_modules if t not in LORA_TARGETS]
-    if unknown:
-        ctx.problem("rlhf.lora.target_modules", f"{', '.join(map(repr, unknown))} not a linear layer of the Ava "
-                    "model (MoE experts are stacked tensors, not linear layers, and take no adapter)",
-                    f"choose from {', '.join(LORA_TARGETS)}", r.lora.target_modules)
+    check_lora_targets(ctx, "rlhf.lora", r.lora, m)
 
 
 def _stages(ctx: CheckContext, r: RLHFConfig) -> None:

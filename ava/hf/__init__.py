@@ -7,6 +7,7 @@ from types import ModuleType
 
 import torch
 
+from ava.config.schema.model import ModelConfig as AvaConfigModel
 from ava.hf import gpt2, llama
 from ava.hf.checkpoint import read_hf_config, read_hf_weights, write_hf_dir
 from ava.model.errors import ModelInputError
@@ -23,15 +24,22 @@ def _family(model_type: str, source: Path) -> ModuleType:
     return FAMILIES[model_type]
 
 
-def import_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> AvaForCausalLM:
-    """Build the Ava model equivalent to a local Hugging Face checkpoint, with its weights."""
+def model_config_from_hf(directory: str | Path) -> AvaConfigModel:
+    """The Ava model config equivalent to a local Hugging Face checkpoint's config.json (no weights read)."""
     source = Path(directory)
     hf_config = read_hf_config(source)
     family = _family(str(hf_config.get("model_type")), source)
     try:
-        config = family.config_from_hf(hf_config)
+        return family.config_from_hf(hf_config)
     except KeyError as exc:
         raise ModelInputError(f"{source / 'config.json'} lacks `{exc.args[0]}`", "repair config.json") from exc
+
+
+def import_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> AvaForCausalLM:
+    """Build the Ava model equivalent to a local Hugging Face checkpoint, with its weights."""
+    source = Path(directory)
+    config = model_config_from_hf(source)
+    family = _family(str(read_hf_config(source).get("model_type")), source)
     state = family.state_from_hf(read_hf_weights(source), config, str(source))
     model = AvaForCausalLM(config)
     load_state_exactly(model, {k: v.to(torch.float32) for k, v in state.items()}, str(source))

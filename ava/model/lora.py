@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ava.config.schema.lora import TrainingLoRAConfig
 from ava.model.errors import ModelInputError
 
 ADAPTER = "default"  # peft's adapter name; one adapter per model here
@@ -28,21 +29,40 @@ class ParameterReport:
     total: int
     trainable: int
     lora: int
+    embeddings_trainable: int = 0
+    head_trainable: int = 0
 
     @property
     def trainable_percent(self) -> float:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
+    @property
+    def lora_percent(self) -> float:
+        return 100.0 * self.lora / self.total if self.total else 0.0
+
     def line(self) -> str:
         return (f"parameters: {self.total:,} total, {self.trainable:,} trainable ({self.trainable_percent:.2f}%), "
-                f"{self.lora:,} in LoRA adapters")
+                f"{self.total - self.trainable:,} frozen, {self.lora:,} in LoRA adapters ({self.lora_percent:.2f}%)")
+
+    def as_dict(self) -> dict[str, float]:
+        return {"total": self.total, "trainable": self.trainable, "frozen": self.total - self.trainable,
+                "lora": self.lora, "trainable_percent": self.trainable_percent, "lora_percent": self.lora_percent,
+                "embeddings_trainable": self.embeddings_trainable, "head_trainable": self.head_trainable}
+
+
+_EMBEDDINGS = ("embed_tokens.", "embed_positions.")
+_HEAD = ("lm_head.", "norm.")  # the final norm feeds only the head
 
 
 def parameter_report(model: nn.Module) -> ParameterReport:
-    params = list(model.named_parameters())
+    """Counted once per tensor: tied embedding/head weights are one parameter."""
+    params = list(model.named_parameters())  # named_parameters already yields a shared tensor once
+    trainable = [(n, p) for n, p in params if p.requires_grad]
     return ParameterReport(total=sum(p.numel() for _, p in params),
-                           trainable=sum(p.numel() for _, p in params if p.requires_grad),
-                           lora=sum(p.numel() for n, p in params if ".lora_" in n))
+                           trainable=sum(p.numel() for _, p in trainable),
+                           lora=sum(p.numel() for n, p in params if ".lora_" in n),
+                           embeddings_trainable=sum(p.numel() for n, p in trainable if n.startswith(_EMBEDDINGS)),
+                           head_trainable=sum(p.numel() for n, p in trainable if n.startswith(_HEAD)))
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target_modules: list[str]) -> float:
@@ -62,8 +82,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
         inject_adapter_in_model(config, model)
     except ValueError as exc:  # peft: "Target modules ... not found in the base model"
         raise ModelInputError(f"LoRA target modules {target_modules} do not match the model: {exc}",
-                              "choose rlhf.lora.target_modules among q_proj, k_proj, v_proj, o_proj and, for a "
-                              "dense FFN, gate_proj, up_proj, down_proj") from exc
+                              "choose lora.target_modules (training.lora or rlhf.lora) among q_proj, k_proj, "
+                              "v_proj, o_proj and, for a dense FFN, gate_proj, up_proj, down_proj") from exc
     return alpha / rank
 
 
@@ -96,3 +116,48 @@ def lora_base_state(wrapped: dict[str, torch.Tensor], base: dict[str, torch.Tens
 def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Only the adapter tensors of a LoRA-wrapped model's state dict (what `adapter.safetensors` holds)."""
     return {k: v for k, v in state.items() if k.endswith((_A, _B))}
+
+
+def apply_training_lora(model: nn.Module, lora: TrainingLoRAConfig) -> float:
+    """LoRA for train.py: adapters on `lora.target_modules`, then what else trains; returns alpha / r.
+
+    peft freezes every non-adapter weight; `freeze_base: false` unfreezes them
+    all again (full fine-tuning plus adapters, what the BEHRT guide's first
+    failure did by accident), and `train_embeddings`/`train_head` unfreeze just
+    the embeddings or the output head and final norm.
+    """
+    scaling = apply_lora(model, lora.rank, lora.alpha, lora.dropout, list(lora.target_modules))
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    head = _HEAD + (("embed_tokens.",) if tied else ())  # a tied head *is* the token embedding
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        param.requires_grad_(not lora.freeze_base or (lora.train_embeddings and name.startswith(_EMBEDDINGS))
+                             or (lora.train_head and name.startswith(head)))
+    return scaling
+
+
+TRAINABLE_WARN_PERCENT = 50.0
+
+
+def lora_warnings(report: ParameterReport, lora: TrainingLoRAConfig, from_scratch: bool) -> list[str]:
+    """The two LoRA misconfigurations the BEHRT troubleshooting guide describes, as loud messages."""
+    warnings = []
+    if report.trainable_percent > TRAINABLE_WARN_PERCENT:
+        reason = ("training.lora.freeze_base is false, so every base weight trains too" if not lora.freeze_base
+                  else "the trainable embeddings/head outweigh the rest of this model")
+        warnings.append(
+            f"{report.trainable_percent:.1f}% of the parameters are trainable under LoRA ({report.trainable:,} of "
+            f"{report.total:,}; the adapters are {report.lora_percent:.2f}%): {reason}. This is full fine-tuning in "
+            "disguise and overfits small datasets. Set training.lora.freeze_base: true and train only the adapters "
+            "(plus train_embeddings/train_head when training from scratch); a LoRA run usually trains 2-10%")
+    frozen = [name for name, on in (("embeddings", lora.train_embeddings), ("output head", lora.train_head))
+              if not on and lora.freeze_base]
+    if from_scratch and frozen:
+        keys = " and ".join(f"training.lora.train_{'embeddings' if n == 'embeddings' else 'head'}: true"
+                            for n in frozen)
+        warnings.append(
+            f"the {' and '.join(frozen)} are frozen at their random initialisation while training from scratch "
+            "(no training.init_from): the model cannot learn and the loss stays near ln(vocab_size). Set "
+            f"{keys}, or start from pretrained weights with training.init_from")
+    return warnings

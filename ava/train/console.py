@@ -106,6 +106,24 @@ class RunConsole:
         if self.enabled:
             self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
+    def expert_table(self, usage: Any) -> None:
+        """The MoE expert-utilisation table (an `ExpertUsageReport`): how evenly each layer used its experts."""
+        if not self.enabled:
+            return
+        from ava.train.expert_usage import TABLE_HEADER
+
+        table = Table(title=f"expert utilisation (from {usage.steps} logged steps)")
+        for column in TABLE_HEADER:
+            table.add_column(column, justify="right")
+        for row in usage.table_rows():
+            table.add_row(*row)
+        self.console.print(table)
+
+    def warn(self, text: str) -> None:
+        """A warning the user must not miss: bold on a terminal, prefixed `WARNING:` everywhere."""
+        if self.enabled:
+            self.console.print(f"WARNING: {text}", style="bold red", markup=False, highlight=False, soft_wrap=True)
+
     def final_table(self, summary: dict) -> None:
         """Print the end-of-run table from the run's summary; keys that are absent or None are left out.
 

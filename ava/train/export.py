@@ -75,14 +75,46 @@ def checkpoint_state_dict(point: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in module.items()}
 
 
+def run_lora_scaling(run_dir: Path) -> float | None:
+    """alpha / r of the run's training.lora when it trained adapters, else None (read from its config.yaml)."""
+    path = run_dir / "config.yaml"
+    try:
+        lora = (yaml.safe_load(path.read_text()) or {}).get("training", {}).get("lora") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    if not lora.get("enabled"):
+        return None
+    return float(lora["alpha"]) / float(lora["rank"])
+
+
 def export_checkpoint(point: Path, config: ModelConfig, out: Path, hf: bool = False,
-                      dtype: torch.dtype = torch.float32, overwrite: bool = False) -> str:
-    """Write checkpoint `point` as an Ava model directory (or HF with `hf`); returns what was written."""
+                      dtype: torch.dtype = torch.float32, overwrite: bool = False,
+                      lora_scaling: float | None = None) -> str:
+    """Write checkpoint `point` as an Ava model directory (or HF with `hf`); returns what was written.
+
+    A LoRA run's checkpoint holds base weights and adapters; they are merged
+    (W + alpha/r * B @ A) into plain weights, and the adapters alone are kept
+    beside them as `adapter.safetensors`.
+    """
+    from ava.model.lora import adapter_state, merge_lora_state
+
+    state = checkpoint_state_dict(point)
+    adapters = adapter_state(state)
+    if adapters:
+        if lora_scaling is None:
+            raise ModelInputError(f"{point} holds LoRA adapters but the run's LoRA settings are unknown",
+                                  "export from inside the run directory, whose config.yaml has training.lora")
+        state = merge_lora_state(state, lora_scaling)
     model = AvaForCausalLM(config)
-    load_state_exactly(model, checkpoint_state_dict(point), str(point))
+    load_state_exactly(model, state, str(point))
     if hf:
         from ava.hf import export_hf
 
         return export_hf(model, out, dtype=dtype, overwrite=overwrite)
     save_model_dir(model.to(dtype), out, overwrite=overwrite)
+    if adapters:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in adapters.items()}, str(out / "adapter.safetensors"))
+        return "an Ava model directory (ava_model.yaml + model.safetensors, LoRA merged; adapter.safetensors)"
     return "an Ava model directory (ava_model.yaml + model.safetensors)"

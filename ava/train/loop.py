@@ -22,7 +22,9 @@ import torch
 from ava.config.schema import AvaConfig
 from ava.data.batches import Batches, SequenceBatches
 from ava.model import AvaForCausalLM
+from ava.model.lora import ParameterReport, apply_training_lora, lora_warnings, parameter_report
 from ava.model.moe import summarise_moe_stats
+from ava.model.store import load_state_exactly
 from ava.model.summary import summarise_model
 from ava.train import checkpoint
 from ava.train.distributed import ProcessInfo
@@ -62,6 +64,9 @@ class TrainResult:
     model: AvaForCausalLM | None = field(default=None, repr=False)  # the trained module (for export)
     precision: PrecisionReport | None = None
     health: dict[str, Any] | None = None  # the gradient-health monitor's interventions
+    parameters: ParameterReport | None = None  # total / trainable / LoRA counts
+    lora_scaling: float | None = None  # alpha / r when LoRA adapters were trained (export merges them)
+    warnings: list[str] = field(default_factory=list)  # configuration warnings raised while setting up
 
 
 def total_steps(config: AvaConfig, batches_per_epoch: int, accumulation: int) -> int:
@@ -102,7 +107,9 @@ class _Schedule:
         t = config.training
         self.steps, self.log_every = steps, t.logging_steps
         self.eval_every = {"steps": t.eval_steps, "epoch": steps_per_epoch, "no": 0}[t.eval_strategy]
-        self.save_every = {"steps": t.save_steps, "epoch": steps_per_epoch, "no": 0}[t.save_strategy]
+        self.save_every = {"steps": t.save_steps, "epoch": steps_per_epoch, "best": 0, "no": 0}[t.save_strategy]
+        # save_strategy best writes only improvements: no final checkpoint unless it is the best.
+        self.saves_at_end = t.save_strategy != "best"
 
     def logs(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.steps
@@ -118,7 +125,9 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
           eval_batches: SequenceBatches | None, on_log: Callable[[dict], None],
           checkpoint_dir: Path | None = None, resume_from: Path | None = None, keep_last: int | None = None,
           verify_checkpoint: bool = True, faults: FaultPlan | None = None,
-          on_note: Callable[[str], None] | None = None, preemption: PreemptionFlag | None = None) -> TrainResult:
+          on_note: Callable[[str], None] | None = None, preemption: PreemptionFlag | None = None,
+          initial_state: dict[str, torch.Tensor] | None = None,
+          on_warning: Callable[[str], None] | None = None) -> TrainResult:
     """Train `config.model` under DeepSpeed with `ds_config`.
 
     Evaluates every `eval_steps` (and at the end), keeps the best checkpoint
@@ -136,6 +145,11 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     `faults` injects numerical faults for tests (`ava.train.faults`). When
     `preemption` has caught a stop signal on any rank, every rank finishes the
     step, saves a checkpoint and returns with status "preempted".
+
+    `initial_state` (from `training.init_from`) replaces the random
+    initialisation; `training.lora` then wraps the model in adapters and
+    freezes what it says. The parameter report goes to `on_note` and the LoRA
+    misconfiguration warnings to `on_warning` before the first step.
     """
     import deepspeed
 
@@ -144,6 +158,15 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     keep_last = t.keep_last_checkpoints if keep_last is None else keep_last
     torch.manual_seed(config.data.shuffle_seed)
     model = AvaForCausalLM(config.model, gradient_checkpointing=t.gradient_checkpointing)
+    if initial_state is not None and resume_from is None:  # a resumed run's checkpoint replaces them anyway
+        load_state_exactly(model, initial_state, f"training.init_from {t.init_from}")
+    lora_scaling = apply_training_lora(model, t.lora) if t.lora.enabled else None
+    parameters = parameter_report(model)
+    warnings = lora_warnings(parameters, t.lora, from_scratch=t.init_from is None) if t.lora.enabled else []
+    if on_note is not None:
+        on_note(parameters.line())
+    for warning in warnings:
+        (on_warning or on_note or (lambda _: None))(warning)
     if config.deepspeed.zero_stage == 3 and config.model.is_moe:
         from ava.model.zero3 import mark_moe_zero3_leaves
 
@@ -177,7 +200,8 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
             health.load_state_dict(state["health"])
     plan = _Schedule(config, steps, max(1, train_batches.batches_per_epoch // accumulation))
     stream = _forever(train_batches)
-    result = TrainResult(steps=start_step, planned_steps=steps, precision=precision)
+    result = TrainResult(steps=start_step, planned_steps=steps, precision=precision, parameters=parameters,
+                         lora_scaling=lora_scaling, warnings=warnings)
     step_losses: list[torch.Tensor] = []  # tensors until the end: no host sync per step
     tokens_per_step = ds_config["train_batch_size"] * config.data.max_length
     window_start, window_tokens = time.perf_counter(), 0
@@ -300,9 +324,10 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         stopping = monitor.should_stop
         # A skipped step saves no checkpoint: a rollback must land on weights from a healthy step.
         healthy = verdict is None or verdict.apply
-        if (plan.saves(step) and healthy) or step == steps or stopping or (new_best and t.save_best_checkpoint):
+        saves_best = new_best and (t.save_best_checkpoint or t.save_strategy == "best")
+        if (plan.saves(step) and healthy) or (plan.saves_at_end and (step == steps or stopping)) or saves_best:
             save(step)
-            if new_best and t.save_best_checkpoint and checkpoint_dir is not None and process.rank == 0:
+            if saves_best and checkpoint_dir is not None and process.rank == 0:
                 checkpoint.mark_best(checkpoint_dir, step)
             if step != steps and not stopping:
                 window_start = time.perf_counter()

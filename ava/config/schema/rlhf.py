@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from ava.config.schema.base import Section
+from ava.config.schema.lora import LoRAConfig
 
 StageName = Literal["sft", "reward", "dpo", "ppo", "grpo"]
 TaskName = Literal["digits", "copy", "reverse", "sort", "target_token"]
@@ -129,19 +130,6 @@ class EngineStages(Section):
     critic: int | None = Field(None, ge=0, le=3, description="PPO critic and the reward-model stage.")
     reference: int | None = Field(None, ge=0, le=3, description="Frozen reference model (inference only).")
     reward: int | None = Field(None, ge=0, le=3, description="Frozen reward model scoring PPO (inference only).")
-
-
-class LoRAConfig(Section):
-    """LoRA adapters (through peft) on the policy; the base weights stay frozen."""
-
-    enabled: bool = Field(False, description="Train LoRA adapters instead of every weight of the policy.")
-    rank: int = Field(8, gt=0, description="Adapter rank r.")
-    alpha: float = Field(16.0, gt=0, description="Adapter scale numerator: updates are scaled by alpha / r.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
-        description="Linear layers to adapt, by name (attention: q_proj k_proj v_proj o_proj; dense FFN: "
-                    "gate_proj up_proj down_proj).")
 
 
 class RLHFConfig(Section):

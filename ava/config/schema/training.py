@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from ava.config.schema.base import Section
+from ava.config.schema.lora import TrainingLoRAConfig
 
 Precision = Literal["fp32", "fp16", "bf16", "fp8"]
 
@@ -70,7 +71,10 @@ class TrainingConfig(Section):
 
     eval_strategy: Literal["steps", "epoch", "no"] = Field("steps", description="When to evaluate.")
     eval_steps: int = Field(500, gt=0, description="Evaluate every this many steps (eval_strategy: steps).")
-    save_strategy: Literal["steps", "epoch", "no"] = Field("steps", description="When to save checkpoints.")
+    save_strategy: Literal["steps", "epoch", "best", "no"] = Field(
+        "steps", description="When to save checkpoints: every save_steps, every epoch, only when the evaluation "
+        "loss improves (best: no final checkpoint unless it is the best; the exported model is the best one), "
+        "or no (only at the end).")
     save_steps: int = Field(1000, gt=0, description="Save every this many steps (save_strategy: steps).")
     logging_steps: int = Field(50, gt=0, description="Log metrics every this many steps.")
 
@@ -87,5 +91,11 @@ class TrainingConfig(Section):
     wandb_log: bool = Field(False, description="Log metrics to Weights & Biases (WANDB_MODE=offline needs no network).")
     wandb_project: str = Field("ava", description="W&B project.")
     wandb_entity: str | None = Field(None, description="W&B entity (team or user); null uses your default.")
+
+    init_from: str | None = Field(
+        None, description="Start from pretrained weights: an Ava model directory (or a run directory holding "
+        "model/) or a local Hugging Face GPT-2/Llama/Mixtral directory (config.json). Its architecture replaces "
+        "the model: section's shape keys. null trains from scratch.")
+    lora: TrainingLoRAConfig = Field(default_factory=TrainingLoRAConfig)
 
     gradient_health: GradientHealthConfig = Field(default_factory=GradientHealthConfig)

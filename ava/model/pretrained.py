@@ -1,0 +1,104 @@
+"""`training.init_from`: the pretrained weights a run starts from, and the architecture they dictate.
+
+A user fine-tuning GPT-2 points at a directory, as nanoGPT's `init_from`
+does, and expects the model to *be* that checkpoint: its shape keys
+(width, depth, heads, vocabulary, positions, norm, activation...) come from
+the directory, not from the config. Settings that are training choices
+(dropout, router loss weights, capacity factor) stay the config's. A shape
+key the config sets explicitly to a different value is an error naming both
+values, never a silent replacement, because it usually means the wrong
+directory or the wrong config.
+
+Ava model directories (and run directories holding `model/`) load directly;
+a Hugging Face directory (`config.json`) is converted in memory by `ava.hf`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ava.config.schema.model import ModelConfig
+from ava.model.errors import ModelInputError
+from ava.model.store import CONFIG_FILE
+
+SETTING = "training.init_from"
+
+# Training choices that stay the config's when the architecture comes from a checkpoint.
+TRAINING_CHOICES = frozenset({
+    "attention_dropout", "hidden_dropout", "expert_capacity_factor", "router_aux_loss_coef", "router_z_loss_coef",
+    "router_bias_update_rate", "initializer_range", "use_moh", "use_moa", "use_rag", "use_cross_attention",
+    "use_episodic_memory",
+})
+SHAPE_KEYS = tuple(name for name in ModelConfig.model_fields if name not in TRAINING_CHOICES)
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """Where the initial weights come from and the architecture they were saved with."""
+
+    path: Path
+    kind: str  # "ava" or "hf"
+    config: ModelConfig
+
+    def describe(self) -> str:
+        what = "Hugging Face checkpoint" if self.kind == "hf" else "Ava model"
+        return f"{what} {self.path}"
+
+
+def locate(path: str | Path) -> Pretrained:
+    """Read the architecture of the checkpoint at `path` without loading its weights."""
+    p = Path(path)
+    candidates = [p, p / "model"]
+    for directory in candidates:
+        if (directory / CONFIG_FILE).is_file():
+            from ava.model.store import load_model_config
+
+            return Pretrained(directory, "ava", load_model_config(directory))
+    if (p / "config.json").is_file():
+        from ava.hf import model_config_from_hf
+
+        return Pretrained(p, "hf", model_config_from_hf(p))
+    if not p.exists():
+        raise ModelInputError(f"{SETTING}: {p} does not exist",
+                              "point it at a local model directory: an Ava model (ava_model.yaml + "
+                              "model.safetensors), a training run directory, or a Hugging Face GPT-2/Llama/Mixtral "
+                              "directory (config.json + weights); hub names cannot be downloaded here")
+    raise ModelInputError(f"{SETTING}: {p} holds neither {CONFIG_FILE} (Ava), model/{CONFIG_FILE} (a run) nor "
+                          "config.json (Hugging Face)",
+                          "point it at the directory that holds the model's config and weights")
+
+
+def load_weights(source: Pretrained) -> dict[str, torch.Tensor]:
+    """The checkpoint's full state dict in Ava's names, fp32."""
+    if source.kind == "hf":
+        from ava.hf import import_hf
+
+        model: Any = import_hf(source.path)
+    else:
+        from ava.model.store import load_model_dir
+
+        model = load_model_dir(source.path)
+    return {k: v.float() for k, v in model.state_dict().items()}
+
+
+def adopt_architecture(config: ModelConfig, source: Pretrained, explicit: set[str],
+                       where: dict[str, str]) -> ModelConfig:
+    """`config` with the checkpoint's shape keys; a conflicting explicitly set key is an error.
+
+    `explicit` names the model keys a config file or the command line set;
+    `where` says where each was set (file:line), for the message.
+    """
+    conflicts = [name for name in SHAPE_KEYS if name in explicit
+                 and getattr(config, name) != getattr(source.config, name)]
+    if conflicts:
+        shown = "; ".join(f"model.{n} = {getattr(config, n)!r} ({where.get(n, 'config')}) but the checkpoint has "
+                          f"{getattr(source.config, n)!r}" for n in conflicts)
+        raise ModelInputError(f"{SETTING}: the config's model shape differs from {source.describe()}: {shown}",
+                              "remove those keys from the model: section (the checkpoint decides the architecture "
+                              "when init_from is set), or point init_from at the checkpoint you meant")
+    shape = {name: getattr(source.config, name) for name in SHAPE_KEYS}
+    return config.model_copy(update=shape)
