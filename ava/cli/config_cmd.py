@@ -127,7 +127,8 @@ def validate_cmd(argv: Sequence[str]) -> int:
     parser = new_parser("ava config validate",
                         "Validate a configuration stack, or (with no --config) every shipped combination.")
     add_stack_arguments(parser)
-    parser.add_argument("--all", action="store_true", help="validate every shipped gpu x hardware x distributed combination")
+    parser.add_argument("--all", action="store_true",
+                        help="validate every shipped gpu x hardware x distributed combination, and every recipe")
     parser.add_argument("--world_sizes", default="1,2,4", help="data-parallel sizes for --all (default 1,2,4)")
     parser.add_argument("--configs_dir", default=None, help="where the shipped configs are (default: the repo's configs/)")
     ns, extras = parser.parse_known_args(argv)
@@ -160,6 +161,8 @@ def _validate_all(ns: argparse.Namespace, extras: Sequence[str]) -> int:
     combos: list[tuple[Path, Path | None, Path | None, Path | None]] = [
         (g, h, d, None) for g, h, d in itertools.product(gpus, hardware, distributed)]
     combos += [(g, None, None, r) for g in gpus for r in sorted(root.glob("rlhf/*.yaml"))]
+    # Recipes carry their own hardware and ZeRO settings: each is validated as the one file it is run as.
+    combos += [(recipe, None, None, None) for recipe in sorted(root.glob("recipes/*/*.yaml"))]
     failures: list[tuple[str, int, ConfigError]] = []
     checked = 0
     for (g, h, d, r), world in itertools.product(combos, worlds):

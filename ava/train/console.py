@@ -36,11 +36,13 @@ def step_line(record: dict) -> str:
 
 
 def eval_line(record: dict) -> str:
-    """`eval at step 50: loss 2.5000  perplexity 12.18  best 2.4000`: one evaluation."""
-    best = record.get("best_eval_loss")
+    """`eval at step 50: loss 2.5000  perplexity 12.18  best 2.4000  train 2.3000  gap +0.2000`: one evaluation."""
+    best, gap = record.get("best_eval_loss"), record.get("train_val_gap")
     return (f"eval at step {record['step']}: loss {_number(record.get('eval_loss'), '.4f')}  "
             f"perplexity {_number(record.get('eval_perplexity'), '.2f')}"
-            + (f"  best {_number(best, '.4f')}" if best is not None else ""))
+            + (f"  best {_number(best, '.4f')}" if best is not None else "")
+            + (f"  train {_number(record.get('train_loss'), '.4f')}  gap {_number(gap, '+.4f')}"
+               if gap is not None else ""))
 
 
 def event_line(record: dict) -> str:

@@ -203,6 +203,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     result = TrainResult(steps=start_step, planned_steps=steps, precision=precision, parameters=parameters,
                          lora_scaling=lora_scaling, warnings=warnings)
     step_losses: list[torch.Tensor] = []  # tensors until the end: no host sync per step
+    since_eval = 0  # index into step_losses of the first step after the previous evaluation
     tokens_per_step = ds_config["train_batch_size"] * config.data.max_length
     window_start, window_tokens = time.perf_counter(), 0
     saved_step = start_step if resume_from is not None else None
@@ -318,8 +319,14 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
             result.eval_loss = evaluate(engine, _held_out(eval_batches))
             result.evaluations += 1
             new_best = monitor.update(step, result.eval_loss)
-            on_log({"step": step, "eval_loss": result.eval_loss, "eval_perplexity": perplexity(result.eval_loss),
-                    "best_eval_loss": monitor.best_loss})
+            record = {"step": step, "eval_loss": result.eval_loss, "eval_perplexity": perplexity(result.eval_loss),
+                      "best_eval_loss": monitor.best_loss}
+            recent = step_losses[min(since_eval, len(step_losses) - 1):]  # a rollback may have shortened the list
+            if recent:  # the train/validation gap, over the steps since the previous evaluation (or the (re)start)
+                train_loss = float(_mean_over_ranks(torch.stack(recent).mean()))
+                record.update(train_loss=train_loss, train_val_gap=result.eval_loss - train_loss)
+            since_eval = len(step_losses)
+            on_log(record)
             window_start = time.perf_counter()  # evaluation time is not training throughput
         stopping = monitor.should_stop
         # A skipped step saves no checkpoint: a rollback must land on weights from a healthy step.

@@ -76,6 +76,9 @@ def test_the_table_says_how_many_steps_were_planned_where_the_best_eval_was_and_
                     "run checks": "FAILED"}
     assert eval_line({"step": 60, "eval_loss": 2.4, "eval_perplexity": 11.02, "best_eval_loss": 2.4}) == \
         "eval at step 60: loss 2.4000  perplexity 11.02  best 2.4000"
+    assert eval_line({"step": 60, "eval_loss": 2.4, "eval_perplexity": 11.02, "best_eval_loss": 2.4,
+                      "train_loss": 2.25, "train_val_gap": 0.15}) == \
+        "eval at step 60: loss 2.4000  perplexity 11.02  best 2.4000  train 2.2500  gap +0.1500"
 
 
 def test_eval_perplexity_is_derived_from_the_eval_loss_when_the_summary_lacks_it():

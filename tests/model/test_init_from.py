@@ -1,0 +1,85 @@
+"""`training.init_from`: a local GPT-2 checkpoint becomes the model train.py starts from, logit for logit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ava.config import ConfigFiles, WorldSize, load_config
+from ava.model import AvaForCausalLM
+from ava.model.errors import ModelInputError
+from ava.model.pretrained import load_weights, locate
+from ava.model.store import load_state_exactly, save_model_dir
+from ava.train.init_from import apply_init_from
+from tests.conftest import REPO
+from tests.recipes.conftest import VOCAB, save_tiny_gpt2
+
+FINETUNE = str(REPO / "configs/recipes/nanogpt/finetune_gpt2.yaml")
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+def _resolve(config: str, *overrides: str):
+    return apply_init_from(load_config(ConfigFiles(config), overrides, WorldSize(1, "test")))
+
+
+def test_model_built_as_train_py_builds_it_gives_the_logits_of_transformers(gpt2_dir: Path) -> None:
+    from transformers import GPT2LMHeadModel
+
+    resolved, source = _resolve(FINETUNE, "--training.init_from", str(gpt2_dir), "--max_length", "32")
+    assert source is not None and source.kind == "hf"
+    model = AvaForCausalLM(resolved.config.model)  # what ava.train.loop does with initial_state
+    load_state_exactly(model, load_weights(source), str(gpt2_dir))
+    model.eval()
+    reference = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(tokens).logits, reference(tokens).logits
+    assert torch.allclose(ours, theirs, atol=1e-5), float((ours - theirs).abs().max())
+
+
+def test_checkpoint_architecture_replaces_unset_shape_keys_and_keeps_training_choices(gpt2_dir: Path) -> None:
+    resolved, _ = _resolve(FINETUNE, "--training.init_from", str(gpt2_dir), "--max_length", "32")
+    m = resolved.config.model
+    assert (m.hidden_size, m.num_layers, m.vocab_size, m.max_position_embeddings) == (64, 2, VOCAB, 64)
+    assert (m.position_embedding_type, m.norm_type, m.use_bias) == ("learned", "layernorm", True)
+    assert m.hidden_dropout == 0.1  # the recipe's dropout, not the checkpoint's 0.0
+    assert "init_from" in resolved.origin("model.hidden_size").describe()
+    assert resolved.to_dict()["model"]["hidden_size"] == 64  # what the run's config.yaml records
+
+
+def test_conflicting_explicit_shape_key_is_refused_naming_file_and_values(gpt2_dir: Path) -> None:
+    tiny = str(REPO / "configs/gpu/tiny.yaml")
+    with pytest.raises(ModelInputError) as caught:
+        _resolve(tiny, "--training.init_from", str(gpt2_dir), "--max_length", "32")
+    message = str(caught.value)
+    assert "model.hidden_size = 256" in message and "configs/gpu/tiny.yaml:" in message
+    assert "checkpoint has 64" in message
+
+
+def test_matching_explicit_shape_keys_are_accepted(tmp_path: Path) -> None:
+    resolved = load_config(ConfigFiles(str(REPO / "configs/gpu/tiny.yaml")), ["--max_length", "32"])
+    save_model_dir(AvaForCausalLM(resolved.config.model), tmp_path / "model")
+    adopted, source = _resolve(str(REPO / "configs/gpu/tiny.yaml"), "--training.init_from", str(tmp_path),
+                               "--max_length", "32")  # a run directory: its model/ is used
+    assert source is not None and source.kind == "ava" and source.path == tmp_path / "model"
+    assert adopted.config.model == resolved.config.model
+
+
+def test_sequence_longer_than_the_checkpoint_positions_is_refused(gpt2_dir: Path) -> None:
+    with pytest.raises(ModelInputError, match="data.max_length = 1024 .* exceeds the 64 positions"):
+        _resolve(FINETUNE, "--training.init_from", str(gpt2_dir))
+
+
+@pytest.mark.parametrize(("make", "expected"), [
+    (lambda p: p / "missing", "does not exist"),
+    (lambda p: p, "holds neither ava_model.yaml"),
+])
+def test_unusable_init_from_directory_says_what_to_point_at(tmp_path: Path, make, expected: str) -> None:
+    with pytest.raises(ModelInputError, match=expected):
+        locate(make(tmp_path))

@@ -1,0 +1,69 @@
+"""training.lora: what trains, what the report says, and the two misconfigurations that warn."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ava.config.schema.lora import TrainingLoRAConfig
+from ava.config.schema.model import ModelConfig
+from ava.model import AvaForCausalLM
+from ava.model.lora import apply_training_lora, lora_warnings, parameter_report
+
+SMALL = ModelConfig(hidden_size=64, num_layers=3, num_attention_heads=4, intermediate_size=128, vocab_size=64,
+                    max_position_embeddings=32, num_experts=0)
+
+
+def _lora_model(**switches: bool) -> tuple[AvaForCausalLM, TrainingLoRAConfig]:
+    torch.manual_seed(0)
+    model = AvaForCausalLM(SMALL)
+    lora = TrainingLoRAConfig(enabled=True, rank=4, alpha=8, **switches)
+    apply_training_lora(model, lora)
+    return model, lora
+
+
+def test_only_adapters_and_the_chosen_head_change_in_training() -> None:
+    model, _ = _lora_model(train_head=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        model(tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed == {n for n in before if ".lora_" in n or n.startswith(("lm_head.", "norm."))}
+    assert any("lora_B" in n for n in changed)
+
+
+def test_report_counts_adapters_and_trainable_share() -> None:
+    model, _ = _lora_model()
+    report = parameter_report(model)
+    adapters = 3 * 4 * (4 * (64 + 64))  # layers x projections x rank x (in + out)
+    assert report.lora == adapters and report.trainable == adapters
+    assert report.trainable_percent == pytest.approx(100 * adapters / report.total)
+    assert f"{report.trainable_percent:.2f}%" in report.line() and "frozen" in report.line()
+
+
+def test_frozen_embeddings_and_head_from_scratch_warn_and_fine_tuning_does_not() -> None:
+    model, lora = _lora_model()
+    report = parameter_report(model)
+    [warning] = lora_warnings(report, lora, from_scratch=True)
+    assert "train_embeddings: true" in warning and "train_head: true" in warning
+    assert lora_warnings(report, lora, from_scratch=False) == []
+
+
+def test_more_than_half_trainable_under_lora_warns() -> None:
+    model, lora = _lora_model(freeze_base=False)
+    report = parameter_report(model)
+    assert report.trainable == report.total
+    warnings = lora_warnings(report, lora, from_scratch=False)
+    assert len(warnings) == 1 and "100.0% of the parameters are trainable" in warnings[0]
+    assert "freeze_base" in warnings[0]
+
+
+def test_tied_head_trains_through_the_shared_embedding() -> None:
+    torch.manual_seed(0)
+    model = AvaForCausalLM(SMALL.model_copy(update={"tie_word_embeddings": True}))
+    apply_training_lora(model, TrainingLoRAConfig(enabled=True, rank=4, alpha=8, train_head=True))
+    assert model.embed_tokens.weight.requires_grad and model.lm_head.weight is model.embed_tokens.weight
