@@ -83,6 +83,17 @@ def _print_plan(resolved: ResolvedConfig, pretrained: Any = None) -> None:
           f"{m.training_flops_per_token / 1e6:,.1f} MFLOP per training token (`ava model summary` for details)")
     if pretrained is not None:
         print(f"init_from: weights and architecture from {pretrained.describe()}")
+    import torch
+
+    from ava.model import AvaForCausalLM
+    from ava.model.lora import prepare_trainable
+
+    with torch.device("meta"):  # shapes only: a dry run of a large model allocates nothing
+        _, report, warnings = prepare_trainable(AvaForCausalLM(cfg.model), cfg.training.lora,
+                                                from_scratch=cfg.training.init_from is None)
+    print(report.line())
+    for warning in warnings:
+        print(f"WARNING: {warning}")
 
 
 def _auto_resume(ns: Any) -> bool:

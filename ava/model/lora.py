@@ -161,3 +161,15 @@ def lora_warnings(report: ParameterReport, lora: TrainingLoRAConfig, from_scratc
             "(no training.init_from): the model cannot learn and the loss stays near ln(vocab_size). Set "
             f"{keys}, or start from pretrained weights with training.init_from")
     return warnings
+
+
+def prepare_trainable(model: nn.Module, lora: TrainingLoRAConfig,
+                      from_scratch: bool) -> tuple[float | None, ParameterReport, list[str]]:
+    """Apply `training.lora` when enabled, then count: (alpha / r or None, the report, the warnings).
+
+    The one path for a run and for a dry run (which passes a model built on
+    the meta device, so a large model costs no memory).
+    """
+    scaling = apply_training_lora(model, lora) if lora.enabled else None
+    report = parameter_report(model)
+    return scaling, report, lora_warnings(report, lora, from_scratch) if lora.enabled else []

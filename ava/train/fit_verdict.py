@@ -6,7 +6,9 @@ end-of-run summary. It reads the records a run writes to metrics.jsonl
 records and non-finite values are skipped), so it works the same on a live
 run, a finished one and a killed one.
 
-Training loss "at" an evaluation is the mean training `loss` over the logged
+Training loss "at" an evaluation is the evaluation record's own `train_loss`
+when it has one (the loop's mean over every step since the previous
+evaluation), else the mean training `loss` over the logged
 steps since the previous evaluation, (previous eval step, eval step]: the
 model changed over that stretch, and a single step's loss is too noisy to
 compare with a held-out loss. The first evaluation has no previous one; its
@@ -84,7 +86,7 @@ def diagnose_fit(records: Iterable[dict], min_evaluations: int = 3) -> FitVerdic
     records = list(records)
     evals = _finite_by_step(records, "eval_loss")
     train = _finite_by_step(records, "loss")
-    points = _points(evals, train)
+    points = _points(evals, train, dict(_finite_by_step(records, "train_loss")))
     if len(points) < max(min_evaluations, 1):
         return _undetermined(len(evals), points, min_evaluations, bool(train))
     first, last = points[0], points[-1]
@@ -126,10 +128,20 @@ def _finite_by_step(records: list[dict], key: str) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
-def _points(evals: list[tuple[int, float]], train: list[tuple[int, float]]) -> list[_Point]:
-    """Each evaluation with the training loss at it; evaluations before any training record are dropped."""
+def _points(evals: list[tuple[int, float]], train: list[tuple[int, float]],
+            own: dict[int, float]) -> list[_Point]:
+    """Each evaluation with the training loss at it; evaluations before any training record are dropped.
+
+    An evaluation record that carries its own `train_loss` (the loop's mean over
+    every step since the previous evaluation, not only the logged ones) is
+    taken at its word, except the first, whose own mean reaches back to the
+    random initialisation.
+    """
     points = []
     for i, (step, eval_loss) in enumerate(evals):
+        if step in own and (i > 0 or not train):
+            points.append(_Point(step, eval_loss, own[step]))
+            continue
         if i > 0:
             start = evals[i - 1][0]
         else:  # the later half of the stretch before the first evaluation (see the module docstring)

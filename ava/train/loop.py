@@ -22,7 +22,7 @@ import torch
 from ava.config.schema import AvaConfig
 from ava.data.batches import Batches, SequenceBatches
 from ava.model import AvaForCausalLM
-from ava.model.lora import ParameterReport, apply_training_lora, lora_warnings, parameter_report
+from ava.model.lora import ParameterReport, prepare_trainable
 from ava.model.moe import summarise_moe_stats
 from ava.model.store import load_state_exactly
 from ava.model.summary import summarise_model
@@ -160,9 +160,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     model = AvaForCausalLM(config.model, gradient_checkpointing=t.gradient_checkpointing)
     if initial_state is not None and resume_from is None:  # a resumed run's checkpoint replaces them anyway
         load_state_exactly(model, initial_state, f"training.init_from {t.init_from}")
-    lora_scaling = apply_training_lora(model, t.lora) if t.lora.enabled else None
-    parameters = parameter_report(model)
-    warnings = lora_warnings(parameters, t.lora, from_scratch=t.init_from is None) if t.lora.enabled else []
+    lora_scaling, parameters, warnings = prepare_trainable(model, t.lora, from_scratch=t.init_from is None)
     if on_note is not None:
         on_note(parameters.line())
     for warning in warnings:
@@ -234,6 +232,13 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         saved_step = to_step
         return to_step
 
+    if resume_from is not None and start_step >= steps:
+        # Training had ended before the process stopped (e.g. killed while exporting): finish the run from
+        # its final checkpoint instead of reporting it unevaluated and unsaved.
+        result.checkpoint = resume_from
+        if eval_batches is not None:
+            result.eval_loss = evaluate(engine, _held_out(eval_batches))
+            result.evaluations += 1
     measure_layers = health is not None and t.gradient_health.layer_grad_norms
     balances_bias = config.model.is_moe and config.model.router_type == "aux_loss_free"
     step = start_step

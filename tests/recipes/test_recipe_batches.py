@@ -138,3 +138,20 @@ def test_recipe_learning_rates_end_below_their_peak() -> None:
             continue  # init_from points at a directory the user provides
         t = _load(recipe).config.training
         assert t.lr_end <= t.learning_rate and math.isfinite(t.learning_rate), recipe
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (("--training.lora.train_embeddings", "false", "--training.lora.train_head", "false"),
+     "WARNING: the embeddings and output head are frozen at their random initialisation"),
+    (("--training.lora.freeze_base", "false"), "WARNING: 100.0% of the parameters are trainable under LoRA"),
+])
+def test_dry_run_reports_parameters_and_warns_about_lora_misconfiguration(
+        overrides: tuple[str, ...], expected: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ava.cli.train_cmd import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["--config", "configs/recipes/behrt/lora.yaml", "--dry_run", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert expected in out
+    assert "parameters: 4,723,968 total" in out  # the full-size BEHRT recipe, counted on the meta device

@@ -155,3 +155,13 @@ def test_verdict_serialises_to_json() -> None:
     data = json.loads(json.dumps(fit.as_dict()))
     assert data["verdict"] == "healthy"
     assert FitVerdict(**data) == fit
+
+
+def test_evaluation_records_own_train_loss_judges_runs_that_log_less_often_than_they_evaluate() -> None:
+    # logging_steps 50 > eval_steps 10: no training record between evaluations, only the first one's window.
+    records = [{"step": 10, "loss": 7.0}]
+    for step, (train, val) in zip((10, 20, 30, 40), ((7.0, 6.95), (6.5, 7.1), (6.1, 7.3), (5.8, 7.5)), strict=True):
+        records.append({"step": step, "eval_loss": val, "train_loss": train, "train_val_gap": val - train})
+    verdict = diagnose_fit(records)
+    assert verdict.verdict == "overfitting"
+    assert verdict.train_loss == 5.8 and verdict.gap == pytest.approx(1.7)

@@ -36,6 +36,14 @@ def test_train_py_lowers_the_loss_and_writes_config_metrics_and_summary(tmp_path
     assert summary["entropy_rate"] > 0
     assert "max_steps: 16" in (out / "config.yaml").read_text()
     assert json.loads((out / "deepspeed.json").read_text())["train_batch_size"] == 4
+    # A run stopped after its last step (a requeued job killed while exporting) resumes to a clean finish.
+    again = subprocess.run([sys.executable, "train.py", *TINY, *SMALL_RUN, "--max_steps", "16",
+                            "--output_dir", str(out), "--resume"], cwd=REPO, env=run_env(), capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["status"] == "completed" and resumed["checks_passed"] and resumed["steps"] == 16
+    assert resumed["eval_loss"] == summary["eval_loss"] and resumed["checks"]["checkpoint_reloads_exactly"]
 
 
 def test_an_output_dir_with_files_is_refused_and_left_untouched(tmp_path):
