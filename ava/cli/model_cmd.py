@@ -110,7 +110,13 @@ def export_checkpoint_cmd(argv: Sequence[str]) -> int:
 
     import torch
 
-    from ava.train.export import export_checkpoint, resolve_checkpoint, run_lora_scaling, run_model_config
+    from ava.train.export import (
+        export_checkpoint,
+        resolve_checkpoint,
+        run_frozen_base,
+        run_lora_scaling,
+        run_model_config,
+    )
 
     source = Path(ns.source)
     if not source.is_dir():
@@ -119,7 +125,7 @@ def export_checkpoint_cmd(argv: Sequence[str]) -> int:
     run_dir = point.parent.parent
     written = export_checkpoint(point, run_model_config(run_dir), Path(ns.out), hf=ns.hf,
                                 dtype=getattr(torch, ns.dtype), overwrite=ns.overwrite,
-                                lora_scaling=run_lora_scaling(run_dir))
+                                lora_scaling=run_lora_scaling(run_dir), frozen_base=run_frozen_base(run_dir))
     print(f"wrote {ns.out} from {point} as {written}")
     return 0
 

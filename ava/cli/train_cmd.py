@@ -55,15 +55,16 @@ def main(argv: Sequence[str], prog: str = "train.py") -> int:
 
 def _main(parser: Any, argv: Sequence[str], preemption: Any) -> int:
     ns, extras = parser.parse_known_args(argv)
-    from ava.train.init_from import apply_init_from
-
-    resolved, pretrained = apply_init_from(resolve_stack(ns, extras))
+    resolved = resolve_stack(ns, extras)
     main_rank = os.environ.get("RANK", "0") == "0"
     if ns.dry_run:
+        from ava.train.init_from import pretrained_for_run
+
+        resolved, pretrained = pretrained_for_run(resolved, None)
         if main_rank:
             _print_plan(resolved, pretrained)
         return 0
-    return _train(resolved, ns, Path(ns.config or "run").stem, main_rank, preemption, pretrained)
+    return _train(resolved, ns, Path(ns.config or "run").stem, main_rank, preemption)
 
 
 def _print_plan(resolved: ResolvedConfig, pretrained: Any = None) -> None:
@@ -156,8 +157,7 @@ def _resume_point(ns: Any, out_dir: Path, ds_config: dict) -> Path | None:
     return point
 
 
-def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool, preemption: Any,
-           pretrained: Any = None) -> int:
+def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool, preemption: Any) -> int:
     from ava.train.preemption import REQUEUE_EXIT_CODE
 
     started = time.perf_counter()
@@ -172,6 +172,10 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
     faults = _fault_plan()
     ds_config = build_deepspeed_config(cfg)
     resume_from = _resume_point(ns, out_dir, ds_config)
+    from ava.train.init_from import pretrained_for_run
+
+    resolved, pretrained = pretrained_for_run(resolved, resume_from.parent.parent if resume_from else None)
+    cfg = resolved.config
     process = init_distributed()
     if process.world_size > 1:
         from ava.train.rendezvous import discover
@@ -188,6 +192,12 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
     data = build_training_data(cfg.data, cfg.model.vocab_size, b.micro, cfg.data.eval_batch_size, process.rank,
                                process.world_size, needed_sequences=steps_hint * b.global_batch,
                                max_steps=cfg.training.max_steps)
+    if data.eval is None and cfg.training.save_strategy == "best":
+        raise ModelInputError(
+            "training.save_strategy is 'best', but there is no held-out data to evaluate on (fewer held-out "
+            f"sequences than data.eval_batch_size {cfg.data.eval_batch_size} x {process.world_size} rank(s)), "
+            "so the run would never save a checkpoint",
+            "provide more validation data (val.bin), lower data.eval_batch_size, or use save_strategy: steps")
     from ava.train.console import RunConsole
     from ava.train.loop import total_steps
     from ava.train.run_info import peak_memory, write_versions
@@ -239,17 +249,16 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
         if wandb is not None:
             wandb.log(record)
 
-    initial_state = None
-    if pretrained is not None and resume_from is None:
-        from ava.model.pretrained import load_weights
+    from ava.model.pretrained import load_weights
 
-        initial_state = load_weights(pretrained)
+    # Loaded inside the loop and dropped once copied into the model: no second full copy lives through training.
+    initial_weights = (lambda: load_weights(pretrained)) if pretrained is not None and resume_from is None else None
     try:
         with console:
             result = train(cfg, ds_config, process, data.train, data.eval, on_log,
                            checkpoint_dir=out_dir / "checkpoints", resume_from=resume_from,
                            faults=faults, on_note=console.note, preemption=preemption,
-                           initial_state=initial_state, on_warning=console.warn)
+                           initial_weights=initial_weights, on_warning=console.warn)
     except BaseException as exc:
         if main_rank:
             _record_failure(out_dir, exc, started, wandb)
@@ -266,7 +275,10 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
         return 0
     from ava.train.plots import write_plots
 
-    summary = _summary(result, data, out_dir, started, cfg)
+    frozen_base = None
+    if cfg.training.lora.enabled and pretrained is not None:  # export merges onto the fp32 pretrained base
+        frozen_base = load_weights(pretrained)
+    summary = _summary(result, data, out_dir, started, cfg, frozen_base)
     usage = _add_diagnosis(summary, out_dir / "metrics.jsonl", cfg)
     write_plots(out_dir / "metrics.jsonl", out_dir / "plots")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -337,7 +349,8 @@ def _record_failure(out_dir: Path, exc: BaseException, started: float, wandb: An
         wandb.finish(summary)
 
 
-def _summary(result: Any, data: Any, out_dir: Path, started: float, cfg: Any) -> dict[str, Any]:
+def _summary(result: Any, data: Any, out_dir: Path, started: float, cfg: Any,
+             frozen_base: dict[str, Any] | None = None) -> dict[str, Any]:
     """summary.json: how the run ended, its losses, and the checks a smoke test relies on."""
     from ava.train.checkpoint import best_tag
     from ava.train.evaluation import perplexity
@@ -351,7 +364,8 @@ def _summary(result: Any, data: Any, out_dir: Path, started: float, cfg: Any) ->
     model_dir = None
     if exported is not None:
         model_dir = out_dir / "model"
-        export_checkpoint(exported, result.model.config, model_dir, overwrite=True, lora_scaling=result.lora_scaling)
+        export_checkpoint(exported, result.model.config, model_dir, overwrite=True, lora_scaling=result.lora_scaling,
+                          frozen_base=frozen_base)
     first, final = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
     sample = None
     if result.sample is not None:

@@ -17,6 +17,7 @@ from ava.config.aliases import fill_aliases, resolve_aliases
 from ava.config.batch import BatchPlan, WorldSize
 from ava.config.checks import CheckContext, run_checks
 from ava.config.errors import ConfigError, Notice, Problem
+from ava.config.init_from import adopt_pretrained
 from ava.config.merge import Leaf, MergedTree, merge, yaml_leaves
 from ava.config.overrides import resolve_overrides, split_overrides
 from ava.config.provenance import DEFAULT_ORIGIN, Assignment, Layer, Origin
@@ -95,6 +96,9 @@ def load_config(files: ConfigFiles, overrides: Sequence[str] = (),
     problems += resolve_aliases(tree)
     sections, section_problems, notices = validate_sections(tree)
     problems += section_problems
+    adopt_problems, adopt_notices = adopt_pretrained(sections, tree.origins)  # before the checks judge the model
+    problems += adopt_problems
+    notices += adopt_notices
 
     ctx = run_checks(CheckContext(sections, dict(tree.origins), world))
     problems += ctx.problems

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ava.config.errors import Notice
 from ava.config.lora_checks import check_lora_targets
-from ava.config.schema import DeepSpeedSection, ModelConfig, RLHFConfig
+from ava.config.schema import DeepSpeedSection, ModelConfig, RLHFConfig, TrainingConfig
 from ava.config.schema.rlhf import POLICY_STAGES
 
 if TYPE_CHECKING:
@@ -32,6 +32,22 @@ def check_rlhf(ctx: CheckContext) -> None:
         ctx.problem("deepspeed.ep_size", f"is {ds.ep_size}, but RLHF engines do not support expert parallelism",
                     "set deepspeed.ep_size: 1 for RLHF (experts are then replicated or ZeRO-partitioned)", ds.ep_size)
     _lora(ctx, r, m)
+    _train_py_only(ctx)
+
+
+def _train_py_only(ctx: CheckContext) -> None:
+    """training.lora and training.init_from belong to train.py; an RLHF pipeline has its own keys for both."""
+    t = ctx.sections.get("training")
+    if not isinstance(t, TrainingConfig):
+        return
+    if t.lora.enabled:
+        ctx.problem("training.lora.enabled", "applies to train.py only; RLHF stages take their adapters from "
+                    "rlhf.lora", "move the LoRA settings to rlhf.lora (rank, alpha, dropout, target_modules)",
+                    t.lora.enabled)
+    if t.init_from:
+        ctx.problem("training.init_from", "applies to train.py only; RLHF stages start from rlhf.policy_path or "
+                    "their own init_from", "set rlhf.policy_path (or rlhf.<stage>.init_from) to the model "
+                    "directory instead", t.init_from)
 
 
 def _kl(ctx: CheckContext, r: RLHFConfig) -> None:

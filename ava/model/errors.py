@@ -12,5 +12,5 @@ class ModelInputError(ValueError):
     """
 
     def __init__(self, message: str, fix: str) -> None:
-        self.fix = fix
+        self.message, self.fix = message, fix
         super().__init__(f"{message}\n  Fix: {fix}")

@@ -140,8 +140,12 @@ def apply_training_lora(model: nn.Module, lora: TrainingLoRAConfig) -> float:
 TRAINABLE_WARN_PERCENT = 50.0
 
 
-def lora_warnings(report: ParameterReport, lora: TrainingLoRAConfig, from_scratch: bool) -> list[str]:
-    """The two LoRA misconfigurations the BEHRT troubleshooting guide describes, as loud messages."""
+def lora_warnings(report: ParameterReport, lora: TrainingLoRAConfig, from_scratch: bool,
+                  tied: bool = False) -> list[str]:
+    """The two LoRA misconfigurations the BEHRT troubleshooting guide describes, as loud messages.
+
+    With `tied` embeddings the head is the token embedding, so either switch trains both.
+    """
     warnings = []
     if report.trainable_percent > TRAINABLE_WARN_PERCENT:
         reason = ("training.lora.freeze_base is false, so every base weight trains too" if not lora.freeze_base
@@ -151,7 +155,9 @@ def lora_warnings(report: ParameterReport, lora: TrainingLoRAConfig, from_scratc
             f"{report.total:,}; the adapters are {report.lora_percent:.2f}%): {reason}. This is full fine-tuning in "
             "disguise and overfits small datasets. Set training.lora.freeze_base: true and train only the adapters "
             "(plus train_embeddings/train_head when training from scratch); a LoRA run usually trains 2-10%")
-    frozen = [name for name, on in (("embeddings", lora.train_embeddings), ("output head", lora.train_head))
+    embeddings_on = lora.train_embeddings or (tied and lora.train_head)
+    head_on = lora.train_head or (tied and lora.train_embeddings)
+    frozen = [name for name, on in (("embeddings", embeddings_on), ("output head", head_on))
               if not on and lora.freeze_base]
     if from_scratch and frozen:
         keys = " and ".join(f"training.lora.train_{'embeddings' if n == 'embeddings' else 'head'}: true"
@@ -172,4 +178,5 @@ def prepare_trainable(model: nn.Module, lora: TrainingLoRAConfig,
     """
     scaling = apply_training_lora(model, lora) if lora.enabled else None
     report = parameter_report(model)
-    return scaling, report, lora_warnings(report, lora, from_scratch) if lora.enabled else []
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    return scaling, report, lora_warnings(report, lora, from_scratch, tied) if lora.enabled else []

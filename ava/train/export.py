@@ -63,11 +63,17 @@ def checkpoint_state_dict(point: Path) -> dict[str, torch.Tensor]:
         from ava.train.expert_parallel import expert_parallel_checkpoint_state
 
         return expert_parallel_checkpoint_state(point)
+    module_file = point / "mp_rank_00_model_states.pt"
     if any(point.glob("*zero_pp_rank_*optim_states.pt")):
         with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 prints a line per tensor group
             state = get_fp32_state_dict_from_zero_checkpoint(str(point.parent), tag=point.name)
-        return {k: v.float() for k, v in state.items()}
-    module_file = point / "mp_rank_00_model_states.pt"
+        state = {k: v.float() for k, v in state.items()}
+        if module_file.is_file():
+            # ZeRO-1 records no frozen parameter (a LoRA run's base weights) beside its fp32 shards; the
+            # module state holds them whole (under ZeRO-3 its tensors are empty placeholders, skipped).
+            module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+            state.update({k: v.float() for k, v in module.items() if k not in state and v.numel()})
+        return state
     if not module_file.is_file():
         raise ModelInputError(f"{point} has neither ZeRO shards nor {module_file.name}: not a DeepSpeed checkpoint",
                               "point at a checkpoints/stepNNNNNNNN directory written by train.py")
@@ -87,14 +93,33 @@ def run_lora_scaling(run_dir: Path) -> float | None:
     return float(lora["alpha"]) / float(lora["rank"])
 
 
+def run_frozen_base(run_dir: Path) -> dict[str, torch.Tensor] | None:
+    """A LoRA run's fp32 pretrained weights (its training.init_from), when it had them and they still exist."""
+    try:
+        training = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("training", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    init = training.get("init_from")
+    if not (training.get("lora") or {}).get("enabled") or not init or not Path(init).exists():
+        return None
+    from ava.model.pretrained import load_weights, locate
+
+    return load_weights(locate(init))
+
+
 def export_checkpoint(point: Path, config: ModelConfig, out: Path, hf: bool = False,
                       dtype: torch.dtype = torch.float32, overwrite: bool = False,
-                      lora_scaling: float | None = None) -> str:
+                      lora_scaling: float | None = None,
+                      frozen_base: dict[str, torch.Tensor] | None = None) -> str:
     """Write checkpoint `point` as an Ava model directory (or HF with `hf`); returns what was written.
 
     A LoRA run's checkpoint holds base weights and adapters; they are merged
     (W + alpha/r * B @ A) into plain weights, and the adapters alone are kept
-    beside them as `adapter.safetensors`.
+    beside them as `adapter.safetensors`. Frozen weights have no fp32 master
+    copy, so in a bf16 run the checkpoint holds them rounded; `frozen_base`
+    (the pretrained fp32 weights, by plain model name) replaces each frozen
+    tensor the checkpoint holds unchanged-but-rounded, so only the adapters'
+    update differs from the pretrained model.
     """
     from ava.model.lora import adapter_state, merge_lora_state
 
@@ -104,6 +129,8 @@ def export_checkpoint(point: Path, config: ModelConfig, out: Path, hf: bool = Fa
         if lora_scaling is None:
             raise ModelInputError(f"{point} holds LoRA adapters but the run's LoRA settings are unknown",
                                   "export from inside the run directory, whose config.yaml has training.lora")
+        if frozen_base is not None:
+            state.update(_unrounded(state, frozen_base))
         state = merge_lora_state(state, lora_scaling)
     model = AvaForCausalLM(config)
     load_state_exactly(model, state, str(point))
@@ -118,3 +145,17 @@ def export_checkpoint(point: Path, config: ModelConfig, out: Path, hf: bool = Fa
         save_file({k: v.contiguous() for k, v in adapters.items()}, str(out / "adapter.safetensors"))
         return "an Ava model directory (ava_model.yaml + model.safetensors, LoRA merged; adapter.safetensors)"
     return "an Ava model directory (ava_model.yaml + model.safetensors)"
+
+
+def _unrounded(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fp32 pretrained tensor for every checkpoint tensor that is that tensor rounded to bf16 or fp16."""
+    out = {}
+    for key, value in state.items():
+        original = base.get(key.replace(".base_layer.", "."))
+        if original is None or original.shape != value.shape:
+            continue
+        for low in (torch.bfloat16, torch.float16):
+            if torch.equal(original.to(low).float(), value.float()):
+                out[key] = original.float()
+                break
+    return out

@@ -85,7 +85,8 @@ def diagnose_fit(records: Iterable[dict], min_evaluations: int = 3) -> FitVerdic
     """The fit verdict of a run from its metrics records (see the module docstring for the rules)."""
     records = list(records)
     evals = _finite_by_step(records, "eval_loss")
-    train = _finite_by_step(records, "loss")
+    # lm_loss is what evaluation measures; the total `loss` adds an MoE model's router losses.
+    train = _finite_by_step(records, "lm_loss") or _finite_by_step(records, "loss")
     points = _points(evals, train, dict(_finite_by_step(records, "train_loss")))
     if len(points) < max(min_evaluations, 1):
         return _undetermined(len(evals), points, min_evaluations, bool(train))

@@ -126,7 +126,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
           checkpoint_dir: Path | None = None, resume_from: Path | None = None, keep_last: int | None = None,
           verify_checkpoint: bool = True, faults: FaultPlan | None = None,
           on_note: Callable[[str], None] | None = None, preemption: PreemptionFlag | None = None,
-          initial_state: dict[str, torch.Tensor] | None = None,
+          initial_weights: Callable[[], dict[str, torch.Tensor]] | None = None,
           on_warning: Callable[[str], None] | None = None) -> TrainResult:
     """Train `config.model` under DeepSpeed with `ds_config`.
 
@@ -146,7 +146,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     `preemption` has caught a stop signal on any rank, every rank finishes the
     step, saves a checkpoint and returns with status "preempted".
 
-    `initial_state` (from `training.init_from`) replaces the random
+    `initial_weights()` (from `training.init_from`) replaces the random
     initialisation; `training.lora` then wraps the model in adapters and
     freezes what it says. The parameter report goes to `on_note` and the LoRA
     misconfiguration warnings to `on_warning` before the first step.
@@ -158,8 +158,8 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     keep_last = t.keep_last_checkpoints if keep_last is None else keep_last
     torch.manual_seed(config.data.shuffle_seed)
     model = AvaForCausalLM(config.model, gradient_checkpointing=t.gradient_checkpointing)
-    if initial_state is not None and resume_from is None:  # a resumed run's checkpoint replaces them anyway
-        load_state_exactly(model, initial_state, f"training.init_from {t.init_from}")
+    if initial_weights is not None and resume_from is None:  # a resumed run's checkpoint replaces them anyway
+        load_state_exactly(model, initial_weights(), f"training.init_from {t.init_from}")
     lora_scaling, parameters, warnings = prepare_trainable(model, t.lora, from_scratch=t.init_from is None)
     if on_note is not None:
         on_note(parameters.line())
@@ -201,7 +201,12 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     result = TrainResult(steps=start_step, planned_steps=steps, precision=precision, parameters=parameters,
                          lora_scaling=lora_scaling, warnings=warnings)
     step_losses: list[torch.Tensor] = []  # tensors until the end: no host sync per step
-    since_eval = 0  # index into step_losses of the first step after the previous evaluation
+    # The language-model part of each step's loss: what evaluation measures, so the train/validation gap
+    # compares like with like (the total adds the MoE router losses).
+    step_lm_losses: list[torch.Tensor] = []
+    since_eval = 0  # index into step_lm_losses of the first step after the previous evaluation
+    if resume_from is not None:
+        result.checkpoint = resume_from  # a resumed run that saves nothing new still has its checkpoint
     tokens_per_step = ds_config["train_batch_size"] * config.data.max_length
     window_start, window_tokens = time.perf_counter(), 0
     saved_step = start_step if resume_from is not None else None
@@ -232,10 +237,12 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         saved_step = to_step
         return to_step
 
-    if resume_from is not None and start_step >= steps:
-        # Training had ended before the process stopped (e.g. killed while exporting): finish the run from
-        # its final checkpoint instead of reporting it unevaluated and unsaved.
-        result.checkpoint = resume_from
+    if resume_from is not None and (start_step >= steps or monitor.should_stop):
+        # Training had ended (all steps, or early stopping) before the process stopped, e.g. killed while
+        # exporting: finish the run from its final checkpoint instead of training on or reporting it unevaluated.
+        if start_step < steps:
+            result.status = "early_stopped"
+        steps = start_step
         if eval_batches is not None:
             result.eval_loss = evaluate(engine, _held_out(eval_batches))
             result.evaluations += 1
@@ -274,6 +281,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
                     gate.begin(step, step_loss, measure_update=logs and measure_layers)
             engine.step()
         step_losses.append(step_loss)
+        step_lm_losses.append(lm_loss)
         verdict = gate.finish() if gate is not None else None
         if balances_bias and (verdict is None or verdict.apply):
             balance_router_biases(engine.module, step_loads, config.model.router_bias_update_rate)
@@ -317,6 +325,8 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
                 on_log({"step": step, "event": "run_failed", "reason": result.failure})
                 break
             del step_losses[max(0, to_step - start_step):]
+            del step_lm_losses[max(0, to_step - start_step):]
+            since_eval = min(since_eval, len(step_lm_losses))
             step = result.steps = to_step
             continue
         new_best = False
@@ -326,11 +336,11 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
             new_best = monitor.update(step, result.eval_loss)
             record = {"step": step, "eval_loss": result.eval_loss, "eval_perplexity": perplexity(result.eval_loss),
                       "best_eval_loss": monitor.best_loss}
-            recent = step_losses[min(since_eval, len(step_losses) - 1):]  # a rollback may have shortened the list
+            recent = step_lm_losses[since_eval:]
             if recent:  # the train/validation gap, over the steps since the previous evaluation (or the (re)start)
                 train_loss = float(_mean_over_ranks(torch.stack(recent).mean()))
                 record.update(train_loss=train_loss, train_val_gap=result.eval_loss - train_loss)
-            since_eval = len(step_losses)
+            since_eval = len(step_lm_losses)
             on_log(record)
             window_start = time.perf_counter()  # evaluation time is not training throughput
         stopping = monitor.should_stop
@@ -341,6 +351,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
             save(step)
             if saves_best and checkpoint_dir is not None and process.rank == 0:
                 checkpoint.mark_best(checkpoint_dir, step)
+                checkpoint.prune(checkpoint_dir, keep_last)  # the previous best is no longer protected
             if step != steps and not stopping:
                 window_start = time.perf_counter()
         if preemption is not None and preemption.agreed(device):

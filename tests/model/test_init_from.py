@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ava.config import ConfigFiles, WorldSize, load_config
+from ava.config import ConfigError, ConfigFiles, WorldSize, load_config
 from ava.model import AvaForCausalLM
 from ava.model.errors import ModelInputError
 from ava.model.pretrained import load_weights, locate
 from ava.model.store import load_state_exactly, save_model_dir
-from ava.train.init_from import apply_init_from
+from ava.train.init_from import pretrained_for_run
 from tests.conftest import REPO
 from tests.recipes.conftest import VOCAB, save_tiny_gpt2
 
@@ -24,8 +24,8 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
 
 
-def _resolve(config: str, *overrides: str):
-    return apply_init_from(load_config(ConfigFiles(config), overrides, WorldSize(1, "test")))
+def _resolve(config: str, *overrides: str, ranks: int = 1):
+    return pretrained_for_run(load_config(ConfigFiles(config), overrides, WorldSize(ranks, "test")), None)
 
 
 def test_model_built_as_train_py_builds_it_gives_the_logits_of_transformers(gpt2_dir: Path) -> None:
@@ -55,7 +55,7 @@ def test_checkpoint_architecture_replaces_unset_shape_keys_and_keeps_training_ch
 
 def test_conflicting_explicit_shape_key_is_refused_naming_file_and_values(gpt2_dir: Path) -> None:
     tiny = str(REPO / "configs/gpu/tiny.yaml")
-    with pytest.raises(ModelInputError) as caught:
+    with pytest.raises(ConfigError) as caught:
         _resolve(tiny, "--training.init_from", str(gpt2_dir), "--max_length", "32")
     message = str(caught.value)
     assert "model.hidden_size = 256" in message and "configs/gpu/tiny.yaml:" in message
@@ -71,9 +71,36 @@ def test_matching_explicit_shape_keys_are_accepted(tmp_path: Path) -> None:
     assert adopted.config.model == resolved.config.model
 
 
-def test_sequence_longer_than_the_checkpoint_positions_is_refused(gpt2_dir: Path) -> None:
-    with pytest.raises(ModelInputError, match="data.max_length = 1024 .* exceeds the 64 positions"):
+def test_checks_judge_the_checkpoints_model_not_the_configs(gpt2_dir: Path) -> None:
+    # Sequence length against the checkpoint's 64 positions.
+    with pytest.raises(ConfigError, match=r"data.max_length = 1024: exceeds model.max_position_embeddings = 64"):
         _resolve(FINETUNE, "--training.init_from", str(gpt2_dir))
+    # The checkpoint is dense: LoRA on its FFN is fine (the default model: section would be an MoE) ...
+    resolved, _ = _resolve(FINETUNE, "--training.init_from", str(gpt2_dir), "--max_length", "32",
+                           "--training.lora.enabled", "true", "--training.lora.target_modules", "[q_proj,up_proj]")
+    assert not resolved.config.model.is_moe
+    # ... and expert parallelism has no experts to split.
+    with pytest.raises(ConfigError, match="ep_size"):
+        _resolve(FINETUNE, "--training.init_from", str(gpt2_dir), "--max_length", "32", "--deepspeed.ep_size", "2",
+                 ranks=2)
+
+
+def test_missing_directory_is_a_warning_when_validating_and_an_error_when_training(tmp_path: Path) -> None:
+    resolved = load_config(ConfigFiles(FINETUNE), ["--training.init_from", str(tmp_path / "gone")])
+    assert any("does not exist" in n.render() for n in resolved.notices)
+    with pytest.raises(ModelInputError, match="does not exist"):
+        pretrained_for_run(resolved, None)
+
+
+def test_resumed_run_rebuilds_the_recorded_architecture_without_the_pretrained_directory(tmp_path: Path,
+                                                                                        gpt2_dir: Path) -> None:
+    from ava.cli.render import render_yaml
+
+    started, _ = _resolve(FINETUNE, "--training.init_from", str(gpt2_dir), "--max_length", "32")
+    (tmp_path / "config.yaml").write_text(render_yaml(started, with_origins=True))  # what train.py writes
+    moved = load_config(ConfigFiles(FINETUNE), ["--training.init_from", str(tmp_path / "moved"), "--max_length", "32"])
+    resumed, source = pretrained_for_run(moved, tmp_path)
+    assert source is None and resumed.config.model == started.config.model
 
 
 @pytest.mark.parametrize(("make", "expected"), [

@@ -62,8 +62,16 @@ def test_more_than_half_trainable_under_lora_warns() -> None:
     assert "freeze_base" in warnings[0]
 
 
-def test_tied_head_trains_through_the_shared_embedding() -> None:
+@pytest.mark.parametrize("switch", ["train_head", "train_embeddings"])
+def test_tied_head_and_embedding_train_together_and_do_not_warn_as_frozen(switch: str) -> None:
+    from ava.model.lora import prepare_trainable
+
     torch.manual_seed(0)
     model = AvaForCausalLM(SMALL.model_copy(update={"tie_word_embeddings": True}))
-    apply_training_lora(model, TrainingLoRAConfig(enabled=True, rank=4, alpha=8, train_head=True))
-    assert model.embed_tokens.weight.requires_grad and model.lm_head.weight is model.embed_tokens.weight
+    lora = TrainingLoRAConfig(enabled=True, rank=4, alpha=8, **{switch: True})
+    _, _, warnings = prepare_trainable(model, lora, from_scratch=True)
+    assert model.embed_tokens.weight.requires_grad  # the one matrix both roles share
+    assert warnings == []
+    untied = AvaForCausalLM(SMALL)
+    _, _, warnings = prepare_trainable(untied, lora, from_scratch=True)
+    assert len(warnings) == 1 and "frozen" in warnings[0]  # the other role really is frozen when untied

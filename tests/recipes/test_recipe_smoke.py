@@ -69,11 +69,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory, token_dir: Path, tiny_gpt2: P
     add("behrt/lora", behrt)
     add("behrt/frozen_from_scratch", behrt + ["--training.lora.train_embeddings", "false",
                                               "--training.lora.train_head", "false"])
-    # Shape keys that agree with the checkpoint may stay set (SHRINK matches the saved model).
+    # Shape keys that agree with the checkpoint may stay set (SHRINK matches the saved model). bf16 under
+    # ZeRO-1: frozen weights have no fp32 master copy there, and ZeRO-1 does not record them beside its shards.
     add("behrt/adapters_only", _recipe("behrt/lora") + SHRINK + ["--training.init_from", str(pretrained),
                                                         "--training.lora.train_embeddings", "false",
                                                         "--training.lora.train_head", "false",
-                                                        "--training.lora.dropout", "0.0"])
+                                                        "--training.lora.dropout", "0.0",
+                                                        "--mixed_precision", "bf16", "--deepspeed.zero_stage", "1"])
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(zip(spec, pool.map(_train, spec.values()), strict=True))
     results["_pretrained"] = {"path": str(pretrained)}
@@ -103,7 +105,8 @@ def _passed(result: dict) -> dict:
                                     "behrt/lora", "promptehr/promptehr"])
 def test_recipe_trains_a_few_steps_on_cpu(runs: dict[str, dict], recipe: str) -> None:
     summary = _passed(runs[recipe])
-    assert summary["fit"]["verdict"] in ("healthy", "undetermined", "overfitting", "underfitting")
+    # Four steps give one or two evaluations: too few for a train/validation verdict, and it says so.
+    assert summary["fit"]["verdict"] == "undetermined" and "evaluate more often" in summary["fit"]["reason"]
     assert "tokens per step" in runs[recipe]["output"]
 
 
@@ -162,6 +165,8 @@ def test_lora_from_pretrained_changes_only_the_adapted_projections(runs: dict[st
     assert p["trainable"] == p["lora"]  # only the adapters train
     start = load_file(str(Path(runs["_pretrained"]["path"]) / "model.safetensors"))
     end = load_file(str(Path(summary["model_dir"]) / "model.safetensors"))  # adapters merged in
+    assert set(end) == set(start)
+    # Bit for bit: the frozen fp32 weights come back unrounded although the run trained in bf16.
     changed = {k for k in start if not torch.equal(start[k], end[k])}
     adapted = {k for k in start if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))}
     assert changed and changed <= adapted, sorted(changed - adapted)

@@ -165,3 +165,12 @@ def test_evaluation_records_own_train_loss_judges_runs_that_log_less_often_than_
     verdict = diagnose_fit(records)
     assert verdict.verdict == "overfitting"
     assert verdict.train_loss == 5.8 and verdict.gap == pytest.approx(1.7)
+
+
+def test_moe_router_loss_is_left_out_of_the_training_side_of_the_gap() -> None:
+    # The total loss carries 0.3 of router losses that evaluation (lm_loss only) never sees.
+    records = []
+    for step, lm, val in ((10, 7.0, 6.95), (20, 6.5, 6.48), (30, 6.2, 6.22), (40, 6.0, 6.05)):
+        records += [{"step": step, "loss": lm + 0.3, "lm_loss": lm}, {"step": step, "eval_loss": val}]
+    verdict = diagnose_fit(records)
+    assert verdict.train_loss == 6.0 and verdict.gap == pytest.approx(0.05)
