@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from ava import __version__
-from ava.cli import config_cmd, launch_cmd, model_cmd, rlhf_cmd, train_cmd
+from ava.cli import config_cmd, doctor_cmd, launch_cmd, model_cmd, rlhf_cmd, train_cmd
 from ava.config import ConfigError
 from ava.model.errors import ModelInputError
 
@@ -35,6 +35,7 @@ commands:
   model export-checkpoint RUN
                         consolidate a training checkpoint (any ZeRO stage) to safetensors / HF
   launch slurm          render the SLURM batch script for a config (--submit: submit it with sbatch)
+  doctor                check this machine: versions, accelerator, precisions, and a 2-rank ZeRO-3 start
 
 `ava <command> --help` describes each command's options.
 """
@@ -67,6 +68,8 @@ def _dispatch(args: list[str]) -> int:
         return train_cmd.main(rest, prog="ava train")
     if command == "rlhf":
         return rlhf_cmd.main(rest, prog="ava rlhf")
+    if command == "doctor":
+        return doctor_cmd.main(rest)
     groups: dict[str, Mapping[str, Callable[[Sequence[str]], int]]] = {
         "config": config_cmd.COMMANDS, "model": model_cmd.COMMANDS,
         "launch": launch_cmd.COMMANDS}
@@ -78,7 +81,7 @@ def _dispatch(args: list[str]) -> int:
         if rest[0] not in table:
             return _unknown(f"{command} {rest[0]}", [f"{command} {c}" for c in table])
         return table[rest[0]](rest[1:])
-    return _unknown(command, ["train", "rlhf", *groups])
+    return _unknown(command, ["train", "rlhf", "doctor", *groups])
 
 
 def _leave(status: int) -> int:
