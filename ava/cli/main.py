@@ -81,7 +81,7 @@ def _dispatch(args: list[str]) -> int:
         if rest[0] not in table:
             return _unknown(f"{command} {rest[0]}", [f"{command} {c}" for c in table])
         return table[rest[0]](rest[1:])
-    return _unknown(command, ["train", "rlhf", "doctor", *groups])
+    return _unknown(command, ["train", "rlhf", *groups, "doctor"])
 
 
 def _leave(status: int) -> int:
