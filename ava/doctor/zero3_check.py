@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ava.doctor.environment import launcher_path
+from ava.train.rendezvous import free_port
 
 PROBE = Path(__file__).with_name("zero3_probe.py")
 
@@ -28,12 +28,6 @@ class ProbeResult:
     ok: bool | None  # None: skipped
     summary: str
     detail: str = ""
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def run_zero3_probe(ranks: int, accelerator: str, gpus: int, timeout: float) -> ProbeResult:
@@ -50,7 +44,7 @@ def run_zero3_probe(ranks: int, accelerator: str, gpus: int, timeout: float) -> 
     if accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     with tempfile.TemporaryDirectory(prefix="ava-doctor-") as tmp:
-        command = [launcher, "--num_gpus", str(ranks), "--master_port", _free_port(), str(PROBE), tmp]
+        command = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(PROBE), tmp]
         started = time.perf_counter()
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)

@@ -108,12 +108,13 @@ def discover(environ: Mapping[str, str]) -> LaunchEnv:
 
 def export(env: LaunchEnv, environ: MutableMapping[str, str]) -> None:
     """Write `env` as the variables torch and DeepSpeed read (a single process gets a free local port)."""
-    port = env.master_port or _free_port()
+    port = env.master_port or free_port()
     environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                    MASTER_ADDR=env.master_addr, MASTER_PORT=str(port), AVA_LAUNCHER=env.source)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A local TCP port free right now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
