@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from importlib import import_module
+from typing import Any
 
 from ava import __version__
-from ava.cli import config_cmd, doctor_cmd, launch_cmd, model_cmd, rlhf_cmd, train_cmd
 from ava.config import ConfigError
 from ava.model.errors import ModelInputError
 
@@ -65,16 +66,14 @@ def _dispatch(args: list[str]) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command == "train":
-        return train_cmd.main(rest, prog="ava train")
+        return _command("train_cmd").main(rest, prog="ava train")
     if command == "rlhf":
-        return rlhf_cmd.main(rest, prog="ava rlhf")
+        return _command("rlhf_cmd").main(rest, prog="ava rlhf")
     if command == "doctor":
-        return doctor_cmd.main(rest)
-    groups: dict[str, Mapping[str, Callable[[Sequence[str]], int]]] = {
-        "config": config_cmd.COMMANDS, "model": model_cmd.COMMANDS,
-        "launch": launch_cmd.COMMANDS}
+        return _command("doctor_cmd").main(rest)
+    groups = ("config", "model", "launch")
     if command in groups:
-        table = groups[command]
+        table: Mapping[str, Callable[[Sequence[str]], int]] = _command(f"{command}_cmd").COMMANDS
         if not rest or rest[0] in ("-h", "--help"):
             print(USAGE)
             return 0 if rest else 2
@@ -82,6 +81,11 @@ def _dispatch(args: list[str]) -> int:
             return _unknown(f"{command} {rest[0]}", [f"{command} {c}" for c in table])
         return table[rest[0]](rest[1:])
     return _unknown(command, ["train", "rlhf", *groups, "doctor"])
+
+
+def _command(module: str) -> Any:
+    """Import one command's module on demand: `ava config ...` need not import torch and DeepSpeed."""
+    return import_module(f"ava.cli.{module}")
 
 
 def _leave(status: int) -> int:
@@ -112,12 +116,12 @@ def _unknown(command: str, options: list[str]) -> int:
 
 def train_entry(argv: Sequence[str] | None = None) -> int:
     """Entry used by train.py: the same error handling as `ava`."""
-    return _entry(train_cmd.main, argv)
+    return _entry(_command("train_cmd").main, argv)
 
 
 def rlhf_entry(argv: Sequence[str] | None = None) -> int:
     """Entry used by train_rlhf.py: the same error handling as `ava`."""
-    return _entry(rlhf_cmd.main, argv)
+    return _entry(_command("rlhf_cmd").main, argv)
 
 
 def _entry(command: Callable[[Sequence[str]], int], argv: Sequence[str] | None) -> int:
