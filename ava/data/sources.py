@@ -135,6 +135,9 @@ def load_source(source: Source, cache_dir: Path, streaming: bool) -> Dataset | I
     from datasets import Features, Value, load_dataset
 
     options = {"sample_by": source.sample_by} if source.builder == "text" else {}
+    if all(f.stat().st_size == 0 for f in source.files):  # readers fail on these with an empty message
+        raise ModelInputError(f"{source.key}.path = {source.path!r} holds no documents (its files are empty)",
+                              "point it at non-empty files, or remove the source")
     try:
         dataset = load_dataset(source.builder, data_files=[str(f) for f in source.files], split="train",
                                streaming=streaming, cache_dir=str(cache_dir), **options)

@@ -47,6 +47,7 @@ What each setting does:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import sysconfig
@@ -64,6 +65,7 @@ from ava.data.builtin import MarkovCorpus, python_stdlib_documents
 from ava.data.holdout import hold_out_heads
 from ava.data.mixing import chosen_weights, mix, mixing_probabilities
 from ava.data.packing import pack_documents
+from ava.data.record_check import screened
 from ava.data.sources import Source, load_source, resolve_source
 from ava.data.streaming import StreamingBatches, rank_documents
 from ava.data.token_file import open_token_file
@@ -85,6 +87,7 @@ class TrainingData:
     description: str
     entropy_rate: float | None = None  # nats/token, known exactly for the Markov corpus
     tokenizer: Tokenizer | None = None  # what turns the ids back into text; None for token files and Markov
+    warnings: tuple[str, ...] = ()  # what the user must hear about the data, e.g. corrupt lines skipped
 
 
 def cache_root(configured: str | None) -> Path:
@@ -131,6 +134,11 @@ def _token_files(data: DataConfig, model_vocab: int, micro_batch: int, eval_batc
                  world_size: int) -> TrainingData:
     assert data.data_dir is not None
     directory, length = Path(data.data_dir), data.max_length
+    if not directory.is_dir():
+        raise ModelInputError(f"data.data_dir = {directory} " + ("is a file, not a directory" if directory.exists()
+                                                                   else "does not exist"),
+                              "point data.data_dir at the directory holding train.bin and val.bin, or set "
+                              "data_dir: null for data.sources or the built-in data")
     for name in ("train.bin", "val.bin"):
         if not (directory / name).is_file():
             raise ModelInputError(f"data.data_dir = {directory} has no {name}",
@@ -242,6 +250,10 @@ def _sources(data: DataConfig, model_vocab: int, micro_batch: int, eval_batch: i
                                       f"set data.use_weighted_mixing: true, or remove {source.key}.weight")
     if weighted and data.streaming:
         _weights(sources, None)  # refuse missing weights before any file is opened
+    skipped: list[str] = []
+    for i, source in enumerate(sources):
+        sources[i], notes = screened(source, data.bad_records, cache_root(data.cache_dir))
+        skipped.extend(notes)
     loaded = [load_source(s, cache_root(data.cache_dir) / "datasets", data.streaming) for s in sources]
     tokenizer, tokenizer_text = _tokenizer(
         data, model_vocab, [s.fingerprint() for s in sources],
@@ -252,10 +264,12 @@ def _sources(data: DataConfig, model_vocab: int, micro_batch: int, eval_batch: i
         probabilities = mixing_probabilities(_weights(sources, sizes), data.mixing_temperature)
     mixing_text = _mixing_text(sources, sizes, probabilities, data.mixing_temperature)
     if data.streaming:
-        return _streamed(data, sources, loaded, probabilities, tokenizer, micro_batch, eval_batch, rank, world_size,
-                         needed_sequences, f"{mixing_text}; streamed; {tokenizer_text}")
-    return _loaded(data, loaded, probabilities, tokenizer, micro_batch, eval_batch, rank, world_size,
-                   (mixing_text, tokenizer_text))
+        built = _streamed(data, sources, loaded, probabilities, tokenizer, micro_batch, eval_batch, rank,
+                          world_size, needed_sequences, f"{mixing_text}; streamed; {tokenizer_text}")
+    else:
+        built = _loaded(data, loaded, probabilities, tokenizer, micro_batch, eval_batch, rank, world_size,
+                        (mixing_text, tokenizer_text))
+    return dataclasses.replace(built, warnings=tuple(skipped))
 
 
 def _loaded(data: DataConfig, loaded: list[Any], probabilities: list[float] | None, tokenizer: Tokenizer,

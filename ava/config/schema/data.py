@@ -75,6 +75,9 @@ class DataConfig(Section):
         True, description="Sample several sources with probabilities from their weights; false concatenates them.")
     mixing_temperature: float = Field(
         1.0, gt=0, description="p_i proportional to weight_i^(1/T): 1 keeps the weights, larger flattens to uniform.")
+    bad_records: Literal["fail", "skip"] = Field(
+        "fail", description="A corrupt line in a JSON Lines source (not JSON, not an object, no text field): "
+        "fail lists the line numbers at start-up; skip trains on the rest and reports how many were skipped.")
     streaming: bool = Field(
         True, description="Stream data.sources instead of loading them into memory (needs training.max_steps).")
     buffer_size: int = Field(15000, gt=0, description="Shuffle buffer size when streaming.")
