@@ -105,11 +105,15 @@ def export_checkpoint_cmd(argv: Sequence[str]) -> int:
     parser.add_argument("--hf", action="store_true", help="write a Hugging Face checkpoint (Llama/Mixtral/GPT-2)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="load the checkpoint even though its pickles reference objects beyond tensors and "
+                        "DeepSpeed's optimizer state (they could run code); only for checkpoints you trust")
     ns = parser.parse_args(argv)
     from pathlib import Path
 
     import torch
 
+    from ava.train.checkpoint_trust import check_checkpoint
     from ava.train.export import (
         export_checkpoint,
         resolve_checkpoint,
@@ -123,6 +127,7 @@ def export_checkpoint_cmd(argv: Sequence[str]) -> int:
         raise ModelInputError(f"{source} is not a directory", "point at a run directory written by train.py")
     point = resolve_checkpoint(source, "best" if ns.best else "latest")
     run_dir = point.parent.parent
+    check_checkpoint(point, trusted=ns.trust_checkpoint)
     written = export_checkpoint(point, run_model_config(run_dir), Path(ns.out), hf=ns.hf,
                                 dtype=getattr(torch, ns.dtype), overwrite=ns.overwrite,
                                 lora_scaling=run_lora_scaling(run_dir), frozen_base=run_frozen_base(run_dir))

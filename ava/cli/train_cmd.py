@@ -28,6 +28,7 @@ from ava.cli.render import render_yaml
 from ava.config import build_deepspeed_config
 from ava.config.loader import ResolvedConfig
 from ava.model.errors import ModelInputError
+from ava.secrets import redact, secret_values
 
 
 def main(argv: Sequence[str], prog: str = "train.py") -> int:
@@ -43,6 +44,10 @@ def main(argv: Sequence[str], prog: str = "train.py") -> int:
                         help="start from this checkpoint directory (e.g. RUN/checkpoints/step00001000)")
     parser.add_argument("--force_resume", action="store_true",
                         help="resume even though the batch configuration differs from the checkpoint's")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="resume from a checkpoint even though its pickles reference objects beyond tensors and "
+                        "DeepSpeed's optimizer state (they could run code while loading); only for checkpoints you "
+                        "trust")
     parser.add_argument("--auto_resume", action="store_true",
                         help="resume from --output_dir's latest complete checkpoint if it has one, else start a "
                              "new run there (for jobs a scheduler may requeue)")
@@ -129,7 +134,7 @@ def output_dir_for(requested: str | None, run_name: str, resume: bool, allow_exi
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-def _resume_point(ns: Any, out_dir: Path, ds_config: dict) -> Path | None:
+def _resume_point(ns: Any, out_dir: Path, ds_config: dict, ranks: int) -> Path | None:
     """The checkpoint directory to resume from, after refusing a changed batch configuration."""
     from ava.train import checkpoint
 
@@ -154,7 +159,37 @@ def _resume_point(ns: Any, out_dir: Path, ds_config: dict) -> Path | None:
             raise ModelInputError("the batch configuration differs from the checkpoint's (" + "; ".join(changed)
                                   + "), so the resumed run would not continue the same training",
                                   "resume with the original batch settings and number of ranks, or pass --force_resume")
+    missing = [f"ava_state_rank{r}.pt" for r in range(ranks) if not (point / f"ava_state_rank{r}.pt").is_file()]
+    if missing:
+        written = len(list(point.glob("ava_state_rank*.pt")))
+        raise ModelInputError(
+            f"{point} lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: it holds the state of "
+            f"{written} rank(s), and this run has {ranks}",
+            "resume with the number of ranks the checkpoint was written with; if it had that many, the checkpoint "
+            "is damaged: start again from an earlier one (--resume_from CHECKPOINT --output_dir NEW_DIR)")
+    from ava.train.checkpoint_trust import check_checkpoint
+
+    check_checkpoint(point, trusted=ns.trust_checkpoint)
     return point
+
+
+def _refuse_other_model(point: Path, model: Any) -> None:
+    """Refuse to resume `point` with a model of another shape: DeepSpeed would fail with a page of size mismatches."""
+    from ava.model.pretrained import SHAPE_KEYS
+    from ava.train.export import run_model_config
+
+    run_dir = point.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        return  # a checkpoint without its run directory: DeepSpeed's own check is all there is
+    saved = run_model_config(run_dir)
+    changed = [f"model.{k}: {getattr(saved, k)!r} in the checkpoint, {getattr(model, k)!r} now" for k in SHAPE_KEYS
+               if getattr(saved, k) != getattr(model, k)]
+    if changed:
+        raise ModelInputError(
+            f"checkpoint {point} was written by a model of another shape (" + "; ".join(changed) + "), so its "
+            "weights cannot be loaded into this one",
+            f"resume with the model settings recorded in {run_dir / 'config.yaml'}, or start a new run in a new "
+            "--output_dir")
 
 
 def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool, preemption: Any) -> int:
@@ -171,11 +206,13 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
     out_dir = output_dir_for(ns.output_dir, run_name, ns.resume, allow_existing=fresh_in_place)  # refuse early
     faults = _fault_plan()
     ds_config = build_deepspeed_config(cfg)
-    resume_from = _resume_point(ns, out_dir, ds_config)
+    resume_from = _resume_point(ns, out_dir, ds_config, resolved.batch.world.size)
     from ava.train.init_from import pretrained_for_run
 
     resolved, pretrained = pretrained_for_run(resolved, resume_from.parent.parent if resume_from else None)
     cfg = resolved.config
+    if resume_from is not None:
+        _refuse_other_model(resume_from, cfg.model)
     process = init_distributed()
     if process.world_size > 1:
         from ava.train.rendezvous import discover
@@ -217,6 +254,8 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
         if resume_from is not None:
             console.note(f"resuming from {resume_from}")
         console.note(f"data: {data.description}")
+        for warning in data.warnings:
+            console.warn(warning)
         console.note(f"batch: {b.micro} x {b.accumulation} x {b.world.size} rank(s) = {b.global_batch} sequences "
                      f"= {b.tokens_per_step(cfg.data.max_length):,} tokens per step; precision "
                      f"{cfg.training.mixed_precision}; ZeRO stage {cfg.deepspeed.zero_stage}")
@@ -281,7 +320,7 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
     summary = _summary(result, data, out_dir, started, cfg, frozen_base)
     usage = _add_diagnosis(summary, out_dir / "metrics.jsonl", cfg)
     write_plots(out_dir / "metrics.jsonl", out_dir / "plots")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(redact(summary, secret_values()), indent=2) + "\n")
     if wandb is not None:
         wandb.finish(summary)
     console.final_table(summary)
@@ -326,7 +365,7 @@ def _write_preempted(out_dir: Path, result: Any, started: float, wandb: Any) -> 
                "final_checkpoint": str(result.checkpoint) if result.checkpoint else None,
                "seconds": time.perf_counter() - started,
                "resume_hint": f"continue with --output_dir {out_dir} --resume (or --auto_resume)"}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(redact(summary, secret_values()), indent=2) + "\n")
     if wandb is not None:
         wandb.finish(summary)
     print(f"preempted at step {result.steps} of {result.planned_steps}: checkpoint {result.checkpoint} saved; "
@@ -344,7 +383,7 @@ def _record_failure(out_dir: Path, exc: BaseException, started: float, wandb: An
     tag = latest_complete(out_dir / "checkpoints")
     summary["resume_hint"] = (f"continue with --output_dir {out_dir} --resume (from checkpoints/{tag})" if tag
                               else "no complete checkpoint was written; start a new run")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(redact(summary, secret_values()), indent=2) + "\n")
     if wandb is not None:
         wandb.finish(summary)
 
@@ -400,7 +439,7 @@ def _summary(result: Any, data: Any, out_dir: Path, started: float, cfg: Any,
         "exported_checkpoint": str(exported) if exported else None,
         "init_from": cfg.training.init_from,
         "parameters": result.parameters.as_dict() if result.parameters is not None else None,
-        "warnings": list(result.warnings),
+        "warnings": [*data.warnings, *result.warnings],
         "tokens": result.tokens, "seconds": time.perf_counter() - started,
         "tokens_per_s": result.tokens / result.seconds if result.seconds else None, "output_dir": str(out_dir),
         "first_step_seconds": result.first_step_seconds,

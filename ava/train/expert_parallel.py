@@ -225,7 +225,7 @@ def expert_parallel_checkpoint_state(point: Path) -> dict[str, torch.Tensor]:
     state = {k: v.float() for k, v in torch.load(module_file, map_location="cpu", weights_only=False)["module"].items()}
     experts: dict[str, list[torch.Tensor]] = {}
     for file in sorted(point.glob("layer_*_expert_*_mp_rank_00_model_states.pt"), key=_layer_and_expert):
-        for key, value in torch.load(file, map_location="cpu").items():
+        for key, value in torch.load(file, map_location="cpu", weights_only=True).items():
             experts.setdefault(key, []).append(value.float())
     state.update({key: torch.stack(values) for key, values in experts.items()})
     return state
