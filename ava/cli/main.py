@@ -2,7 +2,8 @@
 
 User errors (`ConfigError`) are printed as one paragraph per problem and exit
 with status 2, without a traceback; anything else is a bug and keeps its
-traceback.
+traceback. A user error quotes the values it rejects, so its message is
+printed with secrets masked (`ava.secrets`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from ava import __version__
 from ava.config import ConfigError
 from ava.model.errors import ModelInputError
+from ava.secrets import redact_text, secret_values
 
 USAGE = f"""usage: ava <command> [options]
 
@@ -47,10 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
+        _error(exc.render())
         return 2
     except ModelInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -81,6 +83,11 @@ def _dispatch(args: list[str]) -> int:
             return _unknown(f"{command} {rest[0]}", [f"{command} {c}" for c in table])
         return table[rest[0]](rest[1:])
     return _unknown(command, ["train", "rlhf", *groups, "doctor"])
+
+
+def _error(message: str) -> None:
+    """Print a user error on stderr with secrets masked: it may quote a key the user pasted."""
+    print(redact_text(message, secret_values()), file=sys.stderr)
 
 
 def _command(module: str) -> Any:
@@ -130,14 +137,14 @@ def _entry(command: Callable[[Sequence[str]], int], argv: Sequence[str] | None) 
         return _leave(command(list(sys.argv[1:] if argv is None else argv)))
     except ConfigError as exc:
         if os.environ.get("RANK", "0") == "0":
-            print(exc.render(), file=sys.stderr)
+            _error(exc.render())
         return 2
     except ModelInputError as exc:
         from ava.train.rendezvous import LaunchError
 
         rank = os.environ.get("RANK", "0")
         if isinstance(exc, LaunchError):  # each rank meets its own launch problem: every rank says it
-            print(f"error (rank {rank}): {exc}", file=sys.stderr)
+            _error(f"error (rank {rank}): {exc}")
         elif rank == "0":
-            print(f"error: {exc}", file=sys.stderr)
+            _error(f"error: {exc}")
         return 2

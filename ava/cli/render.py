@@ -9,6 +9,7 @@ import yaml
 from ava.config import ResolvedConfig, keys
 from ava.config.aliases import ALIAS_GROUPS, BETA_KEYS, BETAS, alias_of
 from ava.config.provenance import Layer
+from ava.secrets import redact, redact_text, secret_values
 
 
 def scalar(value: Any) -> str:
@@ -18,9 +19,13 @@ def scalar(value: Any) -> str:
 
 
 def render_yaml(resolved: ResolvedConfig, *, with_origins: bool) -> str:
-    """The resolved config as YAML; with origins, each leaf carries `# file:line`."""
+    """The resolved config as YAML; with origins, each leaf carries `# file:line`.
+
+    Secrets are masked: this text becomes the run's config.yaml, which is shared with the results.
+    """
     lines: list[str] = []
-    data = resolved.to_dict()
+    secrets = secret_values()
+    data = redact(resolved.to_dict(), secrets)
 
     def walk(node: dict[str, Any], prefix: tuple[str, ...], indent: int) -> None:
         for key, value in node.items():
@@ -40,11 +45,11 @@ def render_yaml(resolved: ResolvedConfig, *, with_origins: bool) -> str:
             lines.append(text)
 
     walk(data, (), 0)
-    return "\n".join(lines) + "\n"
+    return redact_text("\n".join(lines) + "\n", secrets)  # an origin can quote a command-line value
 
 
 def explain(resolved: ResolvedConfig, path: tuple[str, ...]) -> str:
-    """Value, type, default, origin and the full override chain of one key."""
+    """Value, type, default, origin and the full override chain of one key (secrets masked)."""
     path = alias_of(path) or path
     info = keys.lookup(path)
     assert info is not None
@@ -73,7 +78,7 @@ def explain(resolved: ResolvedConfig, path: tuple[str, ...]) -> str:
         out.append("  set by:      no file or flag; the default applies")
     if origin.layer is Layer.DERIVED:
         out.append(f"  derived:     {origin.detail}")
-    return "\n".join(out)
+    return redact_text("\n".join(out), secret_values())
 
 
 def _aliases(path: tuple[str, ...]) -> list[str]:

@@ -23,6 +23,7 @@ from ava.cli.render import render_yaml
 from ava.cli.train_cmd import output_dir_for, same_on_every_rank
 from ava.config import build_deepspeed_config
 from ava.model.errors import ModelInputError
+from ava.secrets import redact, secret_values
 
 
 def main(argv: Sequence[str], prog: str = "train_rlhf.py") -> int:
@@ -88,7 +89,7 @@ def _run(resolved: Any, ns: Any, config_name: str, main_rank: bool) -> int:
         return 0 if result.status == "completed" else 1
     summary = {"status": result.status, "stages": result.stages, "seconds": time.perf_counter() - started,
                "output_dir": str(out_dir), **peak_memory()}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(redact(summary, secret_values()), indent=2) + "\n")
     console.final_table(result.stages)
     for line in reward_curve_lines(result.stages):
         console.note(line)

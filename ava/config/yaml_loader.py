@@ -31,6 +31,7 @@ _FLOAT_WITH_EXPONENT = re.compile(
 _AvaLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITH_EXPONENT, list("-+0123456789."))
 
 KeyPath = tuple[str, ...]
+_MAP_TAG = "tag:yaml.org,2002:map"
 
 
 @dataclass
@@ -95,6 +96,8 @@ def load_yaml_text(text: str, shown: str) -> LoadedYaml:
 
 def _build_mapping(loader: _AvaLoader, node: yaml.MappingNode, prefix: KeyPath,
                    out: LoadedYaml) -> dict[str, Any]:
+    if node.tag != _MAP_TAG:  # built by hand below, so a tag on a section would otherwise be ignored silently
+        raise ConfigError([_tag_problem(f"{out.path}:{node.start_mark.line + 1}", ".".join(prefix), node.tag)])
     own = {id(k) for k, _ in node.value}
     loader.flatten_mapping(node)  # expands `<<: *anchor` merge keys (merged pairs come first)
     mapping: dict[str, Any] = {}
@@ -102,7 +105,7 @@ def _build_mapping(loader: _AvaLoader, node: yaml.MappingNode, prefix: KeyPath,
     merged_keys: set[str] = set()
     for key_node, value_node in node.value:
         line = key_node.start_mark.line + 1
-        key = loader.construct_object(key_node, deep=True)
+        key = _construct(loader, key_node, prefix, out)
         if id(key_node) not in own:
             merged_keys.add(key)
         elif key in merged_keys:
@@ -125,8 +128,31 @@ def _build_mapping(loader: _AvaLoader, node: yaml.MappingNode, prefix: KeyPath,
         if isinstance(value_node, yaml.MappingNode):
             mapping[key] = _build_mapping(loader, value_node, path, out)
         else:
-            mapping[key] = loader.construct_object(value_node, deep=True)
+            mapping[key] = _construct(loader, value_node, path, out)
     return mapping
+
+
+def _construct(loader: _AvaLoader, node: yaml.Node, path: KeyPath, out: LoadedYaml) -> Any:
+    """One value, built by the safe constructors; a tag they do not know is a user error naming the key."""
+    try:
+        return loader.construct_object(node, deep=True)
+    except yaml.constructor.ConstructorError as exc:
+        if exc.problem is None or "could not determine a constructor" not in exc.problem:
+            raise
+        mark = exc.problem_mark or node.start_mark
+        tag = re.search(r"tag '([^']*)'", exc.problem)
+        raise ConfigError([_tag_problem(f"{out.path}:{mark.line + 1}", ".".join(path),
+                                        tag.group(1) if tag else node.tag)]) from None
+
+
+def _tag_problem(where: str, dotted: str, tag: str) -> Problem:
+    """A YAML tag (`!!python/object/apply:...`, `!custom`) that the safe loader refuses to build."""
+    shown = tag.replace("tag:yaml.org,2002:", "!!")
+    return Problem(where, dotted,
+                   f"the YAML tag `{shown}` is not allowed: config files are data, so Ava builds only plain "
+                   "values from them (numbers, strings, true/false, null, lists, mappings), never a Python "
+                   "object or a function call",
+                   f"delete `{shown}` and write the plain value")
 
 
 def _syntax_problem(shown: str, text: str, exc: yaml.MarkedYAMLError) -> Problem:

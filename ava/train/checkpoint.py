@@ -10,13 +10,20 @@ complete checkpoint, never on a partial one.
 
 The best checkpoint by validation loss is not a second copy: `best` names
 one of the step checkpoints, and pruning to the last K never removes it.
+
+Ava's per-rank file holds only tensors and plain values (numbers, strings,
+lists, tuples, dicts), so it is read with `torch.load(weights_only=True)`:
+a checkpoint directory copied from elsewhere cannot run code on resume.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
+from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +51,56 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                             "torch": torch.get_rng_state()}
+    """Every RNG state of this process, as tensors and plain values that `weights_only=True` loading accepts.
+
+    numpy's legacy state is a tuple holding a uint32 array, which would need
+    numpy's unpickling globals; its key goes in an int64 tensor instead.
+    """
+    bit_generator, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": random.getstate(),  # (version, tuple of ints, gauss_next): already plain
+        "numpy": {"bit_generator": str(bit_generator), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what `rng_state` captured: the next numbers drawn are those the saving process would have drawn."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state((n["bit_generator"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plain(value: Any) -> Any:
+    """`value` as tensors and plain Python values, which `torch.load(weights_only=True)` reads back.
+
+    Client state (the data position, the evaluation and health monitors) may
+    hold numpy scalars or a deque; a type that cannot be made plain is a bug
+    caught here, at save, rather than at the resume that needs the file.
+    """
+    # Exact types: a subclass (np.float64 is a float, an IntEnum an int) pickles as its own class.
+    if value is None or type(value) in (bool, int, float, str, bytes) or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, Mapping):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | deque):
+        return [plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain(v) for v in value)
+    raise TypeError(f"checkpoint state holds a {type(value).__qualname__} ({value!r:.80}), which "
+                    "torch.load(weights_only=True) cannot read; convert it to plain values in its state_dict()")
 
 
 def save(engine: Any, root: Path, step: int, rank: int, data_state: dict, keep_last: int,
@@ -67,7 +111,7 @@ def save(engine: Any, root: Path, step: int, rank: int, data_state: dict, keep_l
     """
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save({"step": step, "data": data_state, "rng": rng_state(), **(extra or {})},
+    torch.save(plain({"step": step, "data": data_state, "rng": rng_state(), **(extra or {})}),
                root / tag / f"ava_state_rank{rank}.pt")
     torch.distributed.barrier()
     if rank == 0:
@@ -130,6 +174,37 @@ def load(engine: Any, root: Path, tag: str, rank: int) -> dict[str, Any]:
     if not state_file.is_file():
         raise ModelInputError(f"{state_file} is missing: the checkpoint was written by a run with fewer ranks",
                               "resume with the number of ranks the checkpoint was written with")
-    state = torch.load(state_file, weights_only=False)  # our own file: python/numpy RNG states are pickled
+    state = read_state(state_file)
     set_rng_state(state["rng"])
     return state
+
+
+RESUME_EARLIER = "resume from an earlier complete checkpoint (--resume_from RUN/checkpoints/stepNNNNNNNN)"
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """One rank's Ava state file, read without running any code it may contain.
+
+    `weights_only=True` refuses pickled callables and classes, so a tampered
+    file is an error, not code execution; a truncated file is an error too.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file fails in many ways (EOFError, OSError, KeyError, UnpicklingError...)
+        reason = _reason(exc)
+        older = (" (older versions of Ava pickled numpy RNG states, which resuming no longer unpickles)"
+                 if "numpy" in reason else "")
+        raise ModelInputError(f"{path} cannot be read as Ava checkpoint state ({reason}): the checkpoint is "
+                              f"corrupt, or the file was not written by this Ava{older}", RESUME_EARLIER) from None
+    if not isinstance(state, dict) or not {"step", "data", "rng"} <= state.keys():
+        raise ModelInputError(f"{path} is not Ava checkpoint state: it lacks the step, data position and RNG states",
+                              RESUME_EARLIER)
+    return state
+
+
+def _reason(exc: Exception) -> str:
+    """The useful line of a load error; torch's weights_only message otherwise suggests weights_only=False."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\. Please|\n|$)", text)
+    detail = found.group(1).strip() if found else (text.strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ava.secrets import redact, redact_text, secret_values
+
 ENDED_WELL = ("completed", "early_stopped")
 FIX = ("run `wandb login` (or set WANDB_API_KEY) for online logging, or set WANDB_MODE=offline "
        "and upload later with `wandb sync`")
@@ -49,7 +51,11 @@ class WandbLogger:
                 _warn(f"W&B is not logged in; training continues without it. Fix: {FIX}.")
                 return None
             run_dir.mkdir(parents=True, exist_ok=True)
-            run = wandb.init(project=project, entity=entity, name=run_name, dir=str(run_dir), config=config_dict,
+            # the config and name are uploaded and shown to everyone who can see the project: no secret may ride along
+            secrets = secret_values()
+            run = wandb.init(project=project, entity=entity, dir=str(run_dir),
+                             name=redact_text(run_name, secrets) if run_name else run_name,
+                             config=redact(config_dict, secrets),
                              settings=wandb.Settings(init_timeout=init_timeout))
         except Exception as exc:  # wandb raises UsageError, CommError, timeouts...: none may stop training
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -86,6 +92,7 @@ class WandbLogger:
         if self.run is None:
             return
         run, self.run = self.run, None
+        summary = redact(summary, secret_values())  # a failed run's summary quotes its exception
         try:
             run.summary.update({k: v if isinstance(v, bool | int | float | str | dict | list) else str(v)
                                 for k, v in summary.items() if v is not None})
