@@ -18,12 +18,14 @@ a checkpoint directory copied from elsewhere cannot run code on resume.
 
 from __future__ import annotations
 
+import errno
+import gc
 import os
 import random
 import re
 import shutil
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,22 +106,86 @@ def plain(value: Any) -> Any:
 
 
 def save(engine: Any, root: Path, step: int, rank: int, data_state: dict, keep_last: int,
-         extra: dict[str, Any] | None = None) -> Path:
+         extra: dict[str, Any] | None = None, at: Callable[[str], None] | None = None) -> Path:
     """Write checkpoint `step` on every rank (collective: every rank must call it).
 
     `extra` is more client state to restore on resume (the evaluation monitor).
+    `at` is called at each of `ava.train.faults.SAVE_POINTS`: the fault tests
+    kill the process there to show that no point leaves a checkpoint that
+    resume would trust but could not load.
+
+    A full disk (or quota) while writing is a `CheckpointWriteError` naming the
+    directory; the partial checkpoint is removed, and `latest` still names the
+    previous complete one, which is never pruned before a newer one completes.
     """
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save(plain({"step": step, "data": data_state, "rng": rng_state(), **(extra or {})}),
-               root / tag / f"ava_state_rank{rank}.pt")
+    point = at or (lambda _: None)
+    reason: str | None = None
+    try:
+        point("before_deepspeed")
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        point("after_deepspeed")
+        torch.save(plain({"step": step, "data": data_state, "rng": rng_state(), **(extra or {})}),
+                   root / tag / f"ava_state_rank{rank}.pt")
+        point("after_state")
+    except Exception as exc:
+        reason = _out_of_space(exc, root)
+        if reason is None:
+            raise
+    if reason is not None:
+        # The failed writer's open file lives on in the exception's frames; collecting them closes it, so that
+        # removing the partial checkpoint really frees its space (for summary.json, and for the user).
+        gc.collect()
+        shutil.rmtree(root / tag, ignore_errors=True)
+        previous = latest_complete(root)
+        raise CheckpointWriteError(
+            f"could not write checkpoint {root / tag}: {reason}; the partial "
+            "checkpoint was removed and " + (f"{root / previous} is intact" if previous else
+                                              "no earlier checkpoint exists"),
+            f"free space on {root} (or move the run to a larger disk), then "
+            + (f"continue with --output_dir {root.parent} --resume" if previous else
+               "start the run again (it had no complete checkpoint yet)")) from None
     torch.distributed.barrier()
     if rank == 0:
         _write_atomic(root / tag / COMPLETE, f"{step}\n")
+        point("after_complete")
         _write_atomic(root / LATEST, f"{tag}\n")
-        _prune(root, keep_last)
+        point("after_latest")
+        _prune(root, keep_last, point)
     torch.distributed.barrier()
     return root / tag
+
+
+def _out_of_space(exc: BaseException, root: Path) -> str | None:
+    """Why a failed write comes down to space ("No space left on device", a quota), or None when it does not.
+
+    torch's zip writer reports a full disk as a RuntimeError ("unexpected pos
+    ...", "iostream error") whose chain may or may not include the OSError
+    (ENOSPC), so the chain is searched and, failing that, the filesystem is
+    asked: with the partial file still on it, a disk that filled up has
+    (almost) nothing free.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current.strerror or os.strerror(current.errno)
+        current = current.__cause__ or current.__context__
+    try:
+        usage = shutil.disk_usage(root)
+    except OSError:
+        return None
+    if usage.free < min(_NEARLY_FULL_BYTES, usage.total // 1000):
+        return f"No space left on device ({usage.free:,} bytes free of {usage.total:,})"
+    return None
+
+
+_NEARLY_FULL_BYTES = 64 << 20
+
+
+class CheckpointWriteError(ModelInputError):
+    """A checkpoint could not be written for want of space: the run stops, its earlier checkpoints intact."""
 
 
 def mark_best(root: Path, step: int) -> None:
@@ -140,12 +206,24 @@ def best_tag(root: Path) -> str | None:
     return None
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    tags = sorted(p for p in root.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
-    keep = best_tag(root)
-    for old in tags[:-keep_last] if keep_last > 0 else []:
-        if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
+def _prune(root: Path, keep_last: int, point: Callable[[str], None] | None = None) -> None:
+    """Delete old complete checkpoints (never `latest` or `best`) and the leftovers of interrupted saves.
+
+    A checkpoint is unmarked (its COMPLETE removed) before its files are, so
+    a crash mid-deletion leaves an incomplete directory that nothing trusts,
+    never a "complete" one with files missing. Runs after the save's barrier,
+    so any other incomplete step directory is debris from a crash.
+    """
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
+    tags = [p for p in steps if (p / COMPLETE).is_file()]
+    keep = {best_tag(root), latest_complete(root)}
+    doomed = [old for old in (tags[:-keep_last] if keep_last > 0 else []) if old.name not in keep]
+    doomed += [p for p in steps if not (p / COMPLETE).is_file() and p.name not in keep]
+    for old in doomed:
+        (old / COMPLETE).unlink(missing_ok=True)
+        if point is not None:
+            point("during_prune")
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def prune(root: Path, keep_last: int) -> None:

@@ -7,6 +7,12 @@ Set `AVA_INJECT_FAULTS` to a comma-separated list of `KIND@STEP[-LAST][xFACTOR][
 - `nan_grad@20-22`     finite losses, NaN gradients, at steps 20, 21 and 22;
 - `:rank1`             only on rank 1 (default: every rank).
 
+Process faults, for the fault-tolerance tests (`tests/robustness/test_faults.py`):
+
+- `kill@5:rank1`                rank 1 SIGKILLs itself in the middle of step 5 (after its forward pass);
+- `kill_in_save@4/after_state`  SIGKILL at one point of writing checkpoint 4 (`SAVE_POINTS`);
+- `disk_full@4`                 writing checkpoint 4 fails with ENOSPC after DeepSpeed's files are written.
+
 A fault fires at most once per step number in a process, like a bad batch:
 after a rollback the replayed steps train on other batches and are clean.
 Faults apply to the first micro batch of the step.
@@ -14,17 +20,24 @@ Faults apply to the first micro batch of the step.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 ENV_VAR = "AVA_INJECT_FAULTS"
-KINDS = ("grad_spike", "nan_loss", "nan_grad")
+NUMERIC_KINDS = ("grad_spike", "nan_loss", "nan_grad")
+KINDS = (*NUMERIC_KINDS, "kill", "kill_in_save", "disk_full")
+# The moments of `ava.train.checkpoint.save`, in order, at which a process can die.
+SAVE_POINTS = ("before_deepspeed", "after_deepspeed", "after_state", "after_complete", "after_latest",
+               "during_prune")
 DEFAULT_SPIKE = 1000.0
 _SPEC = re.compile(r"^(?P<kind>[a-z_]+)@(?P<first>\d+)(?:-(?P<last>\d+))?(?:x(?P<factor>[0-9.eE+-]+))?"
-                   r"(?::rank(?P<rank>\d+))?$")
+                   r"(?:/(?P<point>[a-z_]+))?(?::rank(?P<rank>\d+))?$")
 
 
 class FaultSpecError(ValueError):
@@ -38,6 +51,7 @@ class Fault:
     last: int
     factor: float = DEFAULT_SPIKE
     rank: int | None = None
+    point: str | None = None  # kill_in_save: which of SAVE_POINTS
 
     def hits(self, step: int, rank: int) -> bool:
         return self.first <= step <= self.last and (self.rank is None or self.rank == rank)
@@ -70,14 +84,18 @@ class FaultPlan:
             match = _SPEC.match(item)
             if match is None or match["kind"] not in KINDS:
                 raise FaultSpecError(
-                    f"{ENV_VAR}: cannot read {item!r}. Write KIND@STEP[-LAST][xFACTOR][:rankR] with KIND one of "
-                    f"{', '.join(KINDS)}, e.g. grad_spike@8x1000,nan_grad@20-22:rank1")
+                    f"{ENV_VAR}: cannot read {item!r}. Write KIND@STEP[-LAST][xFACTOR][/POINT][:rankR] with KIND one "
+                    f"of {', '.join(KINDS)}, e.g. grad_spike@8x1000,nan_grad@20-22:rank1,kill_in_save@4/after_state")
+            if (match["kind"] == "kill_in_save") != (match["point"] is not None) or (
+                    match["point"] is not None and match["point"] not in SAVE_POINTS):
+                raise FaultSpecError(f"{ENV_VAR}: {item!r}: kill_in_save needs /POINT, one of {', '.join(SAVE_POINTS)} "
+                                     "(and only kill_in_save takes one)")
             first = int(match["first"])
             last = int(match["last"] or first)
             if last < first:
                 raise FaultSpecError(f"{ENV_VAR}: {item!r} ends before it starts; write the smaller step first")
             faults.append(Fault(match["kind"], first, last, float(match["factor"] or DEFAULT_SPIKE),
-                                int(match["rank"]) if match["rank"] is not None else None))
+                                int(match["rank"]) if match["rank"] is not None else None, match["point"]))
         return cls(faults)
 
     @classmethod
@@ -88,9 +106,11 @@ class FaultPlan:
     def apply(self, step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
         """The loss to backpropagate at `step` on `rank`: `loss` itself unless a fault fires."""
         for index, fault in enumerate(self.faults):
-            if not fault.hits(step, rank) or (index, step) in self.fired:
+            if fault.kind not in (*NUMERIC_KINDS, "kill") or not fault.hits(step, rank) or (index, step) in self.fired:
                 continue
             self.fired.add((index, step))
+            if fault.kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
             if fault.kind == "nan_loss":
                 loss = loss * float("nan")
             elif fault.kind == "nan_grad":
@@ -98,3 +118,13 @@ class FaultPlan:
             else:
                 loss = _ScaleGrad.apply(loss, fault.factor)
         return loss
+
+    def at_save(self, step: int, rank: int, point: str) -> None:
+        """Called at each of `SAVE_POINTS` while checkpoint `step` is written: die or fail there if planned."""
+        for fault in self.faults:
+            if not fault.hits(step, rank):
+                continue
+            if fault.kind == "kill_in_save" and fault.point == point:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fault.kind == "disk_full" and point == "after_deepspeed":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"checkpoint step {step} (injected)")

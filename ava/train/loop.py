@@ -214,9 +214,10 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     def save(step: int) -> None:
         nonlocal saved_step
         if checkpoint_dir is not None and saved_step != step:
+            at = (lambda point: faults.at_save(step, process.rank, point)) if faults is not None else None
             result.checkpoint = checkpoint.save(engine, checkpoint_dir, step, process.rank,
                                                 train_batches.state_dict(), keep_last,
-                                                extra=client_state())
+                                                extra=client_state(), at=at)
             saved_step = step
 
     def client_state() -> dict[str, Any]:
