@@ -224,6 +224,9 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
             f"the launcher started {process.world_size} process(es) but the batch was planned for "
             f"{resolved.batch.world.size} ({resolved.batch.world.source})",
             "pass the same --num_gpus/--num_nodes to the launcher and to train.py, or set WORLD_SIZE")
+    from ava.train.lost_rank import Peers, is_lost_peer, lost_rank_error
+
+    peers = Peers.gather() if process.world_size > 1 else None  # so that a rank that dies can be named
     b = resolved.batch
     steps_hint = cfg.training.max_steps or 1000
     data = build_training_data(cfg.data, cfg.model.vocab_size, b.micro, cfg.data.eval_batch_size, process.rank,
@@ -301,10 +304,15 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
     except BaseException as exc:
         if main_rank:
             _record_failure(out_dir, exc, started, wandb)
+        if peers is not None and is_lost_peer(exc):
+            raise lost_rank_error(exc, peers, process.rank, _resume_hint(out_dir)) from None
         raise
     finally:
         if metrics is not None:
-            metrics.close()
+            try:
+                metrics.close()
+            except OSError as error:  # the disk filled up: what the run logged so far is on disk already
+                print(f"ava: could not close {out_dir / 'metrics.jsonl'} ({error.strerror})", file=sys.stderr)
         _shutdown()
     if result.status == "preempted":
         if main_rank:
@@ -372,18 +380,25 @@ def _write_preempted(out_dir: Path, result: Any, started: float, wandb: Any) -> 
           f"exit code 75 asks the scheduler to requeue; {summary['resume_hint']}", flush=True)
 
 
+def _resume_hint(out_dir: Path) -> str:
+    from ava.train.checkpoint import latest_complete
+
+    tag = latest_complete(out_dir / "checkpoints")
+    return (f"continue with --output_dir {out_dir} --resume (from checkpoints/{tag})" if tag
+            else "start the run again: it had not written a complete checkpoint yet")
+
+
 def _record_failure(out_dir: Path, exc: BaseException, started: float, wandb: Any) -> None:
     """Leave a summary.json that says the run failed and why; the checkpoints already written stay."""
     if not out_dir.is_dir():
         return
     status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
     summary = {"status": status, "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - started}
-    from ava.train.checkpoint import latest_complete
-
-    tag = latest_complete(out_dir / "checkpoints")
-    summary["resume_hint"] = (f"continue with --output_dir {out_dir} --resume (from checkpoints/{tag})" if tag
-                              else "no complete checkpoint was written; start a new run")
-    (out_dir / "summary.json").write_text(json.dumps(redact(summary, secret_values()), indent=2) + "\n")
+    summary["resume_hint"] = _resume_hint(out_dir)
+    try:
+        (out_dir / "summary.json").write_text(json.dumps(redact(summary, secret_values()), indent=2) + "\n")
+    except OSError as error:  # a full disk is often why the run failed: the original error matters more
+        print(f"ava: could not write {out_dir / 'summary.json'} ({error.strerror})", file=sys.stderr)
     if wandb is not None:
         wandb.finish(summary)
 
