@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ava.config import ConfigFiles, WorldSize, load_config
 from ava.config.loader import ResolvedConfig
+from ava.secrets import redact_text, secret_values
 
 OVERRIDE_HELP = """\
 overrides:
@@ -69,7 +70,7 @@ def resolve_stack(ns: argparse.Namespace, extras: Sequence[str]) -> ResolvedConf
     resolved = load_config(stack.files, stack.overrides, stack.world)
     if os.environ.get("RANK", "0") == "0":
         for notice in resolved.notices:
-            print(notice.render(), file=sys.stderr)
+            print(redact_text(notice.render(), secret_values()), file=sys.stderr)
     return resolved
 
 

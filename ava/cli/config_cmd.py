@@ -16,12 +16,13 @@ from ava.config import ConfigError, ConfigFiles, Problem, WorldSize, build_deeps
 from ava.config.aliases import alias_of
 from ava.config.loader import ResolvedConfig, shipped_configs_dir
 from ava.config.schema import AvaConfig
+from ava.secrets import redact_text, secret_values
 
 
 def _load(stack: Stack) -> ResolvedConfig:
     resolved = load_config(stack.files, stack.overrides, stack.world)
     for notice in resolved.notices:
-        print(notice.render(), file=sys.stderr)
+        print(redact_text(notice.render(), secret_values()), file=sys.stderr)
     return resolved
 
 
@@ -107,9 +108,11 @@ def diff_cmd(argv: Sequence[str]) -> int:
         return 0
     width = max(len(".".join(k)) for k in changed)
     print(f"{len(changed)} key(s) differ   ({ns.a}  ->  {ns.b})")
+    secrets = secret_values()
     for k in changed:
         ra, rb = results[0].origin(k).where(), results[1].origin(k).where()
-        print(f"  {'.'.join(k):<{width}}  {scalar(a.get(k))} [{ra}]  ->  {scalar(b.get(k))} [{rb}]")
+        print(redact_text(f"  {'.'.join(k):<{width}}  {scalar(a.get(k))} [{ra}]  ->  {scalar(b.get(k))} [{rb}]",
+                          secrets))
     return 0
 
 

@@ -8,6 +8,7 @@ printed with secrets masked (`ava.secrets`).
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -57,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if _out_of_space(exc):
+            return 2
+        raise
 
 
 def _dispatch(args: list[str]) -> int:
@@ -83,6 +88,16 @@ def _dispatch(args: list[str]) -> int:
             return _unknown(f"{command} {rest[0]}", [f"{command} {c}" for c in table])
         return table[rest[0]](rest[1:])
     return _unknown(command, ["train", "rlhf", *groups, "doctor"])
+
+
+def _out_of_space(exc: OSError) -> bool:
+    """A full disk or quota: the user's to fix, so one paragraph and exit 2, not a traceback."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return False
+    where = f"{exc.filename}: " if exc.filename else ""
+    _error(f"error: {where}{exc.strerror}\n  Fix: free space on that disk (or point --output_dir at another), "
+           "then run again; a run that had saved a checkpoint continues with --output_dir RUN --resume")
+    return True
 
 
 def _error(message: str) -> None:
@@ -148,3 +163,7 @@ def _entry(command: Callable[[Sequence[str]], int], argv: Sequence[str] | None) 
         elif rank == "0":
             _error(f"error: {exc}")
         return 2
+    except OSError as exc:
+        if _out_of_space(exc):
+            return 2
+        raise

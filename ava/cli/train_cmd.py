@@ -283,8 +283,12 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
             return
         if "loss" in record:
             record.update(peak_memory())
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        try:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        except OSError as error:  # a full disk: stop with the checkpoints written so far, not a traceback
+            raise ModelInputError(f"could not append to {out_dir / 'metrics.jsonl'}: {error.strerror}",
+                                  f"free space on {out_dir}, then {_resume_hint(out_dir)}") from None
         console.log(record)
         if overflow is not None and (message := overflow.check(record)) is not None:
             console.warn(message)

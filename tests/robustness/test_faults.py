@@ -141,6 +141,12 @@ def test_a_real_full_disk_while_saving_is_reported_and_the_run_resumes_once_spac
         pytest.skip(f"SKIPPED LOUDLY: cannot mount a small tmpfs to fill ({problem}); this needs root. The injected "
                     "ENOSPC test above still covers the handling.")
     try:
+        filler = disk / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=16"], capture_output=True)
+        no_room = train(disk / "no_room")  # the disk is full before the run writes anything
+        assert no_room.returncode == 2 and "Traceback" not in no_room.stderr, no_room.stderr[-3000:]
+        assert "No space left on device" in no_room.stderr and "Fix: free space" in no_room.stderr
+        filler.unlink()
         out = disk / "run"
         full = train(out)
         assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]

@@ -203,3 +203,12 @@ def test_a_user_error_that_quotes_the_key_prints_it_masked(tmp_path):
     assert result.returncode == 2 and "Traceback" not in shown, shown
     assert KEY not in shown and NETRC_KEY not in shown
     assert f"training.batch_size = '{MASK}'" in result.stderr and f"model.router_type = '{MASK}'" in result.stderr
+
+
+def test_config_diff_masks_a_key_that_differs_between_the_two_configs(tmp_path):
+    layer = tmp_path / "mine.yaml"
+    layer.write_text(f"training:\n  wandb_entity: {KEY}\n")
+    result = _run_cli(tmp_path, "config", "diff", TINY, str(layer), "--hardware_config", CPU)
+    shown = result.stdout + result.stderr
+    assert result.returncode == 0 and KEY not in shown, shown
+    assert "training.wandb_entity" in result.stdout and MASK in result.stdout, shown
