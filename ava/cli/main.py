@@ -158,7 +158,7 @@ def _entry(command: Callable[[Sequence[str]], int], argv: Sequence[str] | None) 
         from ava.train.rendezvous import LaunchError
 
         rank = os.environ.get("RANK", "0")
-        if isinstance(exc, LaunchError):  # each rank meets its own launch problem: every rank says it
+        if isinstance(exc, LaunchError) or getattr(exc, "every_rank", False):  # each rank meets its own: all say it
             _error(f"error (rank {rank}): {exc}")
         elif rank == "0":
             _error(f"error: {exc}")

@@ -170,11 +170,20 @@ def _resume_point(ns: Any, out_dir: Path, ds_config: dict, ranks: int) -> Path |
     from ava.train.checkpoint_trust import check_checkpoint
 
     check_checkpoint(point, trusted=ns.trust_checkpoint)
+    for rank in range(ranks):  # small files, read safely: a damaged one is found before anything is written
+        checkpoint.read_state(point / f"ava_state_rank{rank}.pt")
     return point
 
 
 def _refuse_other_model(point: Path, model: Any) -> None:
-    """Refuse to resume `point` with a model of another shape: DeepSpeed would fail with a page of size mismatches."""
+    """Refuse to resume `point` with a model whose weights have other shapes: DeepSpeed would print pages of them.
+
+    Judged on the parameter shapes of both models built on the meta device, so
+    settings that change no weight (rope_theta, activation, top-k...) resume.
+    """
+    import torch
+
+    from ava.model import AvaForCausalLM
     from ava.model.pretrained import SHAPE_KEYS
     from ava.train.export import run_model_config
 
@@ -182,15 +191,22 @@ def _refuse_other_model(point: Path, model: Any) -> None:
     if not (run_dir / "config.yaml").is_file():
         return  # a checkpoint without its run directory: DeepSpeed's own check is all there is
     saved = run_model_config(run_dir)
+    if saved == model:
+        return
+    with torch.device("meta"):
+        before = {k: tuple(v.shape) for k, v in AvaForCausalLM(saved).state_dict().items()}
+        now = {k: tuple(v.shape) for k, v in AvaForCausalLM(model).state_dict().items()}
+    if before == now:
+        return
     changed = [f"model.{k}: {getattr(saved, k)!r} in the checkpoint, {getattr(model, k)!r} now" for k in SHAPE_KEYS
                if getattr(saved, k) != getattr(model, k)]
-    if changed:
-        raise ModelInputError(
-            f"checkpoint {point} was written by a model of another shape (" + "; ".join(changed) + "), so its "
-            "weights cannot be loaded into this one",
-            f"resume with the model settings recorded in {run_dir / 'config.yaml'}, or start a new run in a new "
-            "--output_dir")
-
+    tensors = [f"{k} {before.get(k)} -> {now.get(k)}" for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k)]
+    raise ModelInputError(
+        f"checkpoint {point} was written by a model of another shape (" + "; ".join(changed) + "), so its "
+        f"weights cannot be loaded into this one ({len(tensors)} tensor(s) differ, e.g. {tensors[0]})",
+        f"resume with the model settings recorded in {run_dir / 'config.yaml'}, or start a new run in a new "
+        "--output_dir")
 
 def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool, preemption: Any) -> int:
     from ava.train.preemption import REQUEUE_EXIT_CODE
@@ -306,10 +322,12 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
                            faults=faults, on_note=console.note, preemption=preemption,
                            initial_weights=initial_weights, on_warning=console.warn)
     except BaseException as exc:
+        failure = (lost_rank_error(exc, peers, process.rank, _resume_hint(out_dir))
+                   if peers is not None and is_lost_peer(exc) else exc)
         if main_rank:
-            _record_failure(out_dir, exc, started, wandb)
-        if peers is not None and is_lost_peer(exc):
-            raise lost_rank_error(exc, peers, process.rank, _resume_hint(out_dir)) from None
+            _record_failure(out_dir, failure, started, wandb)
+        if failure is not exc:
+            raise failure from None
         raise
     finally:
         if metrics is not None:

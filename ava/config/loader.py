@@ -83,11 +83,13 @@ def load_config(files: ConfigFiles, overrides: Sequence[str] = (),
         except ConfigError as exc:
             problems.extend(exc.problems)
 
+    unreadable = bool(problems)  # a file that could not be read leaves nothing to validate
     raw, split_problems = split_overrides(list(overrides))
     cli_leaves, override_problems = resolve_overrides(raw)
     problems += split_problems + override_problems
-    if problems:
+    if unreadable:
         raise ConfigError(problems)
+    # A bad override is left out and the rest is still validated, so the files' own problems show in the same run.
     layers.append(cli_leaves)
 
     tree = merge(layers)

@@ -23,10 +23,12 @@ import hashlib
 import json
 import lzma
 import os
+import socket
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from ava.data.sources import Source
 from ava.model.errors import ModelInputError
@@ -63,35 +65,43 @@ def screened(source: Source, policy: BadRecordPolicy, cache_dir: Path) -> tuple[
     """`source` with its JSON Lines files checked: an error under "fail", clean copies under "skip".
 
     Returns the source to load (its files replaced by clean copies where lines
-    were skipped) and one note per file that had lines skipped.
+    were skipped, files without a single document left out) and one note per
+    file skipped from or left out, for the run to warn with.
     """
     if source.builder != "json":
         return source, []
+    verdicts = {file: _verdict(file, source.text_field, cache_dir) for file in source.files
+                if _line_suffix(file) is not None}
+    if len(verdicts) == len(source.files) and all(v.wrong_field for v in verdicts.values()):
+        return source, []  # no file has the field: loading names the columns they do have, a better message
     files: list[Path] = []
     notes: list[str] = []
     for file in source.files:
-        if _line_suffix(file) is None:
+        verdict = verdicts.get(file)
+        if verdict is None:
             files.append(file)
-            continue
-        verdict = _verdict(file, source.text_field, cache_dir)
-        if verdict.wrong_field:  # loading names the columns the file does have: a better message than per line
-            files.append(file)
-            continue
-        if verdict.bad and policy == "fail":
+        elif verdict.bad and policy == "fail":
             raise ModelInputError(
                 f"{source.key}.path = {source.path!r}: {verdict.describe()}",
                 "repair or delete those lines, or set data.bad_records: skip to train on the rest "
                 "(the run reports how many lines it skipped)")
-        if verdict.good == 0:
-            raise ModelInputError(f"{source.key}.path = {source.path!r}: {file} holds no documents"
-                                  + (f" ({verdict.describe()})" if verdict.bad else " (the file is empty)"),
-                                  "point the source at non-empty JSON Lines files, or remove it")
-        if verdict.bad:
+        elif verdict.good == 0:
+            notes.append(f"{source.key}: left out {_empty(verdict)}")
+        elif verdict.bad:
             files.append(_clean_copy(file, source.text_field, cache_dir))
             notes.append(f"{source.key}: skipped {verdict.describe()} (data.bad_records: skip)")
         else:
             files.append(file)
+    if not files:
+        raise ModelInputError(
+            f"{source.key}.path = {source.path!r} holds no documents: "
+            + "; ".join(_empty(v) for v in verdicts.values()),
+            "point the source at JSON Lines files with at least one record, or remove it")
     return dataclasses.replace(source, files=tuple(files)), notes
+
+
+def _empty(verdict: FileVerdict) -> str:
+    return verdict.describe() if verdict.bad else f"{verdict.file}, which is empty"
 
 
 def _line_suffix(file: Path) -> str | None:
@@ -106,14 +116,31 @@ def _open(file: Path) -> IO[bytes]:
     return opener(file, "rb") if opener is not None else open(file, "rb")  # type: ignore[operator]
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(key)
+        record[key] = value
+    return record
+
+
 def _judge(raw: bytes, text_field: str) -> str | None:
-    """Why one line is not a usable record, or None when it is."""
+    """Why one line is not a usable record (as pyarrow's reader would see it), or None when it is."""
     try:
-        record = json.loads(raw)
+        record = json.loads(raw, object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError:
         return "not UTF-8 text"
     except json.JSONDecodeError as error:
         return f"not valid JSON ({error.msg}, column {error.colno})"
+    except _DuplicateKey as error:
+        return f"the key {error.args[0]!r} appears twice"
+    except RecursionError:
+        return "nested too deeply"
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
     if text_field not in record:
@@ -121,6 +148,11 @@ def _judge(raw: bytes, text_field: str) -> str | None:
     value = record[text_field]
     if value is not None and not isinstance(value, str):
         return f"{text_field!r} is a {type(value).__name__}, not text"
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{text_field!r} holds an unpaired surrogate escape (\\ud800-\\udfff)"
     return None
 
 
@@ -160,27 +192,47 @@ def _verdict(file: Path, text_field: str, cache_dir: Path) -> FileVerdict:
             missing += why == no_field
             if len(examples) < _LISTED:
                 examples.append((number, why))
-    except (OSError, EOFError, lzma.LZMAError) as error:
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as error:
         raise ModelInputError(f"{file} could not be read: {error}",
-                              "check the file is complete (a truncated download or copy?) and readable") from error
+                              "check the file is complete (a truncated download or copy?) and readable") from None
     verdict = FileVerdict(file, good, bad, tuple(examples), missing)
-    _write_atomic(cached, json.dumps({"good": good, "bad": bad, "examples": examples, "missing_field": missing}))
+    try:  # only a cache: a read-only or full cache directory costs a re-read next time, nothing more
+        _write_atomic(cached, json.dumps({"good": good, "bad": bad, "examples": examples,
+                                          "missing_field": missing}).encode())
+    except OSError:
+        pass
     return verdict
 
 
 def _clean_copy(file: Path, text_field: str, cache_dir: Path) -> Path:
     """The file's usable lines, written once into the cache under a name tied to the original's identity."""
     target = cache_dir / "clean_jsonl" / f"{_key(file, text_field)}-{file.name.split('.')[0]}.jsonl"
-    if not target.is_file():
-        kept = b"".join((raw if raw.endswith(b"\n") else raw + b"\n")
-                        for _, raw in _lines(file) if _judge(raw, text_field) is None)
-        _write_atomic(target, kept)
+    if target.is_file():
+        return target
+    tmp = _tmp_beside(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as out:  # streamed: a corpus file can be far larger than memory
+            for _, raw in _lines(file):
+                if _judge(raw, text_field) is None:
+                    out.write(raw if raw.endswith(b"\n") else raw + b"\n")
+        os.replace(tmp, target)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise ModelInputError(f"could not write the cleaned copy of {file} to {target.parent}: {error.strerror}",
+                              "give data.cache_dir (or $AVA_CACHE_DIR) a writable directory with room for it"
+                              ) from None
     return target
 
 
-def _write_atomic(path: Path, content: str | bytes) -> None:
+def _tmp_beside(path: Path) -> Path:
+    """A temporary name beside `path`, unique across ranks and hosts sharing the cache."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
     """Write beside `path` and rename: ranks screening the same file never read a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+    tmp = _tmp_beside(path)
+    tmp.write_bytes(content)
     os.replace(tmp, path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import pickle
 import random
 import re
 import shutil
@@ -74,8 +75,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     n = state["numpy"]
-    np.random.set_state((n["bit_generator"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    if isinstance(n, tuple):  # an older Ava's file: numpy's own state tuple
+        np.random.set_state(n)
+    else:
+        np.random.set_state((n["bit_generator"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -121,6 +125,8 @@ def save(engine: Any, root: Path, step: int, rank: int, data_state: dict, keep_l
     tag = tag_for(step)
     point = at or (lambda _: None)
     reason: str | None = None
+    if rank == 0:  # saving a step again (a resume after a kill at after_complete): it is not complete until rewritten
+        (root / tag / COMPLETE).unlink(missing_ok=True)
     try:
         point("before_deepspeed")
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
@@ -136,12 +142,15 @@ def save(engine: Any, root: Path, step: int, rank: int, data_state: dict, keep_l
         # The failed writer's open file lives on in the exception's frames; collecting them closes it, so that
         # removing the partial checkpoint really frees its space (for summary.json, and for the user).
         gc.collect()
-        shutil.rmtree(root / tag, ignore_errors=True)
+        alone = torch.distributed.get_world_size() == 1
+        if alone:  # with several ranks the others may still be writing there; resume ignores it, the next save prunes it
+            shutil.rmtree(root / tag, ignore_errors=True)
         previous = latest_complete(root)
         raise CheckpointWriteError(
-            f"could not write checkpoint {root / tag}: {reason}; the partial "
-            "checkpoint was removed and " + (f"{root / previous} is intact" if previous else
-                                              "no earlier checkpoint exists"),
+            ("could not write checkpoint" if alone else f"rank {rank} could not write its part of checkpoint")
+            + f" {root / tag}: {reason}; the partial checkpoint "
+            + ("was removed" if alone else "is incomplete, so resuming ignores it (delete it to free its space)")
+            + " and " + (f"{root / previous} is intact" if previous else "no earlier checkpoint exists"),
             f"free space on {root} (or move the run to a larger disk), then "
             + (f"continue with --output_dir {root.parent} --resume" if previous else
                "start the run again (it had no complete checkpoint yet)")) from None
@@ -161,31 +170,37 @@ def _out_of_space(exc: BaseException, root: Path) -> str | None:
 
     torch's zip writer reports a full disk as a RuntimeError ("unexpected pos
     ...", "iostream error") whose chain may or may not include the OSError
-    (ENOSPC), so the chain is searched and, failing that, the filesystem is
-    asked: with the partial file still on it, a disk that filled up has
-    (almost) nothing free.
+    (ENOSPC), so the chain is searched and, failing that, a small write is
+    tried beside the checkpoint: free-space figures would miss a quota.
     """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(current, OSError) and current.errno in _NO_SPACE:
             return current.strerror or os.strerror(current.errno)
         current = current.__cause__ or current.__context__
+    probe = root / f".space_probe.{os.getpid()}"
     try:
-        usage = shutil.disk_usage(root)
-    except OSError:
-        return None
-    if usage.free < min(_NEARLY_FULL_BYTES, usage.total // 1000):
-        return f"No space left on device ({usage.free:,} bytes free of {usage.total:,})"
+        with open(probe, "wb") as f:
+            f.write(bytes(_PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        return (error.strerror or os.strerror(error.errno)) if error.errno in _NO_SPACE else None
+    finally:
+        probe.unlink(missing_ok=True)
     return None
 
 
-_NEARLY_FULL_BYTES = 64 << 20
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_PROBE_BYTES = 1 << 20
 
 
 class CheckpointWriteError(ModelInputError):
     """A checkpoint could not be written for want of space: the run stops, its earlier checkpoints intact."""
+
+    every_rank = True  # the disk may be one rank's own: the rank that hit it must say so, not only rank 0
 
 
 def mark_best(root: Path, step: int) -> None:
@@ -267,17 +282,34 @@ def read_state(path: Path) -> dict[str, Any]:
     file is an error, not code execution; a truncated file is an error too.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "numpy" not in str(exc):
+                raise
+            # Written by an Ava that pickled numpy's RNG state and scalars: admit numpy's array and scalar
+            # constructors (data only, no code), so that runs checkpointed before the upgrade still resume.
+            with torch.serialization.safe_globals(_numpy_state_globals()):
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged file fails in many ways (EOFError, OSError, KeyError, UnpicklingError...)
-        reason = _reason(exc)
-        older = (" (older versions of Ava pickled numpy RNG states, which resuming no longer unpickles)"
-                 if "numpy" in reason else "")
-        raise ModelInputError(f"{path} cannot be read as Ava checkpoint state ({reason}): the checkpoint is "
-                              f"corrupt, or the file was not written by this Ava{older}", RESUME_EARLIER) from None
+        raise ModelInputError(f"{path} cannot be read as Ava checkpoint state ({_reason(exc)}): the checkpoint is "
+                              "corrupt, or the file was not written by Ava", RESUME_EARLIER) from None
     if not isinstance(state, dict) or not {"step", "data", "rng"} <= state.keys():
         raise ModelInputError(f"{path} is not Ava checkpoint state: it lacks the step, data position and RNG states",
                               RESUME_EARLIER)
     return state
+
+
+def _numpy_state_globals() -> list[Any]:
+    """The numpy globals an older Ava's state file references: array, scalar and dtype reconstruction."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    dtypes = {type(np.dtype(name)) for name in ("bool", "int32", "int64", "uint32", "float32", "float64")}
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtypes,
+            (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+            (multiarray.scalar, "numpy.core.multiarray.scalar")]
 
 
 def _reason(exc: Exception) -> str:

@@ -36,7 +36,7 @@ TRUST_FIX = ("if you know where this checkpoint came from and trust it, pass --t
 
 
 def unexpected_globals(point: Path) -> dict[Path, list[str]]:
-    """Each checkpoint file under `point` that references globals beyond tensors and `ZERO_STATE_GLOBALS`."""
+    """Each DeepSpeed file under `point` that references globals beyond tensors and `ZERO_STATE_GLOBALS`."""
     import pickle
     import zipfile
 
@@ -44,6 +44,8 @@ def unexpected_globals(point: Path) -> dict[Path, list[str]]:
 
     found: dict[Path, list[str]] = {}
     for file in sorted(point.glob("*.pt")):
+        if file.name.startswith("ava_state_rank"):  # Ava's own state: read with weights_only (checkpoint.read_state)
+            continue
         try:
             with zipfile.ZipFile(file) as archive:  # reads the central directory only, which a cut file lacks
                 archive.namelist()

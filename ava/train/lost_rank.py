@@ -80,12 +80,13 @@ def lost_rank_error(exc: BaseException, peers: Peers, rank: int, resume_hint: st
     cause = first_line.split("] ", 1)[-1].split(". ")[0][:160]
     if dead:
         who = ", ".join(f"rank {r} (pid {peers.processes[r][1]} on {peers.processes[r][0]})" for r in dead)
-        what = f"{who} died during training: its process is gone"
+        what = f"{who} stopped during training: its process is gone"
     else:
         others = peers.elsewhere()
-        what = ("another rank died during training" + (f" (ranks {', '.join(map(str, others))} run on other hosts, "
-                                                        "which cannot be checked from here)" if others else ""))
+        what = ("lost contact with another rank during training" + (
+            f" (ranks {', '.join(map(str, others))} run on other hosts, which cannot be checked from here)"
+            if others else ""))
     return LostRankError(
         f"{what}, so this rank's collective failed ({cause}) and the job cannot go on",
-        "find why it died in its own last lines and the launcher's exit code for it (-9 is SIGKILL, often the "
-        f"out-of-memory killer), then {resume_hint}")
+        "read that rank's own last lines: an `error` there says why it stopped; none means it was killed (the "
+        f"launcher's exit code -9 is SIGKILL, often the out-of-memory killer). Then {resume_hint}")

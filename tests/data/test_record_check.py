@@ -79,3 +79,35 @@ def test_a_file_with_no_usable_line_is_refused_even_when_skipping(tmp_path: Path
     file.write_text("no\nnope\n")
     with pytest.raises(ModelInputError, match="holds no documents"):
         screened(source(file), "skip", tmp_path / "cache")
+
+
+def test_an_empty_shard_among_others_is_left_out_with_a_note(tmp_path: Path) -> None:
+    full, empty = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    full.write_text(GOOD * 2)
+    empty.write_text("\n")
+    kept, notes = screened(source(full, empty), "fail", tmp_path / "cache")
+    assert kept.files == (full,) and notes == [f"data.sources[0]: left out {empty}, which is empty"]
+
+
+def test_a_stray_file_without_the_text_field_is_corrupt_when_others_have_it(tmp_path: Path) -> None:
+    docs, manifest = tmp_path / "docs.jsonl", tmp_path / "manifest.jsonl"
+    docs.write_text(GOOD)
+    manifest.write_text('{"files": 3}\n')
+    with pytest.raises(ModelInputError, match=r"manifest.jsonl: 1 corrupt line\(s\): line 1 \(no 'text' field\)"):
+        screened(source(docs, manifest), "fail", tmp_path / "cache")
+
+
+def test_lines_pyarrow_would_reject_are_caught_here(tmp_path: Path) -> None:
+    file = tmp_path / "docs.jsonl"
+    file.write_text(GOOD + '{"text": "a", "text": "b"}\n' + '{"text": "\\ud800"}\n')
+    with pytest.raises(ModelInputError) as caught:
+        screened(source(file), "fail", tmp_path / "cache")
+    assert "line 2 (the key 'text' appears twice), line 3 ('text' holds an unpaired surrogate" in str(caught.value)
+
+
+def test_a_corrupt_compressed_file_is_a_user_error(tmp_path: Path) -> None:
+    packed = tmp_path / "docs.jsonl.gz"
+    data = gzip.compress((GOOD * 200).encode())
+    packed.write_bytes(data[:20] + b"\x00" * 40 + data[60:])
+    with pytest.raises(ModelInputError, match="could not be read"):
+        screened(source(packed), "fail", tmp_path / "cache")

@@ -363,8 +363,6 @@ def test_problems_in_every_layer_are_reported_in_one_run(tmp_path: Path) -> None
     assert result.stderr.count("Fix:") == 3
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a command-line problem stops loading before the schema runs, "
-                                       "so the config file's own problems are not reported in the same run")
 def test_cli_problem_does_not_hide_file_problems(tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("model:\n  hiden_size: 8\n", encoding="utf-8")

@@ -139,10 +139,11 @@ CASES = [
                          + GOOD_DOC * 200)),
     RunCase("jsonl-every-line-corrupt-with-skip", [SOURCES, '[{"path": "{tmp}/docs.jsonl"}]',
                                                    "--data.bad_records", "skip"], (
-        "{tmp}/docs.jsonl holds no documents", "2 corrupt line(s)", "Fix:"),
+        "data.sources[0].path = '{tmp}/docs.jsonl' holds no documents: {tmp}/docs.jsonl: 2 corrupt line(s)",
+        "Fix: point the source at JSON Lines files with at least one record"),
         setup=_jsonl("not json\n{broken\n")),
     RunCase("jsonl-empty-file", [SOURCES, '[{"path": "{tmp}/docs.jsonl"}]'], (
-        "{tmp}/docs.jsonl holds no documents (the file is empty)",), setup=_jsonl("")),
+        "holds no documents: {tmp}/docs.jsonl, which is empty",), setup=_jsonl("")),
     RunCase("jsonl-wrong-text-field", [SOURCES, '[{"path": "{tmp}/docs.jsonl", "text_field": "body"}]'], (
         "data.sources[0].text_field = 'body' is not a column", "(columns: text)",
         "Fix: set data.sources[0].text_field"), setup=_jsonl(GOOD_DOC * 50)),
@@ -181,12 +182,12 @@ CASES = [
         setup=_truncate("checkpoints/step00000003/mp_rank_00_model_states.pt", 4000), needs_run=True,
         fresh_out=False),
     RunCase("checkpoint-ava-state-garbage", ["--output_dir", "{run}", "--resume", "--max_steps", "4"], (
-        "checkpoint file {run}/checkpoints/step00000003/ava_state_rank0.pt is corrupt or truncated",
-        "Fix: restore the file from a copy, or start again from one of step00000002"),
+        "{run}/checkpoints/step00000003/ava_state_rank0.pt cannot be read as Ava checkpoint state",
+        "Fix: resume from an earlier complete checkpoint"),
         setup=lambda tmp: _write(_ckpt(tmp / "run") / "ava_state_rank0.pt", b"garbage"), needs_run=True,
         fresh_out=False),
     RunCase("checkpoint-ava-state-truncated", ["--output_dir", "{run}", "--resume", "--max_steps", "4"], (
-        "ava_state_rank0.pt", "corrupt or truncated"),
+        "ava_state_rank0.pt cannot be read as Ava checkpoint state", "the checkpoint is corrupt"),
         setup=_truncate("checkpoints/step00000003/ava_state_rank0.pt", 300), needs_run=True, fresh_out=False),
     RunCase("checkpoint-rank-state-missing", ["--output_dir", "{run}", "--resume", "--max_steps", "4"], (
         "{run}/checkpoints/step00000003 lacks ava_state_rank0.pt: it holds the state of 0 rank(s), "
@@ -201,7 +202,8 @@ CASES = [
         "model.num_experts: 4 in the checkpoint, 2 now",), needs_run=True),
     RunCase("checkpoint-with-another-batch-size", ["--output_dir", "{run}", "--resume", "--max_steps", "4",
                                                    "--batch_size", "2"], (
-        "the batch configuration differs from the checkpoint's", "--force_resume"), needs_run=True,
+        "the batch configuration differs from the checkpoint's (train_batch_size: 4 -> 2", "--force_resume"),
+        needs_run=True,
         fresh_out=False),
     RunCase("checkpoint-pickle-that-runs-code", ["--resume_from", "{run}/checkpoints/step00000003"], (
         "mp_rank_00_model_states.pt: shutil.copyfile", "loading it would run whatever those name",

@@ -24,7 +24,7 @@ def test_the_dead_rank_is_named_with_its_pid_and_the_resume_hint() -> None:
     peers = Peers(((socket.gethostname(), os.getpid()), (socket.gethostname(), gone.pid)))
     error = lost_rank_error(RuntimeError("[pair.cc:537] Read error [127.0.0.1]:1: Connection reset by peer. More"),
                             peers, 0, "continue with --output_dir RUN --resume")
-    assert str(error).startswith(f"rank 1 (pid {gone.pid} on {socket.gethostname()}) died during training")
+    assert str(error).startswith(f"rank 1 (pid {gone.pid} on {socket.gethostname()}) stopped during training")
     assert "(Read error [127.0.0.1]:1: Connection reset by peer)" in str(error)
     assert error.fix.endswith("continue with --output_dir RUN --resume")
 
@@ -32,4 +32,4 @@ def test_the_dead_rank_is_named_with_its_pid_and_the_resume_hint() -> None:
 def test_ranks_on_other_hosts_are_listed_as_unchecked() -> None:
     peers = Peers(((socket.gethostname(), os.getpid()), ("node-b.invalid", 12345)))
     error = lost_rank_error(RuntimeError("Connection closed by peer"), peers, 0, "resume")
-    assert str(error).startswith("another rank died during training (ranks 1 run on other hosts")
+    assert str(error).startswith("lost contact with another rank during training (ranks 1 run on other hosts")

@@ -44,16 +44,3 @@ def test_train_py_lowers_the_loss_and_writes_config_metrics_and_summary(tmp_path
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["status"] == "completed" and resumed["checks_passed"] and resumed["steps"] == 16
     assert resumed["eval_loss"] == summary["eval_loss"] and resumed["checks"]["checkpoint_reloads_exactly"]
-
-
-def test_an_output_dir_with_files_is_refused_and_left_untouched(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "precious.txt").write_text("keep me")
-    result = subprocess.run([sys.executable, "train.py", *TINY, *SMALL_RUN, "--max_steps", "4",
-                             "--output_dir", str(out)], cwd=REPO, env=run_env(), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "never overwrites a run" in result.stderr and "Fix:" in result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
-    assert (out / "precious.txt").read_text() == "keep me"
