@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from ava.config.schema.model import ModelConfig  # noqa: E402
 from ava.config.yaml_loader import load_yaml_file  # noqa: E402
@@ -32,9 +33,15 @@ from ava.model.summary import summarise_model  # noqa: E402
 from benchmarks.timing import interleaved, print_table, write_json  # noqa: E402
 
 
-def _model_config(path: str) -> ModelConfig:
-    """The model: section of a config file, made Mixtral-representable (dropless, topk, no dropout)."""
+def _model_config(path: str, settings: list[str]) -> ModelConfig:
+    """The model: section of a config file, made Mixtral-representable (dropless, topk, no dropout).
+
+    `settings` are KEY=VALUE changes on top (e.g. num_experts=1 for the dense variant, toy sizes for smoke tests).
+    """
     data = dict(load_yaml_file(path).data.get("model", {}))
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        data[key] = yaml.safe_load(value)
     data.update(expert_capacity_factor=None, router_type="topk", attention_dropout=0.0, hidden_dropout=0.0,
                 position_embedding_type="rope", norm_type="rmsnorm", activation="swiglu", use_bias=False,
                 shared_expert_intermediate_size=0)
@@ -43,9 +50,9 @@ def _model_config(path: str) -> ModelConfig:
     return ModelConfig.model_validate(data)
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """This machine's fp32 matmul FLOP/s, measured now: the denominator of MFU."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's matmul FLOP/s in `dtype`, measured now: the denominator of MFU."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     sec = interleaved({"mm": lambda: a @ b}, repeats)["mm"]
     return 2 * n**3 / sec
 
@@ -70,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a model setting, e.g. --model num_experts=1 (dense) --model hidden_size=64")
+    parser.add_argument("--peak_size", type=int, default=2048, help="matrix size of the matmul peak measurement")
     parser.add_argument("--json", default=None)
     ns = parser.parse_args(argv)
     try:
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("transformers is not installed (pip install -e .[dev]); nothing to compare against")
         return 2
-    cfg = _model_config(ns.config)
+    cfg = _model_config(ns.config, ns.model)
     torch.manual_seed(0)
     ava = AvaForCausalLM(cfg).train()
     summary = summarise_model(ava, ns.seq)
@@ -109,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary.active_per_token / 1e6:.1f}M active), batch {ns.batch} x {ns.seq} tokens, fp32, "
           f"{torch.get_num_threads()} threads, transformers {transformers.__version__}")
     times = interleaved(steps, ns.repeats)
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops(ns.peak_size)
+    peak_bf16 = matmul_peak_flops(ns.peak_size, dtype=torch.bfloat16)
     tokens = ns.batch * ns.seq
     rows, results = [], []
     for name, sec in times.items():
@@ -117,14 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         ratio = times[peer_cls.__name__] / sec
         mfu = summary.training_flops_per_token * tps / peak if name == "ava" else float("nan")
         rows.append([name, 1000 * sec, tps, ratio, mfu])
-        results.append({"model": name, "step_ms": 1000 * sec, "tokens_per_s": tps, "speedup_vs_peer": ratio})
+        results.append({"model": name, "step_ms": 1000 * sec, "tokens_per_s": tps, "speedup_vs_peer": ratio,
+                        "mfu": mfu if name == "ava" else None})
     print_table(["model", "best step ms", "tokens/s", f"x {peer_cls.__name__}", "MFU"], rows)
     print(f"MFU = {summary.training_flops_per_token / 1e6:.1f} MFLOP/token (ava model summary) x tokens/s / "
-          f"measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+          f"measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s (bf16 peak: {peak_bf16 / 1e9:.0f} GFLOP/s)")
     ratio = times[peer_cls.__name__] / times["ava"]
     print(f"target: ava >= 1.5x {peer_cls.__name__} tokens/s: {ratio:.2f}x ({'met' if ratio >= 1.5 else 'NOT met'})")
-    write_json(ns.json, {"benchmark": "model_step", "config": ns.config, "batch": ns.batch, "seq": ns.seq,
-                         "matmul_peak_flops": peak, "results": results})
+    write_json(ns.json, {"benchmark": "model_step", "config": ns.config, "model_settings": ns.model,
+                         "moe": cfg.is_moe, "batch": ns.batch, "seq": ns.seq, "matmul_peak_flops": peak,
+                         "matmul_peak_flops_bf16": peak_bf16, "peer": peer_cls.__name__,
+                         "speedup_vs_peer": ratio, "results": results})
     return 0
 
 
