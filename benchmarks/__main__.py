@@ -69,6 +69,12 @@ def _precision(result: dict[str, Any]) -> str:
     return "; ".join(f"{name} {r['tokens_per_s']:,.0f} tokens/s" for name, r in result["results"].items())
 
 
+def _zero_memory(result: dict[str, Any]) -> str:
+    parts = [f"ZeRO-{e['stage']} {e['total']['measured_bytes'] / 2**20:.1f} MiB = {e['total']['ratio']:.2f}x theory"
+             for e in result["results"] if e["rank"] == 0]
+    return "; ".join(parts) + f" (rank 0; target within 10%: {'met' if result['target_met'] else 'NOT met'})"
+
+
 def _data_pipeline(result: dict[str, Any]) -> str:
     return (f"data {result['data_tokens_per_s']:,.0f} tokens/s = {result['ratio']:,.0f}x training's "
             f"{result['train_tokens_per_s']:,.0f} (prepared in {result['prepare_seconds']:.1f} s)")
@@ -87,6 +93,8 @@ BENCHMARKS = (
     Benchmark("precision_throughput", "precision_throughput.py", ("--size", "cpu"),
               ("--size", "cpu", "--repeats", "2", "--warmup", "1", "--batch", "2", "--seq", "32",
                "--precisions", "fp32,bf16"), _precision),
+    Benchmark("zero_memory", "zero_memory.py", (), ("--stages", "3", "--hidden_size", "64", "--num_layers", "1",
+                                                    "--intermediate_size", "128", "--vocab_size", "512"), _zero_memory),
     Benchmark("data_pipeline", "data_pipeline.py", (),
               ("--batch", "2", "--seq", "32", "--batches", "20", "--repeats", "1",
                "--model_overrides", "--hidden_size 64 --num_layers 1 --intermediate_size 128"), _data_pipeline),

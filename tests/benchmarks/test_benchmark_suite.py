@@ -36,6 +36,10 @@ def test_every_benchmark_runs_at_toy_size_and_reports(tmp_path: Path) -> None:
     assert not dense["moe"] and dense["peer"] == "LlamaForCausalLM"
     data = json.loads((tmp_path / "data_pipeline.json").read_text())
     assert data["data_tokens_per_s"] > 0 and data["train_tokens_per_s"] > 0
+    zero = json.loads((tmp_path / "zero_memory.json").read_text())["results"]
+    assert {(e["stage"], e["rank"]) for e in zero} == {(3, 0), (3, 1)}
+    weights = [e["categories"]["parameters"]["ratio"] for e in zero]
+    assert weights == pytest.approx([1.0, 1.0], abs=0.01), "ZeRO-3 holds half the bf16 weights per rank"
     loops = json.loads((tmp_path / "train_throughput.json").read_text())["loops"]
     assert loops["ratio_of_minimums"] > 0 and loops["max_loss_difference"] < 0.1
 

@@ -1,0 +1,217 @@
+"""Per-rank bytes of parameters, gradients and optimizer state under ZeRO-1/2/3, against the theory.
+
+For Adam with bf16 weights and an fp32 master copy, Ψ parameters cost 2Ψ bytes
+of weights, 2Ψ of gradients and 12Ψ of optimizer state (fp32 master, m and v);
+with N data-parallel ranks ZeRO-1 divides the optimizer state by N, ZeRO-2 the
+gradients too, ZeRO-3 the weights as well (Rajbhandari et al., 2020).
+
+Each stage is a real 2-rank job under the deepspeed launcher (gloo on CPU). After
+one full step and the backward pass of a second, each rank walks what it holds:
+the module's weights (for ZeRO-3 its partitions, `ds_tensor`), the optimizer's
+state and fp32 master partitions, and every gradient buffer DeepSpeed keeps
+(tensors under its optimizer's `*grad*` attributes and `.grad` fields). Storage is
+counted once: a memory range covered by several views (a flat buffer and the
+parameters carved from it) counts once. The table gives measured / theory per category and the
+process's peak resident memory.
+
+    python benchmarks/zero_memory.py [--stages 1,2,3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.timing import print_table, write_json  # noqa: E402
+
+RANKS = 2
+THEORY = {1: (2, 2, 12 / RANKS), 2: (2, 2 / RANKS, 12 / RANKS), 3: (2 / RANKS, 2 / RANKS, 12 / RANKS)}
+TARGET = 0.10  # within 10% of theory
+
+
+def _tensors(value: Any, depth: int = 0) -> Iterator[Any]:
+    """Tensors reachable from `value` through lists, tuples, dicts and (one level of) objects' attributes."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        yield value
+        if value.grad is not None:
+            yield value.grad
+    elif isinstance(value, dict) and depth < 4:
+        for item in value.values():
+            yield from _tensors(item, depth + 1)
+    elif isinstance(value, list | tuple) and depth < 4:
+        for item in value:
+            yield from _tensors(item, depth + 1)
+
+
+class _Ledger:
+    """Bytes per category as the union of the memory ranges its tensors cover, minus ranges already claimed.
+
+    Ranges, not storages: DeepSpeed carves parameters out of flat buffers (and,
+    on CPU, out of large arenas), so a storage's size says little, while the
+    union of [data_ptr, data_ptr + bytes) counts a flat buffer and its views once.
+    """
+
+    def __init__(self) -> None:
+        self.claimed: list[tuple[int, int]] = []
+        self.bytes: dict[str, int] = {}
+
+    def claim(self, category: str, tensors: Iterator[Any]) -> None:
+        ranges = _merge([(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors
+                         if t.numel() > 0])
+        fresh = _subtract(ranges, self.claimed)
+        self.bytes[category] = self.bytes.get(category, 0) + sum(end - start for start, end in fresh)
+        self.claimed = _merge(self.claimed + fresh)
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _subtract(ranges: list[tuple[int, int]], taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`ranges` (merged) with the parts inside `taken` (merged) removed."""
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        cursor = start
+        for t_start, t_end in taken:
+            if t_end <= cursor or t_start >= end:
+                continue
+            if t_start > cursor:
+                out.append((cursor, t_start))
+            cursor = max(cursor, t_end)
+        if cursor < end:
+            out.append((cursor, end))
+    return out
+
+
+def worker(ns: argparse.Namespace) -> int:
+    """One rank: build the engine for `ns.stage`, train a step and a half, write what this rank holds."""
+    import deepspeed
+    import torch
+
+    from ava.config import ConfigFiles, WorldSize, build_deepspeed_config, load_config
+    from ava.model import AvaForCausalLM
+    from ava.train.distributed import init_distributed
+
+    files = ConfigFiles(ns.config, str(REPO / "configs/hardware/cpu.yaml"),
+                        str(REPO / f"configs/distributed/deepspeed_zero{ns.stage}.yaml"))
+    overrides = ["--mixed_precision", "bf16", "--batch_size", "2", "--gradient_accumulation_steps", "1",
+                 "--max_length", "64", "--max_steps", "10", "--warmup_steps", "1", *ns.overrides]
+    cfg = load_config(files, overrides, WorldSize(RANKS, "benchmark")).config
+    process = init_distributed()
+    torch.manual_seed(0)
+    model = AvaForCausalLM(cfg.model)
+    if cfg.deepspeed.zero_stage == 3 and cfg.model.is_moe:
+        from ava.model.zero3 import mark_moe_zero3_leaves
+
+        mark_moe_zero3_leaves(model)
+    psi = sum(p.numel() for p in model.parameters())
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                           config=build_deepspeed_config(cfg))
+    batch = torch.randint(0, cfg.model.vocab_size, (2, 64))
+    engine.backward(engine(batch, labels=batch).loss)
+    engine.step()
+    engine.backward(engine(batch, labels=batch).loss)  # gradients held now; optimizer state since step 1
+    ledger = _Ledger()
+    weights = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    ledger.claim("parameters", iter(weights))
+    basic = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    ledger.claim("optimizer", _tensors([list(basic.state.values()), [g["params"] for g in basic.param_groups]]))
+    grads: list[Any] = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    for name, value in vars(engine.optimizer).items():
+        if "grad" in name:
+            grads.extend(_tensors(value))
+    ledger.claim("gradients", iter(grads))
+    engine.step()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path(ns.out).joinpath(f"rank{process.rank}.json").write_text(json.dumps(
+        {"rank": process.rank, "stage": ns.stage, "psi": psi, "bytes": ledger.bytes, "peak_rss": peak_rss,
+         "optimizer": type(engine.optimizer).__name__}))
+    return 0
+
+
+def run_stage(stage: int, config: str, overrides: list[str]) -> list[dict[str, Any]]:
+    """Launch the 2-rank job for `stage` and collect every rank's ledger."""
+    from ava.train.rendezvous import free_port
+
+    with tempfile.TemporaryDirectory() as out:
+        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "PYTHONPATH": str(REPO),
+               "OMP_NUM_THREADS": "1"}
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(var, None)
+        launcher = str(Path(sys.executable).parent / "deepspeed")
+        done = subprocess.run([launcher, "--num_gpus", str(RANKS), "--master_port", str(free_port()),
+                               str(Path(__file__).resolve()), "--worker", "--stage", str(stage), "--config", config,
+                               "--out", out, *overrides], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=600)
+        if done.returncode != 0:
+            raise SystemExit(f"ZeRO-{stage} job failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
+                             f"{done.stderr[-3000:]}")
+        return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(RANKS)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", default="1,2,3")
+    parser.add_argument("--config", default=str(REPO / "configs/gpu/tiny.yaml"))
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--stage", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ns, overrides = parser.parse_known_args(argv)
+    ns.overrides = overrides
+    if ns.worker:
+        return worker(ns)
+    rows, results = [], []
+    for stage in (int(s) for s in ns.stages.split(",")):
+        ranks = run_stage(stage, ns.config, overrides)
+        psi = ranks[0]["psi"]
+        theory = dict(zip(("parameters", "gradients", "optimizer"), THEORY[stage], strict=True))
+        for r in ranks:
+            entry = {"stage": stage, "rank": r["rank"], "psi": psi, "peak_rss_bytes": r["peak_rss"],
+                     "optimizer_class": r["optimizer"], "categories": {}}
+            for category, per_param in theory.items():
+                measured, expected = r["bytes"].get(category, 0), per_param * psi
+                entry["categories"][category] = {"measured_bytes": measured, "theory_bytes": expected,
+                                                 "ratio": measured / expected}
+                rows.append([f"ZeRO-{stage}", r["rank"], category, measured / 2**20, expected / 2**20,
+                             measured / expected])
+            total = sum(c["measured_bytes"] for c in entry["categories"].values())
+            total_theory = sum(c["theory_bytes"] for c in entry["categories"].values())
+            entry["total"] = {"measured_bytes": total, "theory_bytes": total_theory, "ratio": total / total_theory}
+            rows.append([f"ZeRO-{stage}", r["rank"], "total", total / 2**20, total_theory / 2**20,
+                         total / total_theory])
+            rows.append([f"ZeRO-{stage}", r["rank"], "peak RSS", r["peak_rss"] / 2**20, "", ""])
+            results.append(entry)
+    print(f"ZeRO memory per rank: {Path(ns.config).name} (Ψ = {psi:,} parameters), bf16 weights, Adam, "
+          f"{RANKS} ranks; theory 2Ψ weights + 2Ψ gradients + 12Ψ optimizer, partitioned per stage")
+    print_table(["stage", "rank", "category", "measured MiB", "theory MiB", "measured / theory"], rows)
+    worst = max(abs(e["total"]["ratio"] - 1) for e in results)
+    print(f"target: per-rank state within {TARGET:.0%} of theory: worst total {worst:.1%} off "
+          f"({'met' if worst <= TARGET else 'NOT met'})")
+    write_json(ns.json, {"benchmark": "zero_memory", "config": ns.config, "ranks": RANKS, "results": results,
+                         "worst_total_deviation": worst, "target_met": worst <= TARGET})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
