@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else env.get("DS_ACCELERATOR", "cuda"))
+    if "DS_ACCELERATOR" not in env and not _has_cuda():  # DeepSpeed finds a GPU itself; without one, say CPU
+        env["DS_ACCELERATOR"] = "cpu"
     summary: dict[str, Any] = {"quick": ns.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "benchmarks": {}}
     for bench in chosen:
         args = bench.quick if ns.quick else bench.full

@@ -31,7 +31,7 @@ from ava.train.checkpoint import COMPLETE, latest_complete, read_state
 from ava.train.checkpoint_trust import check_checkpoint
 from ava.train.faults import ENV_VAR, SAVE_POINTS
 from tests.conftest import REPO
-from tests.train.run_helpers import SMALL_RUN, TINY, free_port, run_env
+from tests.train.run_helpers import SMALL_RUN, TINY, free_port, run_env, step_losses
 
 STEPS = 5
 RUN = [*TINY, *SMALL_RUN, "--hidden_size", "32", "--num_layers", "1", "--max_steps", str(STEPS),
@@ -43,12 +43,6 @@ def train(out: Path, *extra: str, fault: str | None = None, timeout: float = 300
     env = run_env() | ({ENV_VAR: fault} if fault else {})
     return subprocess.run([sys.executable, "train.py", *RUN, "--output_dir", str(out), *extra], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def step_losses(out: Path) -> dict[int, float]:
-    """Training loss by step from metrics.jsonl (a resumed run drops and relogs what followed its checkpoint)."""
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r and "eval_loss" not in r}
 
 
 def loadable_checkpoints(root: Path) -> int:

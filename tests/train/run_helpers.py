@@ -1,9 +1,11 @@
-"""What the end-to-end training tests share: the small run's flags, its environment, a free port."""
+"""What the end-to-end training tests share: the small run's flags, its environment, a free port, its losses."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -25,3 +27,9 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    """Training loss by step from a run's metrics.jsonl (a resumed run drops and relogs what followed its checkpoint)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r and "eval_loss" not in r}

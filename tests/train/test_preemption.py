@@ -19,18 +19,13 @@ import pytest
 
 from ava.train.preemption import REQUEUE_EXIT_CODE
 from tests.conftest import REPO
-from tests.train.run_helpers import SMALL_RUN, TINY, free_port, run_env
+from tests.train.run_helpers import SMALL_RUN, TINY, free_port, run_env, step_losses
 
 pytestmark = pytest.mark.slow
 
 STEPS = 300
 RUN = [*TINY, *SMALL_RUN, "--hidden_size", "64", "--num_layers", "2", "--intermediate_size", "128", "--vocab_size",
        "128", "--max_steps", str(STEPS), "--save_steps", "1000", "--eval_steps", "100", "--sample_max_new_tokens", "4"]
-
-
-def _losses(out: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def _signal_after_steps(command: list[str], out: Path, sig: int, group: bool = False) -> tuple[int, str]:
@@ -69,7 +64,7 @@ def test_sigusr1_checkpoints_exits_for_requeue_and_auto_resume_finishes_the_same
     full = subprocess.run([sys.executable, "train.py", *RUN, "--output_dir", str(reference), "--auto_resume"],
                           cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
     assert full.returncode == 0 and "resuming" not in full.stdout  # --auto_resume on a new directory starts fresh
-    assert _losses(out) == _losses(reference)  # the preempted-and-requeued run is the same run, bit for bit
+    assert step_losses(out) == step_losses(reference)  # the preempted-and-requeued run is the same run, bit for bit
 
 
 def test_sigterm_to_the_deepspeed_launcher_checkpoints_every_rank_and_the_requeued_run_completes(tmp_path):
