@@ -71,7 +71,16 @@ class AvaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Compiled stand-ins for `layers` in the training forward (`use_compiled_blocks`); a plain list, so
+        # they are not submodules and state dicts see only the eager model.
+        self._compiled_layers: list | None = None
         self.reset_parameters()
+
+    def use_compiled_blocks(self) -> None:
+        """Run the blocks compiled with torch.compile when there is no KV cache (see `ava.model.compile`)."""
+        from ava.model.compile import compile_blocks
+
+        self._compiled_layers = compile_blocks(self.layers)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -146,7 +155,8 @@ class AvaForCausalLM(nn.Module):
         x = self.dropout(x)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
         stats: list[MoEStats] = []
-        for i, block in enumerate(self.layers):
+        blocks = self._compiled_layers if self._compiled_layers is not None and cache is None else self.layers
+        for i, block in enumerate(blocks):
             if self.gradient_checkpointing and self.training and cache is None:
                 x, layer_stats = checkpoint(block, x, rope, None, i, mask, use_reentrant=False)
             else:

@@ -22,6 +22,7 @@ import torch
 from ava.config.schema import AvaConfig
 from ava.data.batches import Batches, SequenceBatches
 from ava.model import AvaForCausalLM
+from ava.model.compile import ZERO3_COMPILE_WARNING, compile_pays
 from ava.model.lora import ParameterReport, prepare_trainable
 from ava.model.moe import summarise_moe_stats
 from ava.model.store import load_state_exactly
@@ -184,6 +185,13 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=model_parameters, config=ds_config)
     device = _device(engine)
+    if compile_pays(t.compile, device, config.deepspeed.zero_stage):
+        model.use_compiled_blocks()
+        if config.deepspeed.zero_stage == 3:
+            (on_warning or on_note or (lambda _: None))(ZERO3_COMPILE_WARNING)
+        if on_note is not None:
+            on_note(f"torch.compile: on for the {len(model.layers)} transformer blocks (training.compile: "
+                    f"{t.compile}); the first step includes the compilation")
     monitor = EvalMonitor(t.early_stopping_patience, t.early_stopping_threshold)
     health = HealthMonitor(t.gradient_health) if t.gradient_health.enabled else None
     gate = UpdateGate(engine, health) if health is not None else None

@@ -21,10 +21,12 @@ def _records(out: Path) -> list[dict]:
 
 def test_train_py_lowers_the_loss_and_writes_config_metrics_and_summary(tmp_path):
     out = tmp_path / "run"
+    # With the blocks compiled (training.compile: auto leaves them eager on CPU, as every other run here).
     result = subprocess.run([sys.executable, "train.py", *TINY, *SMALL_RUN, "--max_steps", "16",
-                             "--output_dir", str(out)], cwd=REPO, env=run_env(), capture_output=True, text=True,
-                            timeout=600)
+                             "--output_dir", str(out), "--training.compile", "true"], cwd=REPO, env=run_env(),
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "torch.compile: on for the 6 transformer blocks" in result.stdout
     records = _records(out)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [4, 8, 12, 16]
@@ -38,8 +40,8 @@ def test_train_py_lowers_the_loss_and_writes_config_metrics_and_summary(tmp_path
     assert json.loads((out / "deepspeed.json").read_text())["train_batch_size"] == 4
     # A run stopped after its last step (a requeued job killed while exporting) resumes to a clean finish.
     again = subprocess.run([sys.executable, "train.py", *TINY, *SMALL_RUN, "--max_steps", "16",
-                            "--output_dir", str(out), "--resume"], cwd=REPO, env=run_env(), capture_output=True,
-                           text=True, timeout=600)
+                            "--output_dir", str(out), "--resume", "--training.compile", "true"], cwd=REPO,
+                           env=run_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["status"] == "completed" and resumed["checks_passed"] and resumed["steps"] == 16

@@ -49,7 +49,9 @@ def plan_dispatch(expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: 
     num_tokens, top_k = expert_ids.shape
     flat = expert_ids.t().reshape(-1)
     sorted_experts, order = torch.sort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # A scatter rather than bincount: bincount's output length depends on the data, which breaks the
+    # compiled graph (see ava.model.compile); integer sums are exact in any order.
+    counts = torch.zeros(num_experts, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     sorted_weights = weights.t().reshape(-1)[order]

@@ -17,14 +17,8 @@ from ava.model.mlp import activate
 
 
 def grouped_mm_supported(dtype: torch.dtype, widths: tuple[int, ...]) -> bool:
-    """torch's grouped GEMM takes fp32/bf16/fp16 operands whose rows are multiples of 16 bytes.
-
-    Under torch.compile (torch 2.13) its shape function accepts bf16 only, so
-    other dtypes take the per-expert loop there.
-    """
+    """torch's grouped GEMM takes fp32/bf16/fp16 operands whose rows are multiples of 16 bytes."""
     if not hasattr(F, "grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    if dtype != torch.bfloat16 and torch.compiler.is_compiling():
         return False
     size = torch.tensor([], dtype=dtype).element_size()
     return all(w * size % 16 == 0 for w in widths)
@@ -73,14 +67,20 @@ class GroupedExperts(nn.Module):
         if self.fp8_matmul is not None:
             return self.forward_fp8(rows, counts)
         if rows.dtype == self.down_proj.dtype and grouped_mm_supported(rows.dtype, self.widths):
-            offsets = torch.cumsum(counts, 0).to(torch.int32)
-            up = F.grouped_mm(rows, self.up_proj, offs=offsets)
-            if self.gate_proj is not None:
-                h = F.silu(F.grouped_mm(rows, self.gate_proj, offs=offsets)) * up
-            else:
-                h = activate(up, self.activation)
-            return F.grouped_mm(h, self.down_proj, offs=offsets)
+            if rows.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+                return _grouped_outside_graph(self, rows, counts)
+            return self.forward_grouped(rows, counts)
         return self.forward_loop(rows, counts)
+
+    def forward_grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """All experts as three grouped GEMMs over the expert-sorted rows; no host sync."""
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        up = F.grouped_mm(rows, self.up_proj, offs=offsets)
+        if self.gate_proj is not None:
+            h = F.silu(F.grouped_mm(rows, self.gate_proj, offs=offsets)) * up
+        else:
+            h = activate(up, self.activation)
+        return F.grouped_mm(h, self.down_proj, offs=offsets)
 
     def forward_loop(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Reference path, one matmul per expert: for dtypes grouped_mm lacks (float64 gradcheck)."""
@@ -108,3 +108,15 @@ class GroupedExperts(nn.Module):
             h = F.silu(mm(chunk, self.gate_proj[e])) * up if self.gate_proj is not None else activate(up, self.activation)
             outputs.append(mm(h, self.down_proj[e]))
         return torch.cat(outputs)
+
+
+@torch.compiler.disable
+def _grouped_outside_graph(experts: GroupedExperts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`forward_grouped` run eagerly from inside a compiled block.
+
+    Under torch.compile (torch 2.13) grouped_mm's shape function accepts bf16
+    only; the per-expert loop would be traced instead, reading the counts to
+    the host and recompiling for every new split of rows. One graph break
+    around the eager grouped GEMM costs far less.
+    """
+    return experts.forward_grouped(rows, counts)
