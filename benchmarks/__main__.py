@@ -41,10 +41,15 @@ class Benchmark:
 
 
 def _model_step(result: dict[str, Any]) -> str:
-    ava = next(r for r in result["results"] if r["model"] == "ava")
-    return (f"ava {ava['tokens_per_s']:,.0f} tokens/s = {result['speedup_vs_peer']:.2f}x {result['peer']} "
+    rows = {r["model"]: r for r in result["results"]}
+    ava, compiled = rows["ava"], rows.get("ava compiled")
+    text = (f"ava {ava['tokens_per_s']:,.0f} tokens/s = {result['speedup_vs_peer']:.2f}x {result['peer']} "
             f"(target 1.5x); MFU {ava['mfu']:.1%} of the measured fp32 peak {result['matmul_peak_flops'] / 1e9:.0f} "
             f"GFLOP/s (target 50%; bf16 peak {result['matmul_peak_flops_bf16'] / 1e9:.0f})")
+    if compiled is not None:
+        text += (f"; compiled {compiled['speedup_vs_peer']:.2f}x, MFU {compiled['mfu']:.1%} "
+                 f"({result['compile_seconds']:.0f} s to compile)")
+    return text
 
 
 def _moe_layer(result: dict[str, Any]) -> str:
@@ -80,6 +85,16 @@ def _data_pipeline(result: dict[str, Any]) -> str:
             f"{result['train_tokens_per_s']:,.0f} (prepared in {result['prepare_seconds']:.1f} s)")
 
 
+def _scaling(result: dict[str, Any]) -> str:
+    summary = result["summary"]
+    worst = ", ".join(f"{axis} {s['time_vs_predicted_worst']:.2f}" for axis, s in summary.items())
+    activations = max(abs(s["activation_vs_predicted_worst"] - 1) for s in summary.values())
+    text = f"step time / FLOP prediction, worst per axis: {worst}; activations within {activations:.1%} of prediction"
+    if "seq" in summary:
+        text += f"; attention {summary['seq']['attention_flops_share_last']:.0%} of FLOPs at seq {summary['seq']['last']}"
+    return text
+
+
 BENCHMARKS = (
     Benchmark("model_step_moe", "model_step.py", (), ("--batch", "2", "--seq", "32", "--repeats", "2",
                                                       "--peak_size", "256", *TOY_MODEL), _model_step),
@@ -98,6 +113,9 @@ BENCHMARKS = (
     Benchmark("data_pipeline", "data_pipeline.py", (),
               ("--batch", "2", "--seq", "32", "--batches", "20", "--repeats", "1",
                "--model_overrides", "--hidden_size 64 --num_layers 1 --intermediate_size 128"), _data_pipeline),
+    Benchmark("scaling", "scaling.py", (), ("--batch", "2", "--seq", "16", "--seqs", "16,32,64", "--batches", "2,4,8",
+                                            "--experts", "2,4,8", "--layers", "1,2,4", "--repeats", "1", *TOY_MODEL),
+              _scaling),
 )
 
 

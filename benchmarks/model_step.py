@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                         help="change a model setting, e.g. --model num_experts=1 (dense) --model hidden_size=64")
     parser.add_argument("--peak_size", type=int, default=2048, help="matrix size of the matmul peak measurement")
+    parser.add_argument("--no_compile", action="store_true",
+                        help="leave out the 'ava compiled' row (training.compile: true; compiling takes 5-60 s)")
     parser.add_argument("--json", default=None)
     ns = parser.parse_args(argv)
     try:
@@ -102,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
             peers[f"{peer_cls.__name__} (eager experts)"] = peer_cls.from_pretrained(
                 tmp, attn_implementation="sdpa", experts_implementation="eager").train()
     steps = {"ava": _train_step(ava, batches, lambda m, ids: m(ids, labels=ids).loss)}
+    if not ns.no_compile:
+        compiled = AvaForCausalLM(cfg).train()
+        compiled.load_state_dict(ava.state_dict())
+        compiled.use_compiled_blocks()
+        started = time.perf_counter()
+        steps["ava compiled"] = _train_step(compiled, batches, lambda m, ids: m(ids, labels=ids).loss)
+        steps["ava compiled"]()  # compile outside the timing (the warm-up steps would absorb it anyway)
+        compile_seconds = time.perf_counter() - started
     for name, model in peers.items():
         model.config.output_router_logits = cfg.is_moe  # HF adds its aux loss, as Ava adds its router losses
         steps[name] = _train_step(model, batches, lambda m, ids: m(ids, labels=ids).loss)
@@ -126,19 +137,27 @@ def main(argv: list[str] | None = None) -> int:
     for name, sec in times.items():
         tps = tokens / sec
         ratio = times[peer_cls.__name__] / sec
-        mfu = summary.training_flops_per_token * tps / peak if name == "ava" else float("nan")
+        ours = name.startswith("ava")
+        mfu = summary.training_flops_per_token * tps / peak if ours else float("nan")
         rows.append([name, 1000 * sec, tps, ratio, mfu])
         results.append({"model": name, "step_ms": 1000 * sec, "tokens_per_s": tps, "speedup_vs_peer": ratio,
-                        "mfu": mfu if name == "ava" else None})
+                        "mfu": mfu if ours else None})
     print_table(["model", "best step ms", "tokens/s", f"x {peer_cls.__name__}", "MFU"], rows)
     print(f"MFU = {summary.training_flops_per_token / 1e6:.1f} MFLOP/token (ava model summary) x tokens/s / "
           f"measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s (bf16 peak: {peak_bf16 / 1e9:.0f} GFLOP/s)")
+    if "ava compiled" in times:
+        print(f"ava compiled: the blocks under torch.compile (training.compile: true), {compile_seconds:.1f} s "
+              "to compile; eager is what training.compile: auto runs on CPU")
     ratio = times[peer_cls.__name__] / times["ava"]
-    print(f"target: ava >= 1.5x {peer_cls.__name__} tokens/s: {ratio:.2f}x ({'met' if ratio >= 1.5 else 'NOT met'})")
+    best = times[peer_cls.__name__] / min(t for name, t in times.items() if name.startswith("ava"))
+    print(f"target: ava >= 1.5x {peer_cls.__name__} tokens/s: eager {ratio:.2f}x, best {best:.2f}x "
+          f"({'met' if best >= 1.5 else 'NOT met'})")
     write_json(ns.json, {"benchmark": "model_step", "config": ns.config, "model_settings": ns.model,
                          "moe": cfg.is_moe, "batch": ns.batch, "seq": ns.seq, "matmul_peak_flops": peak,
                          "matmul_peak_flops_bf16": peak_bf16, "peer": peer_cls.__name__,
-                         "speedup_vs_peer": ratio, "results": results})
+                         "speedup_vs_peer": ratio, "best_speedup_vs_peer": best,
+                         "compile_seconds": compile_seconds if "ava compiled" in times else None,
+                         "results": results})
     return 0
 
 

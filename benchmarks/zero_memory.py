@@ -3,7 +3,11 @@
 For Adam with bf16 weights and an fp32 master copy, Ψ parameters cost 2Ψ bytes
 of weights, 2Ψ of gradients and 12Ψ of optimizer state (fp32 master, m and v);
 with N data-parallel ranks ZeRO-1 divides the optimizer state by N, ZeRO-2 the
-gradients too, ZeRO-3 the weights as well (Rajbhandari et al., 2020).
+gradients too, ZeRO-3 the weights as well (Rajbhandari et al., 2020). That
+theory has no offload, so stages run with `deepspeed.cpu_offload: false`; the
+variant `3+offload` runs the shipped ZeRO-3 config (optimizer on the CPU),
+whose theory adds the 4Ψ/N fp32 gradient partition that DeepSpeed keeps for
+the CPU Adam to read.
 
 Each stage is a real 2-rank job under the deepspeed launcher (gloo on CPU). After
 one full step and the backward pass of a second, each rank walks what it holds:
@@ -14,7 +18,7 @@ counted once: a memory range covered by several views (a flat buffer and the
 parameters carved from it) counts once. The table gives measured / theory per category and the
 process's peak resident memory.
 
-    python benchmarks/zero_memory.py [--stages 1,2,3] [--json out.json]
+    python benchmarks/zero_memory.py [--stages 1,2,3,3+offload] [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,24 +40,25 @@ sys.path.insert(0, str(REPO))
 from benchmarks.timing import print_table, write_json  # noqa: E402
 
 RANKS = 2
-THEORY = {1: (2, 2, 12 / RANKS), 2: (2, 2 / RANKS, 12 / RANKS), 3: (2 / RANKS, 2 / RANKS, 12 / RANKS)}
+THEORY = {"1": (2, 2, 12 / RANKS), "2": (2, 2 / RANKS, 12 / RANKS), "3": (2 / RANKS, 2 / RANKS, 12 / RANKS),
+          "3+offload": (2 / RANKS, (2 + 4) / RANKS, 12 / RANKS)}
 TARGET = 0.10  # within 10% of theory
 
 
-def _tensors(value: Any, depth: int = 0) -> Iterator[Any]:
-    """Tensors reachable from `value` through lists, tuples, dicts and (one level of) objects' attributes."""
+def _tensors(value: Any, depth: int = 0, with_grads: bool = True) -> Iterator[Any]:
+    """Tensors reachable from `value` through lists, tuples and dicts (and their `.grad`s with `with_grads`)."""
     import torch
 
     if isinstance(value, torch.Tensor):
         yield value
-        if value.grad is not None:
+        if with_grads and value.grad is not None:
             yield value.grad
     elif isinstance(value, dict) and depth < 4:
         for item in value.values():
-            yield from _tensors(item, depth + 1)
+            yield from _tensors(item, depth + 1, with_grads)
     elif isinstance(value, list | tuple) and depth < 4:
         for item in value:
-            yield from _tensors(item, depth + 1)
+            yield from _tensors(item, depth + 1, with_grads)
 
 
 class _Ledger:
@@ -112,9 +117,11 @@ def worker(ns: argparse.Namespace) -> int:
     from ava.train.distributed import init_distributed
 
     files = ConfigFiles(ns.config, str(REPO / "configs/hardware/cpu.yaml"),
-                        str(REPO / f"configs/distributed/deepspeed_zero{ns.stage}.yaml"))
-    overrides = ["--mixed_precision", "bf16", "--batch_size", "2", "--gradient_accumulation_steps", "1",
-                 "--max_length", "64", "--max_steps", "10", "--warmup_steps", "1", *ns.overrides]
+                        str(REPO / f"configs/distributed/deepspeed_zero{ns.stage[0]}.yaml"))
+    offload = "true" if ns.stage.endswith("+offload") else "false"
+    overrides = ["--deepspeed.cpu_offload", offload, "--mixed_precision", "bf16", "--batch_size", "2",
+                 "--gradient_accumulation_steps", "1", "--max_length", "64", "--max_steps", "10", "--warmup_steps", "1",
+                 *ns.overrides]
     cfg = load_config(files, overrides, WorldSize(RANKS, "benchmark")).config
     process = init_distributed()
     torch.manual_seed(0)
@@ -134,8 +141,14 @@ def worker(ns: argparse.Namespace) -> int:
     weights = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
     ledger.claim("parameters", iter(weights))
     basic = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
-    ledger.claim("optimizer", _tensors([list(basic.state.values()), [g["params"] for g in basic.param_groups]]))
+    # The fp32 master weights are the basic optimizer's params, except under ZeRO-3, which puts each sub-group's
+    # flat master into param_groups only while stepping it and empties the list after: read DeepSpeed's own list.
+    masters = [getattr(engine.optimizer, name, []) for name in ("fp32_partitioned_groups_flat",
+                                                                "single_partition_of_fp32_groups")]
+    ledger.claim("optimizer", _tensors([list(basic.state.values()), [g["params"] for g in basic.param_groups],
+                                        masters], with_grads=False))
     grads: list[Any] = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    grads.extend(m.grad for group in masters for m in group if m.grad is not None)  # offload's fp32 partition
     for name, value in vars(engine.optimizer).items():
         if "grad" in name:
             grads.extend(_tensors(value))
@@ -148,7 +161,7 @@ def worker(ns: argparse.Namespace) -> int:
     return 0
 
 
-def run_stage(stage: int, config: str, overrides: list[str]) -> list[dict[str, Any]]:
+def run_stage(stage: str, config: str, overrides: list[str]) -> list[dict[str, Any]]:
     """Launch the 2-rank job for `stage` and collect every rank's ledger."""
     from ava.train.rendezvous import free_port
 
@@ -170,19 +183,22 @@ def run_stage(stage: int, config: str, overrides: list[str]) -> list[dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default="1,2,3")
+    parser.add_argument("--stages", default="1,2,3,3+offload", help="comma-separated: " + ", ".join(THEORY))
     parser.add_argument("--config", default=str(REPO / "configs/gpu/tiny.yaml"))
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--stage", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--stage", default="1", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     ns, overrides = parser.parse_known_args(argv)
     ns.overrides = overrides
     if ns.worker:
         return worker(ns)
     rows, results = [], []
-    for stage in (int(s) for s in ns.stages.split(",")):
+    unknown = [s for s in ns.stages.split(",") if s not in THEORY]
+    if unknown:
+        parser.error(f"unknown --stages {', '.join(unknown)}; choose from {', '.join(THEORY)}")
+    for stage in ns.stages.split(","):
         ranks = run_stage(stage, ns.config, overrides)
         psi = ranks[0]["psi"]
         theory = dict(zip(("parameters", "gradients", "optimizer"), THEORY[stage], strict=True))

@@ -37,11 +37,23 @@ def test_every_benchmark_runs_at_toy_size_and_reports(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "data_pipeline.json").read_text())
     assert data["data_tokens_per_s"] > 0 and data["train_tokens_per_s"] > 0
     zero = json.loads((tmp_path / "zero_memory.json").read_text())["results"]
-    assert {(e["stage"], e["rank"]) for e in zero} == {(3, 0), (3, 1)}
+    assert {(e["stage"], e["rank"]) for e in zero} == {("3", 0), ("3", 1)}
     weights = [e["categories"]["parameters"]["ratio"] for e in zero]
     assert weights == pytest.approx([1.0, 1.0], abs=0.01), "ZeRO-3 holds half the bf16 weights per rank"
     loops = json.loads((tmp_path / "train_throughput.json").read_text())["loops"]
     assert loops["ratio_of_minimums"] > 0 and loops["max_loss_difference"] < 0.1
+    scaling = json.loads((tmp_path / "scaling.json").read_text())
+    assert set(scaling["axes"]) == {"seq", "batch", "experts", "layers"} == set(scaling["summary"])
+    measured = ("step_seconds", "tokens_per_s", "flops_per_step", "time_vs_predicted", "activation_bytes",
+                "activation_vs_predicted", "state_bytes")
+    for axis, points in scaling["axes"].items():
+        assert len(points) >= 2 and points[0]["time_ratio"] == 1.0, axis
+        for point in points:
+            assert all(math.isfinite(point[key]) and point[key] > 0 for key in measured), (axis, point)
+            assert point["state_vs_16_per_parameter"] == pytest.approx(1.0, rel=0.01), "fp32 AdamW: 16 bytes/param"
+    experts = scaling["axes"]["experts"]
+    assert experts[-1]["parameters"] > experts[0]["parameters"]
+    assert experts[-1]["predicted_time_ratio"] == pytest.approx(1.0, abs=0.05), "top-k fixed: FLOPs stay flat"
 
 
 def test_an_unknown_benchmark_name_is_refused(capsys) -> None:
