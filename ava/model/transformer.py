@@ -76,11 +76,11 @@ class AvaForCausalLM(nn.Module):
         self._compiled_layers: list | None = None
         self.reset_parameters()
 
-    def use_compiled_blocks(self) -> None:
+    def use_compiled_blocks(self, backend: str = "inductor") -> None:
         """Run the blocks compiled with torch.compile when there is no KV cache (see `ava.model.compile`)."""
         from ava.model.compile import compile_blocks
 
-        self._compiled_layers = compile_blocks(self.layers)
+        self._compiled_layers = compile_blocks(self.layers, backend)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -1,6 +1,10 @@
 """`training.compile`: compiled blocks compute what the eager ones do, in one graph each, and only when training.
 
-Toy sizes keep each compilation to a few seconds on 2 CPU cores.
+The blocks are compiled with the "aot_eager" backend: dynamo and AOTAutograd
+trace Ava's code exactly as in training (graph breaks, the custom autograd
+functions of the MoE dispatch, the backward graph), without inductor's C++
+code generation, which costs 15-25 s per test on 2 CPU cores and is torch's
+to test. `tests/train/test_train_run.py` trains through inductor end to end.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def _pair(**settings: object) -> tuple[AvaForCausalLM, AvaForCausalLM]:
     eager = AvaForCausalLM(cfg).train()
     compiled = AvaForCausalLM(cfg).train()
     compiled.load_state_dict(eager.state_dict())
-    compiled.use_compiled_blocks()
+    compiled.use_compiled_blocks(backend="aot_eager")
     return eager, compiled
 
 
