@@ -100,10 +100,10 @@ BENCHMARKS = (
                                                       "--peak_size", "256", *TOY_MODEL), _model_step),
     Benchmark("model_step_dense", "model_step.py", ("--model", "num_experts=1"),
               ("--batch", "2", "--seq", "32", "--repeats", "2", "--peak_size", "256", *TOY_MODEL,
-               "--model", "num_experts=1"), _model_step),
+               "--model", "num_experts=1", "--no_compile"), _model_step),  # the MoE run checks compile
     Benchmark("moe_layer", "moe_layer.py", (), ("--tokens", "128", "--hidden", "64", "--expert_width", "128",
                                                 "--experts", "4", "--repeats", "2", "--dtypes", "fp32"), _moe_layer),
-    Benchmark("train_throughput", "train_throughput.py", ("--skip_cli",),
+    Benchmark("train_throughput", "train_throughput.py", ("--skip_cli", "--rounds", "3"),
               ("--skip_cli", "--steps", "4", "--rounds", "1", *TOY_RUN), _train_throughput),
     Benchmark("precision_throughput", "precision_throughput.py", ("--size", "cpu"),
               ("--size", "cpu", "--repeats", "2", "--warmup", "1", "--batch", "2", "--seq", "32",

@@ -4,7 +4,10 @@ SLURM sends SIGTERM before it kills or preempts a job, and a signal of the
 user's choice ahead of the time limit (`--signal`). The handler only sets a
 flag: the loop checks it between steps, after all ranks agree (one MAX
 all-reduce of a flag per step), so every rank stops after the same step and
-writes the same checkpoint. The process then exits with REQUEUE_EXIT_CODE,
+writes the same checkpoint. The answer read after step N is the agreement
+launched after step N-1: reading a GPU tensor at once would make the host wait
+for all of step N's queued kernels every step, while last step's flag has long
+arrived (one step later to stop, out of a grace period of tens of seconds). The process then exits with REQUEUE_EXIT_CODE,
 which launch/slurm/*.sbatch read to requeue the job; the requeued job resumes
 with `--auto_resume`.
 """
@@ -28,6 +31,7 @@ class PreemptionFlag:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+        self._pending: _HostCopy | None = None
 
     def install(self) -> PreemptionFlag:
         """Take over SIGTERM and SIGUSR1 (main thread only; elsewhere signals cannot be handled)."""
@@ -45,14 +49,38 @@ class PreemptionFlag:
         self.signal_name = signal.Signals(signum).name
 
     def agreed(self, device: torch.device) -> bool:
-        """Whether any rank got a stop signal (a collective: every rank calls it after every step)."""
+        """Whether any rank had a stop signal by the previous call (a collective: every rank calls it every step).
+
+        Every rank gets the same answer at the same step, one call after the
+        signal: see the module docstring for why not at once.
+        """
         flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        previous, self._pending = self._pending, _HostCopy(flag)
+        return previous is not None and previous.value()
 
     def __enter__(self) -> PreemptionFlag:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
+
+
+class _HostCopy:
+    """A one-element device tensor copied to the host without waiting; `value()` waits for that copy only."""
+
+    def __init__(self, flag: torch.Tensor) -> None:
+        self.event: torch.cuda.Event | None = None
+        if flag.device.type == "cuda":
+            self.host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+            self.host.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = flag.detach().to("cpu", copy=True)
+
+    def value(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host.item())

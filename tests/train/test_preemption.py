@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from ava.train.preemption import REQUEUE_EXIT_CODE
+from ava.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from tests.conftest import REPO
 from tests.train.run_helpers import SMALL_RUN, TINY, free_port, run_env, step_losses
 
@@ -90,3 +91,14 @@ def test_sigterm_to_the_deepspeed_launcher_checkpoints_every_rank_and_the_requeu
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
     for stale in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
         stale.unlink(missing_ok=True)
+
+
+def test_every_rank_learns_of_a_signal_at_the_step_after_it_arrives() -> None:
+    """The flag read after a step is the previous step's agreement, so reading it never waits on this step."""
+    flag = PreemptionFlag()
+    device = torch.device("cpu")
+    assert flag.agreed(device) is False
+    flag.signal_name = "SIGTERM"
+    assert flag.agreed(device) is False  # this step's agreement is still in flight
+    assert flag.agreed(device) is True
+    assert flag.agreed(device) is True

@@ -43,7 +43,11 @@ def summarise_moe_stats(stats: list[MoEStats]) -> dict[str, float]:
         rows.append(torch.stack([s.aux_loss.float(), s.z_loss.float(), load_cv(load),
                                  s.dropped_fraction.float(), s.entropy.float(),
                                  load.max() / load.mean().clamp_min(1e-9)]))
-    table = torch.stack(rows).cpu().tolist()
+    loads = torch.stack([s.load.float() for s in stats])
+    values = torch.cat([torch.stack(rows).flatten(), loads.flatten()]).cpu().tolist()  # the one host transfer
+    width = len(rows[0])
+    table = [values[i * width:(i + 1) * width] for i in range(len(rows))]
+    load_values = values[len(rows) * width:]
     names = ["aux_loss", "z_loss", "load_cv", "dropped_fraction", "router_entropy", "max_load_ratio"]
     out: dict[str, float] = {}
     for i, row in enumerate(table):
@@ -51,8 +55,8 @@ def summarise_moe_stats(stats: list[MoEStats]) -> dict[str, float]:
             out[f"moe/layer{i}/{name}"] = value
     for j, name in enumerate(names):
         out[f"moe/{name}"] = sum(row[j] for row in table) / len(table)
-    loads = torch.stack([s.load.float() for s in stats]).cpu().tolist()
-    for i, load in enumerate(loads):
-        for e, value in enumerate(load):
-            out[f"moe/layer{i}/load/expert{e}"] = value
+    experts = loads.shape[1]
+    for i in range(len(stats)):
+        for e in range(experts):
+            out[f"moe/layer{i}/load/expert{e}"] = load_values[i * experts + e]
     return out
