@@ -96,7 +96,7 @@ def _scaling(result: dict[str, Any]) -> str:
 
 
 BENCHMARKS = (
-    Benchmark("model_step_moe", "model_step.py", (), ("--batch", "2", "--seq", "32", "--repeats", "2",
+    Benchmark("model_step_moe", "model_step.py", ("--profile",), ("--batch", "2", "--seq", "32", "--repeats", "2",
                                                       "--peak_size", "256", *TOY_MODEL), _model_step),
     Benchmark("model_step_dense", "model_step.py", ("--model", "num_experts=1"),
               ("--batch", "2", "--seq", "32", "--repeats", "2", "--peak_size", "256", *TOY_MODEL,

@@ -58,6 +58,35 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torc
     return 2 * n**3 / sec
 
 
+def profile_step(step: Callable[[], None], repeats: int = 3) -> dict[str, float]:
+    """Milliseconds per step of self CPU time by kind: matmul, attention, optimizer and everything else.
+
+    What explains a throughput ratio between models with equal FLOPs: if both
+    spend most of a step in the same matmuls, the rest (elementwise kernels,
+    copies, routing) bounds how far apart they can be.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            step()
+    kinds: dict[str, float] = {"matmul": 0.0, "attention": 0.0, "optimizer": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        op = event.key.removeprefix("aten::")
+        if op in ("mm", "addmm", "bmm", "_grouped_mm", "baddbmm"):
+            kind = "matmul"
+        elif "scaled_dot_product" in op or "flash_attention" in op:
+            kind = "attention"
+        elif op.startswith(("_foreach", "_fused_adam", "Optimizer.")):
+            kind = "optimizer"
+        else:
+            kind = "other"
+        kinds[kind] += event.self_cpu_time_total / 1000 / repeats
+    return kinds
+
+
 def _train_step(model: torch.nn.Module, batches: list[torch.Tensor], forward: Callable) -> Callable[[], None]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     state = {"i": 0}
@@ -83,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak_size", type=int, default=2048, help="matrix size of the matmul peak measurement")
     parser.add_argument("--no_compile", action="store_true",
                         help="leave out the 'ava compiled' row (training.compile: true; compiling takes 5-60 s)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile a few steps of each model: time per step in matmuls vs the rest")
     parser.add_argument("--json", default=None)
     ns = parser.parse_args(argv)
     try:
@@ -148,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     if "ava compiled" in times:
         print(f"ava compiled: the blocks under torch.compile (training.compile: true), {compile_seconds:.1f} s "
               "to compile; eager is what training.compile: auto runs on CPU")
+    profiles = {}
+    if ns.profile:
+        profiles = {name: profile_step(steps[name]) for name in ("ava", peer_cls.__name__)}
+        print_table(["model (profiled)", *(f"{kind} ms" for kind in profiles["ava"]), "total ms", "matmul share"],
+                    [[name, *p.values(), sum(p.values()), p["matmul"] / sum(p.values())]
+                     for name, p in profiles.items()])
+        peer_total = sum(profiles[peer_cls.__name__].values())
+        print(f"{peer_cls.__name__}'s whole step takes {peer_total:.0f} ms; 1.5x it is {peer_total / 1.5:.0f} ms, "
+              f"against ava's {profiles['ava']['matmul']:.0f} ms of matmuls alone")
     ratio = times[peer_cls.__name__] / times["ava"]
     best = times[peer_cls.__name__] / min(t for name, t in times.items() if name.startswith("ava"))
     print(f"target: ava >= 1.5x {peer_cls.__name__} tokens/s: eager {ratio:.2f}x, best {best:.2f}x "
@@ -157,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                          "matmul_peak_flops_bf16": peak_bf16, "peer": peer_cls.__name__,
                          "speedup_vs_peer": ratio, "best_speedup_vs_peer": best,
                          "compile_seconds": compile_seconds if "ava compiled" in times else None,
-                         "results": results})
+                         "profiles_ms": profiles or None, "results": results})
     return 0
 
 
