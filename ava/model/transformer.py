@@ -119,8 +119,11 @@ class AvaForCausalLM(nn.Module):
         router_loss = torch.stack([s.router_loss for s in stats]).sum() if stats else None
         out = CausalLMOutput(logits=logits, router_loss=router_loss, moe_stats=stats)
         if labels is not None:
-            out.lm_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                          labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+            # The labels move left, not the logits: slicing (batch, seq, vocab) logits would copy them (and
+            # their gradient, zero-filled) every step; the last position's label becomes "ignore".
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                          ignore_index=IGNORE_INDEX)
             out.loss = out.lm_loss + router_loss if router_loss is not None else out.lm_loss
         return out
 

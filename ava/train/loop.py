@@ -33,6 +33,7 @@ from ava.train.evaluation import EvalMonitor, evaluate, perplexity
 from ava.train.expert_parallel import expert_parallel_engine, prepare_expert_parallel
 from ava.train.faults import FaultPlan
 from ava.train.gradient_health import HealthMonitor
+from ava.train.host_memory import keep_freed_memory
 from ava.train.lr_schedule import LRSchedule
 from ava.train.precision import PrecisionReport, apply_precision
 from ava.train.preemption import PreemptionFlag
@@ -185,6 +186,9 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=model_parameters, config=ds_config)
     device = _device(engine)
+    if device.type == "cpu" and config.hardware.keep_freed_host_memory and keep_freed_memory() and on_note:
+        on_note("host memory: freed blocks are kept for reuse (glibc malloc thresholds raised), so steps do not "
+                "page-fault fresh memory")
     if compile_pays(t.compile, device, config.deepspeed.zero_stage):
         model.use_compiled_blocks()
         if config.deepspeed.zero_stage == 3:
