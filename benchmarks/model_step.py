@@ -31,6 +31,7 @@ from ava.config.yaml_loader import load_yaml_file  # noqa: E402
 from ava.hf import export_hf  # noqa: E402
 from ava.model import AvaForCausalLM  # noqa: E402
 from ava.model.summary import summarise_model  # noqa: E402
+from ava.train.host_memory import keep_freed_memory  # noqa: E402
 from benchmarks.timing import interleaved, print_table, write_json  # noqa: E402
 
 
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         print("transformers is not installed (pip install -e .[dev]); nothing to compare against")
         return 2
     cfg = _model_config(ns.config, ns.model)
+    # As train.py does on CPU, for every model alike (one process): no page faults for re-allocated activations.
+    kept = keep_freed_memory() if not torch.cuda.is_available() else False
     torch.manual_seed(0)
     ava = AvaForCausalLM(cfg).train()
     summary = summarise_model(ava, ns.seq)
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             llama, batches, lambda m, ids: m(ids, labels=ids).loss)
     print(f"training step: {Path(ns.config).name} model ({summary.total / 1e6:.1f}M parameters, "
           f"{summary.active_per_token / 1e6:.1f}M active), batch {ns.batch} x {ns.seq} tokens, fp32, "
-          f"{torch.get_num_threads()} threads, transformers {transformers.__version__}")
+          f"{torch.get_num_threads()} threads, transformers {transformers.__version__}"
+          + (", freed host memory kept (hardware.keep_freed_host_memory)" if kept else ""))
     times = interleaved(steps, ns.repeats)
     peak = matmul_peak_flops(ns.peak_size)
     peak_bf16 = matmul_peak_flops(ns.peak_size, dtype=torch.bfloat16)
