@@ -55,6 +55,7 @@ import torch  # noqa: E402
 
 from ava.model import AvaForCausalLM  # noqa: E402
 from ava.model.summary import summarise_model  # noqa: E402
+from ava.train.host_memory import keep_freed_memory  # noqa: E402
 from benchmarks.model_step import _model_config, _train_step  # noqa: E402
 from benchmarks.timing import interleaved, print_table, write_json  # noqa: E402
 
@@ -279,12 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     load = os.getloadavg()[0]
+    kept = device.type == "cpu" and keep_freed_memory()  # as train.py does on CPU: no page faults per step
     cfg = _model_config(ns.config, ns.model)
     base = Point(seq=ns.seq, batch=ns.batch, experts=cfg.num_experts, layers=cfg.num_layers)
     axes = _axis_points(base, {"seq": ns.seqs, "batch": ns.batches, "experts": ns.experts, "layers": ns.layers})
     print(f"scaling: {Path(ns.config).name} model (hidden {cfg.hidden_size}, top-{cfg.num_experts_per_token}), base "
           f"{base}, {ns.dtype} on {device.type}, {torch.get_num_threads()} threads, best of {ns.repeats}; "
-          f"load average {load:.1f} before starting (other work on the machine skews the curve)")
+          f"load average {load:.1f} before starting (other work on the machine skews the curve)"
+          + ("; freed host memory kept (hardware.keep_freed_host_memory)" if kept else ""))
     results, summaries, verdicts = {}, {}, {}
     for axis, points in axes.items():
         print(f"\n{axis} axis")
