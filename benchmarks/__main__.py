@@ -44,8 +44,8 @@ def _model_step(result: dict[str, Any]) -> str:
     rows = {r["model"]: r for r in result["results"]}
     ava, compiled = rows["ava"], rows.get("ava compiled")
     text = (f"ava {ava['tokens_per_s']:,.0f} tokens/s = {result['speedup_vs_peer']:.2f}x {result['peer']} "
-            f"(target 1.5x); MFU {ava['mfu']:.1%} of the measured fp32 peak {result['matmul_peak_flops'] / 1e9:.0f} "
-            f"GFLOP/s (target 50%; bf16 peak {result['matmul_peak_flops_bf16'] / 1e9:.0f})")
+            f"(target 1.5x); MFU {ava['mfu']:.1%} of the measured {result['dtype']} matmul peak "
+            f"{result['mfu_peak_flops'] / 1e9:.0f} GFLOP/s on {result['device']} (target 50% on CPU)")
     if compiled is not None:
         text += (f"; compiled {compiled['speedup_vs_peer']:.2f}x, MFU {compiled['mfu']:.1%} "
                  f"({result['compile_seconds']:.0f} s to compile)")

@@ -43,7 +43,6 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,8 +55,8 @@ import torch  # noqa: E402
 from ava.model import AvaForCausalLM  # noqa: E402
 from ava.model.summary import summarise_model  # noqa: E402
 from ava.train.host_memory import keep_freed_memory  # noqa: E402
-from benchmarks.model_step import _model_config, _train_step  # noqa: E402
-from benchmarks.timing import interleaved, print_table, write_json  # noqa: E402
+from benchmarks.model_step import _model_config, _train_step, loss_forward  # noqa: E402
+from benchmarks.timing import interleaved, print_table, synchronised, write_json  # noqa: E402
 
 AXES = ("seq", "batch", "experts", "layers")
 STATE_BYTES_PER_PARAMETER = 16  # fp32 AdamW: weight, gradient, exp_avg, exp_avg_sq
@@ -92,15 +91,6 @@ def _build(config: str, settings: list[str], point: Point, device: torch.device)
                                  f"max_position_embeddings={max_positions}"])
     torch.manual_seed(0)
     return AvaForCausalLM(cfg).to(device).train()
-
-
-def _forward(dtype: str, device: torch.device) -> Forward:
-    """The loss of a batch: fp32, or bf16 autocast around the forward (weights and optimizer stay fp32)."""
-    def forward(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        cast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
-        with cast:
-            return model(ids, labels=ids).loss
-    return forward
 
 
 def _saved_for_backward(model: AvaForCausalLM, ids: torch.Tensor, forward: Forward) -> tuple[torch.Tensor, dict]:
@@ -167,7 +157,7 @@ def _memory(model: AvaForCausalLM, ids: torch.Tensor, forward: Forward, baseline
 
 def _measure_axis(ns: argparse.Namespace, points: list[Point], device: torch.device) -> list[dict[str, Any]]:
     """Step time, predicted FLOPs and memory of each point of one axis; the steps timed interleaved."""
-    forward = _forward(ns.dtype, device)
+    forward = loss_forward(ns.dtype, device)
     steps: dict[str, Callable[[], object]] = {}
     results = []
     for n, point in enumerate(points):
@@ -184,23 +174,12 @@ def _measure_axis(ns: argparse.Namespace, points: list[Point], device: torch.dev
                         "attention_flops_share": 1 - no_attention.training_flops_per_token
                         / summary.training_flops_per_token,
                         **_memory(model, batches[0], forward, baseline)})
-        steps[str(n)] = _synchronised(_train_step(model, batches, forward), device)
+        steps[str(n)] = synchronised(_train_step(model, batches, forward), device)
     times = interleaved(steps, ns.repeats, warmup=ns.warmup)
     for n, r in enumerate(results):
         r.update(step_seconds=times[str(n)], tokens_per_s=r["tokens"] / times[str(n)])
     _add_ratios(results)
     return results
-
-
-def _synchronised(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
-    """`step`, waiting for the GPU to finish it, so that wall time is the step's own time."""
-    if device.type != "cuda":
-        return step
-
-    def timed() -> None:
-        step()
-        torch.cuda.synchronize(device)
-    return timed
 
 
 def _add_ratios(results: list[dict[str, Any]]) -> None:

@@ -11,6 +11,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def time_call(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -43,6 +44,18 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
             fn()
             samples[name].append(time.perf_counter() - start)
     return {name: statistic(s) for name, s in samples.items()}
+
+
+def synchronised(step: Callable[[], None], device: Any) -> Callable[[], None]:
+    """`step`, waiting for the GPU to finish it, so that wall time is the step's own time (CPU: `step` itself)."""
+    if getattr(device, "type", device) != "cuda":
+        return step
+    import torch
+
+    def timed() -> None:
+        step()
+        torch.cuda.synchronize(device)
+    return timed
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
