@@ -7,9 +7,10 @@ embedding, output head and loss, which gain nothing from fusion, stay eager.
 The fusions that pay are the small elementwise kernels between the matmuls:
 norms, RoPE, SwiGLU, residual adds and the MoE combine.
 
-Why only the training forward (no KV cache): generation calls the blocks with
-a cache whose length changes every token, which would recompile on every
-length until dynamo gave up. The compiled callables are kept in a plain list,
+Why only forwards without a KV cache (training, and evaluation, which costs
+one recompile for no-grad mode): generation calls the blocks with a cache
+whose length changes every token, which would recompile on every length until
+dynamo gave up. The compiled callables are kept in a plain list,
 not registered as submodules, so state dicts, ZeRO partitioning and
 checkpoints see exactly the eager model.
 """
@@ -29,7 +30,7 @@ def compile_pays(setting: CompileSetting, device: torch.device | str, zero_stage
     """Whether `training.compile` turns compilation on for a run on `device` under ZeRO `zero_stage`.
 
     `auto` means on a CUDA device under ZeRO-0/1/2 only. On CPU the measured
-    gain (9-15% per step for tiny.yaml) takes 8-60 s of compilation to earn
+    gain (6-16% per step for tiny.yaml) takes 8-60 s of compilation to earn
     back, more than the short smoke runs CPUs are used for. Under ZeRO-3
     DeepSpeed gathers each submodule's parameters in hooks that are
     `torch.compiler.disable`d, so every block's graph breaks at every linear

@@ -77,7 +77,7 @@ class AvaForCausalLM(nn.Module):
         self.reset_parameters()
 
     def use_compiled_blocks(self, backend: str = "inductor") -> None:
-        """Run the blocks compiled with torch.compile when there is no KV cache (see `ava.model.compile`)."""
+        """Run the blocks compiled with torch.compile in every forward without a KV cache (`ava.model.compile`)."""
         from ava.model.compile import compile_blocks
 
         self._compiled_layers = compile_blocks(self.layers, backend)

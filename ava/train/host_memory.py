@@ -20,15 +20,23 @@ import ctypes.util
 
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 KEEP_BELOW = 1 << 30  # blocks under 1 GiB come from (and return to) the heap
 NEVER_TRIM = 2**31 - 1
 
 
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process; False (nothing changed) without glibc."""
+    """Raise glibc's mmap and trim thresholds for this process; False where nothing could be changed.
+
+    glibc before about 2.35 refuses mmap thresholds above 32 MiB; there large
+    blocks are kept on the heap by allowing no mmapped blocks at all (M_MMAP_MAX 0),
+    which every glibc accepts. Without glibc's mallopt (musl, macOS) nothing changes.
+    An allocator preloaded in its place (tcmalloc, jemalloc) ignores these settings.
+    """
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # no C library found, or one without mallopt (musl, macOS)
+    except (OSError, AttributeError):  # no C library found, or one without mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, KEEP_BELOW)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+    large_on_heap = bool(mallopt(M_MMAP_THRESHOLD, KEEP_BELOW)) or bool(mallopt(M_MMAP_MAX, 0))
+    return large_on_heap and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))

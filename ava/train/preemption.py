@@ -7,7 +7,9 @@ all-reduce of a flag per step), so every rank stops after the same step and
 writes the same checkpoint. The answer read after step N is the agreement
 launched after step N-1: reading a GPU tensor at once would make the host wait
 for all of step N's queued kernels every step, while last step's flag has long
-arrived (one step later to stop, out of a grace period of tens of seconds). The process then exits with REQUEUE_EXIT_CODE,
+arrived. The price is one more step (and an evaluation, if one falls due)
+before the checkpoint, out of the grace period SLURM gives (`--signal` lead
+time, or KillWait after SIGTERM). The process then exits with REQUEUE_EXIT_CODE,
 which launch/slurm/*.sbatch read to requeue the job; the requeued job resumes
 with `--auto_resume`.
 """
@@ -35,6 +37,7 @@ class PreemptionFlag:
 
     def install(self) -> PreemptionFlag:
         """Take over SIGTERM and SIGUSR1 (main thread only; elsewhere signals cannot be handled)."""
+        self._pending = None
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

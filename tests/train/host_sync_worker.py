@@ -4,8 +4,9 @@ A read (`.item()`, `.tolist()`, `float()`, `bool()`, `.cpu()`, ...) waits for
 the device to finish everything queued: on a GPU, one per step keeps the host
 from running ahead. Tensor methods are wrapped so each call from a frame in
 `ava/` is recorded with its step (the step whose batch was taken last) and
-source line; reads inside torch or DeepSpeed are theirs, not counted. Prints
-one JSON object: {"steps": N, "reads": [[step, "file:line"], ...]}.
+source line and function; reads inside torch or DeepSpeed are theirs, not
+counted. Prints one JSON object: {"steps": N, "reads": [[step, "file:line
+function method"], ...]}.
 """
 
 import json
@@ -59,7 +60,8 @@ def main() -> None:
         def wrapper(self, *args, **kwargs):
             caller = sys._getframe(1)
             if caller.f_code.co_filename.startswith(AVA):
-                reads.append((batches.taken, f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno} {name}"))
+                where = f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno} {caller.f_code.co_name}"
+                reads.append((batches.taken, f"{where} {name}"))
             return original(self, *args, **kwargs)
         return wrapper
 

@@ -36,8 +36,10 @@ def test_steps_that_do_not_log_read_no_tensor_and_logging_steps_read_a_bounded_f
     assert steps == 12
     # Reads made while step s runs are tagged s (the step whose batch was taken last); step 1 builds the engine.
     per_step = {s: [where for step, where in reads if step == s] for s in range(2, 13)}
-    # preemption.py reads its host copy of the previous step's flag: on a GPU a pinned host tensor, no sync.
-    per_step = {s: [where for where in found if not where.startswith("preemption.py")] for s, found in per_step.items()}
+    # The preemption flag's host copy of the previous step's agreement (`_HostCopy.value`): on a GPU a pinned host
+    # tensor, no sync. Any other read in preemption.py (the flag just all-reduced) still counts.
+    per_step = {s: [where for where in found if not (where.startswith("preemption.py") and " value " in where)]
+                for s, found in per_step.items()}
     quiet = {s: where for s, where in per_step.items() if s not in (6, 12) and where}
     assert not quiet, f"tensor reads in steps that do not log: {quiet}"
     # A logging step: one read of the step's losses and one transfer (.cpu().tolist()) of every MoE statistic,

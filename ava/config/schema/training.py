@@ -69,7 +69,7 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
     compile: Literal["auto"] | bool = Field(
         "auto", description="Compile each transformer block with torch.compile (fused norms, RoPE, activations). "
-        "auto: on with a CUDA GPU under ZeRO-0/1/2; off on CPU, where the 9-15% faster step does not repay 8-60 s "
+        "auto: on with a CUDA GPU under ZeRO-0/1/2; off on CPU, where the 6-16% faster step does not repay 8-60 s "
         "of compilation in a short run, and under ZeRO-3, whose parameter hooks break the graphs.")
     dataloader_num_workers: int = Field(8, ge=0, description="Same value as data.dataloader_num_workers.")
 

@@ -65,12 +65,12 @@ class GroupedExperts(nn.Module):
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Expert e transforms rows[offset_e : offset_e + counts[e]] (rows sorted by expert)."""
         if self.fp8_matmul is not None:
-            return self.forward_fp8(rows, counts)
+            return _outside_graph(self.forward_fp8, rows, counts)
         if rows.dtype == self.down_proj.dtype and grouped_mm_supported(rows.dtype, self.widths):
             if rows.dtype != torch.bfloat16 and torch.compiler.is_compiling():
-                return _grouped_outside_graph(self, rows, counts)
+                return _outside_graph(self.forward_grouped, rows, counts)
             return self.forward_grouped(rows, counts)
-        return self.forward_loop(rows, counts)
+        return _outside_graph(self.forward_loop, rows, counts)
 
     def forward_grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """All experts as three grouped GEMMs over the expert-sorted rows; no host sync."""
@@ -111,12 +111,14 @@ class GroupedExperts(nn.Module):
 
 
 @torch.compiler.disable
-def _grouped_outside_graph(experts: GroupedExperts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """`forward_grouped` run eagerly from inside a compiled block.
+def _outside_graph(run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], rows: torch.Tensor,
+                   counts: torch.Tensor) -> torch.Tensor:
+    """`run(rows, counts)` eagerly, from inside a compiled block too (see `ava.model.compile`).
 
     Under torch.compile (torch 2.13) grouped_mm's shape function accepts bf16
-    only; the per-expert loop would be traced instead, reading the counts to
-    the host and recompiling for every new split of rows. One graph break
-    around the eager grouped GEMM costs far less.
+    only, and the per-expert paths (fp8, the reference loop) read the counts
+    to the host: traced, each new split of rows would be a recompile until
+    dynamo gave up. One graph break around the eager experts costs far less.
+    Outside compilation the decorator costs one function call.
     """
-    return experts.forward_grouped(rows, counts)
+    return run(rows, counts)

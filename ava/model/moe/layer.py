@@ -58,7 +58,7 @@ class MoELayer(nn.Module):
         if self.expert_parallel is None:
             rows = self.experts(rows, plan.counts)
         else:
-            rows = run_experts_across_ranks(self.experts, rows, plan.counts, self.expert_parallel)
+            rows = _across_ranks(self.experts, rows, plan.counts, self.expert_parallel)
         out = combine_rows(rows, plan)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
@@ -75,3 +75,10 @@ class MoELayer(nn.Module):
         return MoEStats(router_loss=self.aux_loss_coef * aux + self.z_loss_coef * z,
                         aux_loss=aux.detach(), z_loss=z.detach(), load=load.detach(),
                         dropped_fraction=dropped, entropy=entropy)
+
+
+@torch.compiler.disable
+def _across_ranks(experts: GroupedExperts, rows: torch.Tensor, counts: torch.Tensor,
+                  ep: ExpertParallel) -> torch.Tensor:
+    """`run_experts_across_ranks`, eagerly even inside a compiled block: its all-to-all splits are host ints."""
+    return run_experts_across_ranks(experts, rows, counts, ep)
