@@ -51,6 +51,10 @@ def summary(argv: Sequence[str]) -> int:
     print(f"  FLOPs per token at seq {seq}:")
     print(f"    {'forward':<26}{s.forward_flops_per_token:>16,}  ({_human(s.forward_flops_per_token)})")
     print(f"    {'training (fwd+bwd)':<26}{s.training_flops_per_token:>16,}  ({_human(s.training_flops_per_token)})")
+    if s.features:
+        print("  enhanced features:")
+        for name, text in s.features.items():
+            print(f"    {name:<26}{text}")
     return 0
 
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 from ava.config.batch import BatchPlan, BatchValue, WorldSize, solve_batch
 from ava.config.errors import Notice, Problem
+from ava.config.feature_checks import check_features
 from ava.config.lora_checks import check_lora_targets
 from ava.config.provenance import DEFAULT_ORIGIN, Origin
 from ava.config.rlhf_checks import check_rlhf
 from ava.config.schema import (
-    UNAVAILABLE_FEATURES,
     DataConfig,
     DeepSpeedSection,
     HardwareConfig,
@@ -88,10 +88,7 @@ def _model(ctx: CheckContext) -> None:
                     f"({ctx.where('model.num_experts_per_token')})",
                     f"use router_type: topk for top-{m.num_experts_per_token} routing, "
                     "or set num_experts_per_token: 1", m.router_type)
-    for name, feature in UNAVAILABLE_FEATURES.items():
-        if getattr(m, name):
-            ctx.problem(f"model.{name}", f"{feature} is not available in Ava yet, and a switch that "
-                        "silently did nothing would mislead you", f"set {name}: false", True)
+    check_features(ctx, m, ctx.sections["data"])  # type: ignore[arg-type]
 
 
 def _training(ctx: CheckContext) -> None:

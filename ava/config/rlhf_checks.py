@@ -33,6 +33,12 @@ def check_rlhf(ctx: CheckContext) -> None:
                     "set deepspeed.ep_size: 1 for RLHF (experts are then replicated or ZeRO-partitioned)", ds.ep_size)
     _lora(ctx, r, m)
     _train_py_only(ctx)
+    if m.use_rag or m.use_cross_attention:
+        key = "model.use_rag" if m.use_rag else "model.use_cross_attention"
+        ctx.problem(key, "RLHF stages do not retrieve neighbours or carry a context, so the cross-attention blocks "
+                    "would read nothing and their weights would get no gradient",
+                    "set model.use_rag and model.use_cross_attention to false for RLHF (MoH, MoA and the episodic "
+                    "memory do work there)", True)
 
 
 def _train_py_only(ctx: CheckContext) -> None:

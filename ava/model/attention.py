@@ -33,6 +33,15 @@ class CausalSelfAttention(nn.Module):
                 cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         """`mask` (batch, 1, seq, seq), True where a query may attend a key, replaces the causal mask
         (packed documents: causal within each document only)."""
+        y = self.heads(x, rope, cache, layer, mask)
+        return self.o_proj(y.flatten(2))
+
+    def heads(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+              cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Every head's output before the output projection, (batch, seq, heads, head_dim).
+
+        Separate from `forward` so Mixture-of-Head attention can weight the heads.
+        """
         batch, seq, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
@@ -53,4 +62,4 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+        return y.transpose(1, 2)

@@ -16,8 +16,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ava.config.schema.model import ModelConfig
 from ava.model.block import TransformerBlock
+from ava.model.cross_attention import GatedCrossAttention
+from ava.model.episodic_memory import EpisodicMemoryAttention
 from ava.model.errors import ModelInputError
 from ava.model.kv_cache import KVCache
+from ava.model.moa import MixtureOfAttention
 from ava.model.moe import MoELayer, MoEStats
 from ava.model.moe.experts import GroupedExperts
 from ava.model.norm import make_norm
@@ -34,7 +37,41 @@ class CausalLMOutput:
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     router_loss: torch.Tensor | None = None
-    moe_stats: list[MoEStats] = field(default_factory=list)
+    moe_stats: list[MoEStats] = field(default_factory=list)  # one per MoE FFN layer, in layer order
+    attention_stats: list[MoEStats] = field(default_factory=list)  # one per routed (MoH/MoA) attention layer
+
+
+@dataclass
+class Context:
+    """What a forward reads besides its tokens.
+
+    - `states`: a context sequence for the cross-attention blocks, (batch, C,
+      context_size) vectors (e.g. encoder states) or (batch, C) token ids,
+      which the model embeds; `mask` (batch, C), True = valid.
+    - `neighbours`: retrieved neighbours for RETRO's chunked cross-attention,
+      (batch, seq // rag.chunk_size, K, length) token ids, -1 where missing.
+    - `documents`: (batch, seq) document ids; the episodic memory never
+      crosses from one document into another.
+    """
+
+    states: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    neighbours: torch.Tensor | None = None
+    documents: torch.Tensor | None = None
+
+
+@dataclass
+class _CrossRead:
+    states: torch.Tensor
+    mask: torch.Tensor | None
+    chunk: int | None
+
+
+def _cross_block(config: ModelConfig) -> GatedCrossAttention:
+    c = config.cross_attention
+    return GatedCrossAttention(config.hidden_size, c.context_size or config.hidden_size,
+                               c.num_heads or config.num_attention_heads, config.intermediate_size,
+                               config.activation, config.norm_type, config.layer_norm_eps, config.use_bias)
 
 
 def document_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +103,9 @@ class AvaForCausalLM(nn.Module):
         self.rotary = (RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
                        if config.position_embedding_type == "rope" else None)
         self.dropout = nn.Dropout(config.hidden_dropout)
-        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
+        # Gated cross-attention before block i, keyed str(i) (ModuleDict keys are strings).
+        self.cross_blocks = nn.ModuleDict({str(i): _cross_block(config) for i in config.cross_attention_layers})
         self.norm = make_norm(config.norm_type, config.hidden_size, config.layer_norm_eps, config.use_bias)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -105,19 +144,30 @@ class AvaForCausalLM(nn.Module):
                 nn.init.normal_(module.down_proj, 0.0, residual_std)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
+            elif isinstance(module, MixtureOfAttention):  # stacked per-expert query/output projections
+                module.reset_parameters(std, residual_std)
+            elif isinstance(module, GatedCrossAttention):  # closed gates: the block starts as the identity
+                nn.init.zeros_(module.attn_gate)
+                nn.init.zeros_(module.ffn_gate)
+            elif isinstance(module, EpisodicMemoryAttention):
+                nn.init.zeros_(module.memory_gate)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None, segment_ids: torch.Tensor | None = None) -> CausalLMOutput:
+                cache: KVCache | None = None, segment_ids: torch.Tensor | None = None,
+                context: Context | None = None) -> CausalLMOutput:
         """Logits for (batch, seq) `input_ids`; with `labels` (the same shape, -100 = ignore) also the loss.
 
         Labels are aligned with the inputs and shifted inside (position t predicts t+1),
         the Hugging Face convention, so `labels=input_ids` trains a language model.
-        `segment_ids` (batch, seq) marks packed documents: see `hidden_states`.
+        `segment_ids` (batch, seq) marks packed documents, `context` carries what the
+        cross-attention blocks and the episodic memory read: see `hidden_states`.
         """
-        hidden, stats = self.hidden_states(input_ids, cache, segment_ids)
+        hidden, stats, attention_stats = self.hidden_states(input_ids, cache, segment_ids, context)
         logits = self.lm_head(hidden)
-        router_loss = torch.stack([s.router_loss for s in stats]).sum() if stats else None
-        out = CausalLMOutput(logits=logits, router_loss=router_loss, moe_stats=stats)
+        routed = [s.router_loss for s in (*stats, *attention_stats)]
+        router_loss = torch.stack(routed).sum() if routed else None
+        out = CausalLMOutput(logits=logits, router_loss=router_loss, moe_stats=stats,
+                             attention_stats=attention_stats)
         if labels is not None:
             # The labels move left, not the logits: slicing (batch, seq, vocab) logits would copy them (and
             # their gradient, zero-filled) every step; the last position's label becomes "ignore".
@@ -128,14 +178,21 @@ class AvaForCausalLM(nn.Module):
         return out
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                      segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[MoEStats]]:
-        """The final normed hidden states (batch, seq, hidden) and each MoE layer's statistics.
+                      segment_ids: torch.Tensor | None = None, context: Context | None = None
+                      ) -> tuple[torch.Tensor, list[MoEStats], list[MoEStats]]:
+        """The final normed hidden states (batch, seq, hidden), each MoE layer's and each routed attention's stats.
 
         What the output head reads; a value or reward head reads it too. With
         `segment_ids` (equal ids = one document, e.g. packed SFT examples) a
         token attends only to earlier tokens of its own document and positions
         restart at 0 in each, so a packed batch computes exactly what the
         documents would one by one.
+
+        `context` (see `Context`): the plain context or the retrieved neighbours
+        the cross-attention blocks read (without one they are skipped, which is
+        what a zero gate computes anyway), and the document ids at which the
+        episodic memory is cleared (default: `segment_ids`, else one document
+        per row).
         """
         seq = input_ids.shape[1]
         past = cache.length if cache is not None else 0
@@ -157,18 +214,49 @@ class AvaForCausalLM(nn.Module):
             x = x + self.embed_positions(positions)
         x = self.dropout(x)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        read = self._cross_context(context, x.dtype)
+        documents = context.documents if context is not None and context.documents is not None else segment_ids
         stats: list[MoEStats] = []
+        attention_stats: list[MoEStats] = []
         blocks = self._compiled_layers if self._compiled_layers is not None and cache is None else self.layers
+        recompute = self.gradient_checkpointing and self.training and cache is None
         for i, block in enumerate(blocks):
-            if self.gradient_checkpointing and self.training and cache is None:
-                x, layer_stats = checkpoint(block, x, rope, None, i, mask, use_reentrant=False)
+            cross = self.cross_blocks[str(i)] if read is not None and str(i) in self.cross_blocks else None
+            if cross is not None:
+                assert read is not None
+                args = (x, read.states, read.mask, read.chunk, past)
+                x = checkpoint(cross, *args, use_reentrant=False) if recompute else cross(*args)
+            if recompute:
+                x, layer_stats, attn_stats = checkpoint(block, x, rope, None, i, mask, documents, use_reentrant=False)
+            elif cache is not None and past and self.layers[i].attn_kind == "memory":
+                # The memory layer caches un-rotated keys and rotates them when read: it needs every position.
+                full = self.rotary(torch.arange(past + seq, device=x.device), x.dtype) if self.rotary else None
+                x, layer_stats, attn_stats = block(x, full, cache, i, mask, documents)
             else:
-                x, layer_stats = block(x, rope, cache, i, mask)
+                x, layer_stats, attn_stats = block(x, rope, cache, i, mask, documents)
             if layer_stats is not None:
                 stats.append(layer_stats)
+            if attn_stats is not None:
+                attention_stats.append(attn_stats)
         if cache is not None:
             cache.advance(seq)
-        return self.norm(x), stats
+        return self.norm(x), stats, attention_stats
+
+    def _cross_context(self, context: Context | None, dtype: torch.dtype) -> _CrossRead | None:
+        """What the cross-attention blocks read, embedded: token ids go through the model's own embedding."""
+        if context is None or not self.cross_blocks:
+            return None
+        if context.neighbours is not None:
+            ids = context.neighbours  # (batch, n_chunks, K, length), -1 = no neighbour there
+            batch, chunks = ids.shape[:2]
+            states = self.embed_tokens(ids.clamp_min(0)).to(dtype).reshape(batch, chunks, -1, self.config.hidden_size)
+            return _CrossRead(states, (ids >= 0).reshape(batch, chunks, -1), self.config.rag.chunk_size)
+        if context.states is None:
+            return None
+        states = context.states
+        if not states.is_floating_point():
+            states = self.embed_tokens(states)
+        return _CrossRead(states.to(dtype), context.mask, None)
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]

@@ -17,18 +17,27 @@ from __future__ import annotations
 from torch import nn
 
 from ava.model.moe import MoELayer
+from ava.model.moe.router import Router
+from ava.model.moh import HeadRouter
 
 
 def mark_moe_zero3_leaves(model: nn.Module) -> int:
-    """Register every MoELayer as a ZeRO-3 leaf module; returns how many were marked.
+    """Register every MoELayer and every attention router as a ZeRO-3 leaf module; returns how many were marked.
 
-    Call before `deepspeed.initialize`. A dense model has nothing to mark.
+    The attention routers (MoA's `Router`, MoH's `HeadRouter`) read their
+    gates' weights directly, to multiply in float32, instead of calling the
+    gate modules, so no hook of the gates would gather them: as leaves they
+    are gathered on entry. (An MoE layer's own router is inside its leaf.)
+    Call before `deepspeed.initialize`. A model without routing has nothing to mark.
     """
-    from deepspeed.utils import set_z3_leaf_modules
+    from deepspeed.utils import set_z3_leaf_module
 
-    if not any(isinstance(m, MoELayer) for m in model.modules()):
-        return 0
-    return len(set_z3_leaf_modules(model, [MoELayer]))
+    inside_moe = {id(r) for layer in model.modules() if isinstance(layer, MoELayer) for r in layer.modules()}
+    leaves = [m for m in model.modules()
+              if isinstance(m, MoELayer) or (isinstance(m, (Router, HeadRouter)) and id(m) not in inside_moe)]
+    for module in leaves:
+        set_z3_leaf_module(module, True)
+    return len(leaves)
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -55,9 +55,10 @@ class AvaValueModel(nn.Module):
             self.value_head.bias.zero_()
 
     def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> ValueOutput:
-        hidden, stats = self.trunk.hidden_states(input_ids, segment_ids=segment_ids)
+        hidden, stats, attention_stats = self.trunk.hidden_states(input_ids, segment_ids=segment_ids)
         values = self.value_head(hidden).squeeze(-1).float()
-        router_loss = torch.stack([s.router_loss for s in stats]).sum() if stats else None
+        routed = [s.router_loss for s in (*stats, *attention_stats)]
+        router_loss = torch.stack(routed).sum() if routed else None
         return ValueOutput(values, router_loss, stats)
 
 

@@ -9,15 +9,20 @@ uninterrupted run would have.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from ava.model.transformer import Context
 
-def evaluate(engine: torch.nn.Module, batches: Iterable[torch.Tensor]) -> float:
+
+def evaluate(engine: torch.nn.Module, batches: Iterable[torch.Tensor],
+             context: Callable[[torch.Tensor, torch.device], Context | None] | None = None) -> float:
     """Mean next-token loss (the language-model part, no router loss) over `batches`, averaged over ranks.
+
+    `context(batch, device)` gives what a batch reads besides its tokens (`ava.train.batch_context`).
 
     Every rank must call it with the same number of batches: under ZeRO-3 each
     forward gathers parameters collectively.
@@ -27,9 +32,10 @@ def evaluate(engine: torch.nn.Module, batches: Iterable[torch.Tensor]) -> float:
     device = next(engine.parameters()).device
     total, count = torch.zeros((), dtype=torch.float64), 0
     with torch.no_grad():
-        for batch in batches:
-            batch = batch.to(device)
-            total += engine(batch, labels=batch).lm_loss.double().cpu()
+        for host in batches:
+            read = context(host, device) if context is not None else None
+            batch = host.to(device)
+            total += engine(batch, labels=batch, context=read).lm_loss.double().cpu()
             count += 1
     engine.train(was_training)
     if count == 0:

@@ -28,6 +28,7 @@ from ava.model.moe import summarise_moe_stats
 from ava.model.store import load_state_exactly
 from ava.model.summary import summarise_model
 from ava.train import checkpoint
+from ava.train.batch_context import BatchContext
 from ava.train.distributed import ProcessInfo
 from ava.train.evaluation import EvalMonitor, evaluate, perplexity
 from ava.train.expert_parallel import expert_parallel_engine, prepare_expert_parallel
@@ -129,7 +130,8 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
           verify_checkpoint: bool = True, faults: FaultPlan | None = None,
           on_note: Callable[[str], None] | None = None, preemption: PreemptionFlag | None = None,
           initial_weights: Callable[[], dict[str, torch.Tensor]] | None = None,
-          on_warning: Callable[[str], None] | None = None) -> TrainResult:
+          on_warning: Callable[[str], None] | None = None,
+          batch_context: BatchContext | None = None) -> TrainResult:
     """Train `config.model` under DeepSpeed with `ds_config`.
 
     Evaluates every `eval_steps` (and at the end), keeps the best checkpoint
@@ -152,6 +154,9 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     initialisation; `training.lora` then wraps the model in adapters and
     freezes what it says. The parameter report goes to `on_note` and the LoRA
     misconfiguration warnings to `on_warning` before the first step.
+
+    `batch_context` gives each batch what it reads besides its tokens:
+    retrieved neighbours and document ids (`ava.train.batch_context`).
     """
     import deepspeed
 
@@ -167,7 +172,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         on_note(parameters.line())
     for warning in warnings:
         (on_warning or on_note or (lambda _: None))(warning)
-    if config.deepspeed.zero_stage == 3 and config.model.is_moe:
+    if config.deepspeed.zero_stage == 3 and (config.model.is_moe or config.model.routes_attention):
         from ava.model.zero3 import mark_moe_zero3_leaves
 
         mark_moe_zero3_leaves(model)
@@ -257,7 +262,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
             result.status = "early_stopped"
         steps = start_step
         if eval_batches is not None:
-            result.eval_loss = evaluate(engine, _held_out(eval_batches))
+            result.eval_loss = evaluate(engine, _held_out(eval_batches), batch_context)
             result.evaluations += 1
     measure_layers = health is not None and t.gradient_health.layer_grad_norms
     balances_bias = config.model.is_moe and config.model.router_type == "aux_loss_free"
@@ -273,18 +278,21 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         router_loss = torch.zeros((), device=device)
         layer_norms: dict[str, float] = {}
         stats: list = []
+        attention_stats: list = []
         step_loads: list[torch.Tensor] = []  # per MoE layer, summed over the step's micro batches
         for micro in range(accumulation):
-            batch = next(stream).to(device)
+            host = next(stream)
+            read = batch_context(host, device) if batch_context is not None else None
+            batch = host.to(device)
             with precision.autocast():
-                out = engine(batch, labels=batch)
+                out = engine(batch, labels=batch, context=read)
             loss = out.loss if faults is None or micro else faults.apply(step, process.rank, out.loss)
             engine.backward(loss)
             step_loss += loss.detach().float() / accumulation
             lm_loss += out.lm_loss.detach().float() / accumulation
             if out.router_loss is not None:
                 router_loss += out.router_loss.detach().float() / accumulation
-            stats = out.moe_stats
+            stats, attention_stats = out.moe_stats, out.attention_stats
             if balances_bias:
                 step_loads = add_loads(step_loads, stats)
             if micro == accumulation - 1:
@@ -312,7 +320,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
             record = {"step": step, "loss": loss, "lm_loss": lm, "lr": engine.get_lr()[0],
                       "tokens_per_s": window_tokens / elapsed,
                       "mfu_flops_per_s": flops_per_token * window_tokens / elapsed}
-            if config.model.is_moe:
+            if config.model.is_moe or config.model.routes_attention:
                 record["router_loss"] = router
             norm = gate.grad_norm if gate is not None else engine.get_global_grad_norm()
             if norm is not None:
@@ -326,7 +334,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
                 if gate is not None and gate.weight_norm is not None:
                     record["weight_norm"] = gate.weight_norm
                 record.update(layer_norms)
-            record.update(summarise_moe_stats(stats))
+            record.update(summarise_moe_stats([*stats, *attention_stats]))
             on_log(record)
             window_start, window_tokens = time.perf_counter(), 0
         if health is not None and verdict is not None and verdict.rollback:
@@ -344,7 +352,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
             continue
         new_best = False
         if eval_batches is not None and plan.evaluates(step):
-            result.eval_loss = evaluate(engine, _held_out(eval_batches))
+            result.eval_loss = evaluate(engine, _held_out(eval_batches), batch_context)
             result.evaluations += 1
             new_best = monitor.update(step, result.eval_loss)
             record = {"step": step, "eval_loss": result.eval_loss, "eval_perplexity": perplexity(result.eval_loss),
@@ -422,10 +430,11 @@ def _sample(model: AvaForCausalLM, eval_batches: SequenceBatches, max_new_tokens
     return prompt[0].tolist(), out[0, prompt_len:].tolist()
 
 
-def _reload_matches(engine: Any, point: Path, eval_batches: SequenceBatches, rank: int) -> bool:
+def _reload_matches(engine: Any, point: Path, eval_batches: SequenceBatches, rank: int,
+                    batch_context: BatchContext | None = None) -> bool:
     """Reload the final checkpoint into the engine and check a held-out loss is unchanged, bit for bit."""
     batch = list(_held_out(eval_batches, 1))
-    before = evaluate(engine, batch)
+    before = evaluate(engine, batch, batch_context)
     checkpoint.load(engine, point.parent, point.name, rank)
-    after = evaluate(engine, batch)
+    after = evaluate(engine, batch, batch_context)
     return before == after or (math.isnan(before) and math.isnan(after))

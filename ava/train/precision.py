@@ -142,7 +142,7 @@ def _keep_reason(name: str, module: nn.Linear) -> str | None:
     """Why this nn.Linear stays in high precision; None: it converts."""
     if name.split(".")[-1] == "lm_head":
         return "output head: the logits feed the loss directly"
-    if name.endswith("router.gate"):
+    if name.endswith("router.gate") or ".router." in name:
         return "router gate: routing decisions stay in fp32"
     if module.in_features % FP8_ALIGNMENT or module.out_features % FP8_ALIGNMENT:
         return f"{module.in_features}x{module.out_features}: FP8 matmuls need multiples of {FP8_ALIGNMENT}"

@@ -66,12 +66,40 @@ def test_cross_field_rules(write_yaml, text, fragment):
     assert fragment in _problems(write_yaml, text)
 
 
-@pytest.mark.parametrize("feature", ["use_moh", "use_moa", "use_rag", "use_cross_attention", "use_episodic_memory"])
-def test_enhanced_features_are_in_the_schema_but_true_is_not_available_yet(write_yaml, feature):
-    ok = write_yaml("ok.yaml", f"model:\n  {feature}: false\n")
-    assert getattr(load_config(ConfigFiles(ok), world=ONE).config.model, feature) is False
-    message = _problems(write_yaml, f"model:\n  {feature}: true\n")
-    assert "not available in Ava yet" in message and f"{feature}: false" in message
+@pytest.mark.parametrize("text", [
+    "model:\n  use_moh: true\n",
+    "model:\n  use_moa: true\n",
+    "model:\n  use_episodic_memory: true\n",
+    "model:\n  use_rag: true\n  use_cross_attention: true\n",
+    "model:\n  use_moh: true\n  use_moa: true\n  moa:\n    every_n_layers: 2\n  use_rag: true\n"
+    "  use_cross_attention: true\n  use_episodic_memory: true\n",
+])
+def test_enhanced_features_validate_with_their_defaults(write_yaml, text):
+    path = write_yaml("ok.yaml", text)
+    model = load_config(ConfigFiles(path), world=ONE).config.model
+    assert any(getattr(model, f) for f in ("use_moh", "use_moa", "use_rag", "use_episodic_memory"))
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("model:\n  num_attention_heads: 12\n  use_moh: true\n  moh:\n    num_shared_heads: 12\n",
+     "leaves no head to route"),
+    ("model:\n  num_attention_heads: 12\n  use_moh: true\n  moh:\n    num_shared_heads: 10\n"
+     "    active_routed_heads: 3\n", "exceeds the 2 routed heads"),
+    ("model:\n  use_moa: true\n  moa:\n    num_experts: 2\n    experts_per_token: 3\n",
+     "cannot use more attention experts than exist"),
+    ("model:\n  num_attention_heads: 12\n  num_key_value_heads: 4\n  use_moa: true\n  moa:\n"
+     "    heads_per_expert: 6\n", "cannot share the 4 key/value heads"),
+    ("model:\n  use_cross_attention: true\n", "would read nothing"),
+    ("model:\n  use_rag: true\n", "model.use_cross_attention is false"),
+    ("model:\n  use_rag: true\n  use_cross_attention: true\n  rag:\n    chunk_size: 100\n"
+     "data:\n  max_length: 512\n", "must divide data.max_length = 512"),
+    ("model:\n  use_episodic_memory: true\n  episodic_memory:\n    segment_length: 512\n"
+     "data:\n  max_length: 512\n", "the memory would never hold anything"),
+    ("model:\n  num_layers: 4\n  use_episodic_memory: true\n  episodic_memory:\n    layer: 4\n",
+     "the model has layers 0..3"),
+])
+def test_enhanced_feature_rules(write_yaml, text, fragment):
+    assert fragment in _problems(write_yaml, text)
 
 
 def test_fp8_interval_is_accepted_with_a_warning_saying_why(write_yaml):

@@ -40,8 +40,8 @@ def test_hardware_presets_match_the_guide():
     h100 = load_config(ConfigFiles(base, str(C / "hardware/h100_80gb.yaml")), world=WorldSize(1, "t")).config
     assert (h100.model.hidden_size, h100.model.num_experts, h100.model.num_experts_per_token) == (1536, 64, 8)
     assert h100.training.mixed_precision == "fp8" and h100.deepspeed.zero_stage == 3
-    assert not any(getattr(h100.model, f) for f in ("use_moh", "use_moa", "use_rag", "use_cross_attention",
-                                                     "use_episodic_memory"))
+    assert all(getattr(h100.model, f) for f in ("use_moh", "use_moa", "use_rag", "use_cross_attention",
+                                                 "use_episodic_memory"))
 
 
 def test_zero_presets_have_their_stage_and_offload():

@@ -198,9 +198,11 @@ CASES: list[Case] = [
          yaml="model:\n  max_position_embeddings: 256\ndata:\n  max_length: 512\n", expect=(
              "{cfg}:4: data.max_length = 512: exceeds model.max_position_embeddings = 256 ({cfg}:2)",
              "Fix: set data.max_length <= 256")),
-    Case("enhanced-feature-use-moh", yaml="model:\n  use_moh: true\n", expect=(
-        "{cfg}:2: model.use_moh = true: Mixture-of-Head attention is not available in Ava yet",
-        "Fix: set use_moh: false")),
+    Case("moh-without-routed-heads",
+         yaml="model:\n  num_attention_heads: 4\n  use_moh: true\n  moh:\n    num_shared_heads: 4\n", expect=(
+             "{cfg}:5: model.moh.num_shared_heads = 4: leaves no head to route: model.num_attention_heads = 4 "
+             "({cfg}:2)",
+             "Fix: set num_shared_heads below 4")),
     Case("inconsistent-batch-sizes-one-file",
          yaml="training:\n  batch_size: 8\n  gradient_accumulation_steps: 4\ndeepspeed:\n  train_batch_size: 100\n",
          expect=(

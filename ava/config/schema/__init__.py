@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ava.config.schema.base import DEPRECATED_KEYS, UNAVAILABLE_FEATURES, Section, WholeNumber
+from ava.config.schema.base import DEPRECATED_KEYS, Section, WholeNumber
 from ava.config.schema.data import DataConfig
 from ava.config.schema.deepspeed import DeepSpeedSection, OptimizerConfig, OptimizerParams
 from ava.config.schema.hardware import HardwareConfig
@@ -36,7 +36,7 @@ SECTIONS: dict[str, type[Section]] = {
 }
 
 __all__ = [
-    "AvaConfig", "SECTIONS", "DEPRECATED_KEYS", "UNAVAILABLE_FEATURES", "Section", "WholeNumber",
+    "AvaConfig", "SECTIONS", "DEPRECATED_KEYS", "Section", "WholeNumber",
     "ModelConfig", "TrainingConfig", "GradientHealthConfig", "DataConfig", "DeepSpeedSection",
     "OptimizerConfig", "OptimizerParams", "HardwareConfig", "RLHFConfig", "Precision",
 ]

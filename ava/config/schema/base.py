@@ -40,13 +40,3 @@ DEPRECATED_KEYS: dict[str, str] = {
         "nothing to replace it with"
     ),
 }
-
-# Enhanced model features named by the configuration guide that are not
-# implemented yet.  Setting one to true is a validation error, never a no-op.
-UNAVAILABLE_FEATURES: dict[str, str] = {
-    "use_moh": "Mixture-of-Head attention",
-    "use_moa": "Mixture of Attention heads",
-    "use_rag": "retrieval augmentation",
-    "use_cross_attention": "gated cross-attention",
-    "use_episodic_memory": "episodic kNN memory",
-}

@@ -9,6 +9,73 @@ from pydantic import Field
 from ava.config.schema.base import Section
 
 
+class MoHConfig(Section):
+    """Mixture-of-Head attention: which heads a token uses, and how routing is balanced."""
+
+    num_shared_heads: int = Field(
+        2, ge=0, description="Heads every token uses (MoH's shared heads); the rest are routed.")
+    active_routed_heads: int = Field(
+        4, gt=0, description="Routed heads each token activates (top-k over the routed heads).")
+    aux_loss_coef: float = Field(0.01, ge=0, description="Weight of the head load-balancing loss.")
+    z_loss_coef: float = Field(0.0, ge=0, description="Weight of the head router's z-loss.")
+
+
+class MoAConfig(Section):
+    """Mixture of Attention heads: attention experts over shared keys and values."""
+
+    num_experts: int = Field(8, gt=1, description="Attention experts per MoA layer.")
+    experts_per_token: int = Field(2, gt=0, description="Attention experts each token is routed to (top-k).")
+    heads_per_expert: int | None = Field(
+        None, gt=0, description="Query heads of each expert, a multiple of the key/value heads (which all experts "
+        "share); null = num_attention_heads / experts_per_token rounded to such a multiple, so a token uses about "
+        "as many query heads as standard attention (with plain multi-head attention: num_attention_heads).")
+    every_n_layers: int = Field(
+        1, gt=0, description="MoA replaces the attention of every N-th layer (layers N-1, 2N-1, ...); with "
+        "use_moh too, MoH takes the other layers.")
+    aux_loss_coef: float = Field(0.01, ge=0, description="Weight of the attention-expert load-balancing loss.")
+    z_loss_coef: float = Field(0.001, ge=0, description="Weight of the attention router's z-loss.")
+
+
+class CrossAttentionConfig(Section):
+    """Gated cross-attention blocks (tanh gates initialised at zero, as in Flamingo)."""
+
+    every_n_layers: int = Field(
+        4, gt=0, description="A gated cross-attention block before every N-th transformer block.")
+    context_size: int | None = Field(
+        None, gt=0, description="Width of the context vectors supplied with a batch; null = hidden_size "
+        "(context given as token ids is embedded with the model's own token embedding).")
+    num_heads: int | None = Field(None, gt=0, description="Cross-attention heads; null = num_attention_heads.")
+
+
+class RAGConfig(Section):
+    """RETRO-style retrieval augmentation: the datastore and how neighbours are fetched."""
+
+    chunk_size: int = Field(64, gt=0, description="Tokens per retrieval chunk; must divide data.max_length.")
+    num_neighbours: int = Field(2, gt=0, description="Neighbours retrieved per chunk (each chunk + continuation).")
+    search: Literal["exact", "approximate"] = Field(
+        "exact", description="exact: brute-force inner product. approximate: a faiss IVF index (needs faiss-cpu).")
+    nlist: int = Field(1024, gt=0, description="approximate: IVF cells (clipped to the number of chunks).")
+    nprobe: int = Field(16, gt=0, description="approximate: cells searched per query.")
+    encoder: str = Field(
+        "embedding", description="embedding: the model's own token embedding at initialisation, frozen; or "
+        "the path of a local Hugging Face encoder directory (mean-pooled).")
+    encoder_dim: int = Field(256, gt=0, description="embedding encoder: width the frozen table is projected to.")
+    index_dir: str | None = Field(
+        None, description="Where the datastore is; null = beside the data (data_dir/rag_index) or in the cache.")
+
+
+class EpisodicMemoryConfig(Section):
+    """Memorizing Transformers' kNN memory, attended by one layer."""
+
+    layer: int | None = Field(
+        None, ge=0, description="Index of the layer with the memory; null = the layer at three quarters of depth.")
+    segment_length: int = Field(
+        64, gt=0, description="That layer attends locally within segments of this length and reaches earlier "
+        "segments of the same document through the memory.")
+    memory_size: int = Field(4096, gt=0, description="Most recent tokens kept in memory.")
+    top_k: int = Field(32, gt=0, description="Memory entries each query retrieves.")
+
+
 class ModelConfig(Section):
     """Architecture of the decoder-only transformer; its FFN is an MoE when num_experts > 1."""
 
@@ -55,11 +122,26 @@ class ModelConfig(Section):
         description="Width of an always-on shared expert added to every MoE layer (DeepSeek/Qwen-MoE "
         "style); 0 means none.")
 
-    use_moh: bool = Field(False, description="Mixture-of-Head attention (not available yet).")
-    use_moa: bool = Field(False, description="Mixture of Attention heads (not available yet).")
-    use_rag: bool = Field(False, description="Retrieval augmentation (not available yet).")
-    use_cross_attention: bool = Field(False, description="Gated cross-attention blocks (not available yet).")
-    use_episodic_memory: bool = Field(False, description="Episodic kNN memory (not available yet).")
+    use_moh: bool = Field(
+        False, description="Mixture-of-Head attention (MoH, Jin et al. 2024): a router picks top-k routed "
+        "heads per token beside always-on shared heads; settings under model.moh.")
+    use_moa: bool = Field(
+        False, description="Mixture of Attention heads (MoA, Zhang et al. 2022): attention experts with their "
+        "own query/output projections over shared keys/values; settings under model.moa.")
+    use_rag: bool = Field(
+        False, description="RETRO-style retrieval: neighbours of each chunk from a datastore of the training "
+        "corpus (`ava rag build-index`), read through the cross-attention blocks; settings under model.rag.")
+    use_cross_attention: bool = Field(
+        False, description="Gated cross-attention blocks (Flamingo) attending to a context supplied with the "
+        "batch; settings under model.cross_attention.")
+    use_episodic_memory: bool = Field(
+        False, description="Episodic kNN memory (Memorizing Transformers) in one layer; settings under "
+        "model.episodic_memory.")
+    moh: MoHConfig = Field(default_factory=MoHConfig)
+    moa: MoAConfig = Field(default_factory=MoAConfig)
+    cross_attention: CrossAttentionConfig = Field(default_factory=CrossAttentionConfig)
+    rag: RAGConfig = Field(default_factory=RAGConfig)
+    episodic_memory: EpisodicMemoryConfig = Field(default_factory=EpisodicMemoryConfig)
 
     layer_norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the normalisation layers.")
     attention_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention probabilities.")
@@ -81,3 +163,34 @@ class ModelConfig(Section):
     @property
     def is_dropless(self) -> bool:
         return not self.expert_capacity_factor
+
+    @property
+    def episodic_memory_layer(self) -> int:
+        """The layer holding the episodic memory: configured, else three quarters of the way up."""
+        layer = self.episodic_memory.layer
+        return layer if layer is not None else (3 * self.num_layers) // 4
+
+    @property
+    def moa_heads_per_expert(self) -> int:
+        """Configured, else the multiple of the key/value heads nearest num_attention_heads / experts_per_token.
+
+        MoA's experts share the keys and values, which are the model's key/value
+        heads (the KV cache is the same in every layer); so each expert needs at
+        least that many query heads.
+        """
+        if self.moa.heads_per_expert:
+            return self.moa.heads_per_expert
+        groups = max(1, self.num_attention_heads // self.kv_heads // self.moa.experts_per_token)
+        return groups * self.kv_heads
+
+    @property
+    def cross_attention_layers(self) -> list[int]:
+        """Blocks preceded by a gated cross-attention block: every N-th, from the first."""
+        if not self.use_cross_attention:
+            return []
+        return list(range(0, self.num_layers, self.cross_attention.every_n_layers))
+
+    @property
+    def routes_attention(self) -> bool:
+        """Whether some attention layer has a router (and so a router loss and statistics)."""
+        return self.use_moh or self.use_moa

@@ -22,6 +22,7 @@ class MoEStats:
     load: torch.Tensor             # (E,) assignments each expert was chosen for, before capacity
     dropped_fraction: torch.Tensor  # share of assignments dropped by the capacity limit
     entropy: torch.Tensor          # mean entropy (nats) of the router distribution per token
+    kind: str = "moe"              # what was routed: "moe" (FFN experts), "moh" (heads), "moa" (attention experts)
 
 
 def load_cv(load: torch.Tensor) -> torch.Tensor:
@@ -31,12 +32,18 @@ def load_cv(load: torch.Tensor) -> torch.Tensor:
 
 
 def summarise_moe_stats(stats: list[MoEStats]) -> dict[str, float]:
-    """Flatten per-layer stats into named floats for logs (one host sync for all of them).
+    """Flatten per-layer stats into named floats for logs (one host sync per kind of routing).
 
-    Keys are `moe/layer{i}/{metric}` plus means over layers under `moe/{metric}`.
+    Keys are `{kind}/layer{i}/{metric}` plus means over layers under `{kind}/{metric}`,
+    kind being "moe" for expert FFNs, "moh" for routed heads, "moa" for attention experts.
     """
-    if not stats:
-        return {}
+    out: dict[str, float] = {}
+    for kind in dict.fromkeys(s.kind for s in stats):
+        out.update(_summarise_kind([s for s in stats if s.kind == kind], kind))
+    return out
+
+
+def _summarise_kind(stats: list[MoEStats], kind: str) -> dict[str, float]:
     rows = []
     for s in stats:
         load = s.load.float()
@@ -52,11 +59,12 @@ def summarise_moe_stats(stats: list[MoEStats]) -> dict[str, float]:
     out: dict[str, float] = {}
     for i, row in enumerate(table):
         for name, value in zip(names, row, strict=True):
-            out[f"moe/layer{i}/{name}"] = value
+            out[f"{kind}/layer{i}/{name}"] = value
     for j, name in enumerate(names):
-        out[f"moe/{name}"] = sum(row[j] for row in table) / len(table)
+        out[f"{kind}/{name}"] = sum(row[j] for row in table) / len(table)
     experts = loads.shape[1]
+    unit = "head" if kind == "moh" else "expert"
     for i in range(len(stats)):
         for e in range(experts):
-            out[f"moe/layer{i}/load/expert{e}"] = load_values[i * experts + e]
+            out[f"{kind}/layer{i}/load/{unit}{e}"] = load_values[i * experts + e]
     return out

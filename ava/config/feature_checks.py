@@ -1,0 +1,118 @@
+"""Rules for the enhanced model features: MoH, MoA, cross-attention, retrieval, episodic memory.
+
+Each rule names the key, says why the value cannot work and what to set
+instead; none of them guesses a fix silently.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ava.config.schema import DataConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from ava.config.checks import CheckContext
+
+
+def check_features(ctx: CheckContext, m: ModelConfig, data: DataConfig) -> None:
+    if m.use_moh:
+        _moh(ctx, m)
+    if m.use_moa:
+        _moa(ctx, m)
+    if m.use_cross_attention:
+        _cross_attention(ctx, m)
+    if m.use_rag:
+        _rag(ctx, m, data)
+    if m.use_episodic_memory:
+        _memory(ctx, m, data)
+
+
+def _moh(ctx: CheckContext, m: ModelConfig) -> None:
+    h = m.moh
+    routed = m.num_attention_heads - h.num_shared_heads
+    if routed < 1:
+        ctx.problem("model.moh.num_shared_heads",
+                    f"leaves no head to route: model.num_attention_heads = {m.num_attention_heads} "
+                    f"({ctx.where('model.num_attention_heads')})",
+                    f"set num_shared_heads below {m.num_attention_heads} (the MoH paper shares about a quarter)",
+                    h.num_shared_heads)
+    elif h.active_routed_heads > routed:
+        ctx.problem("model.moh.active_routed_heads",
+                    f"exceeds the {routed} routed heads (num_attention_heads {m.num_attention_heads} minus "
+                    f"moh.num_shared_heads {h.num_shared_heads})",
+                    f"set active_routed_heads to at most {routed}", h.active_routed_heads)
+
+
+def _moa(ctx: CheckContext, m: ModelConfig) -> None:
+    a = m.moa
+    if a.experts_per_token > a.num_experts:
+        ctx.problem("model.moa.experts_per_token",
+                    f"a token cannot use more attention experts than exist: model.moa.num_experts = {a.num_experts}",
+                    f"set experts_per_token <= {a.num_experts}", a.experts_per_token)
+    if m.moa_heads_per_expert % m.kv_heads:
+        ctx.problem("model.moa.heads_per_expert",
+                    f"{m.moa_heads_per_expert} query heads per expert cannot share the {m.kv_heads} key/value heads "
+                    "in equal groups",
+                    f"use a multiple of {m.kv_heads} (or set model.num_key_value_heads to a divisor)",
+                    m.moa_heads_per_expert)
+    if a.every_n_layers > m.num_layers:
+        ctx.problem("model.moa.every_n_layers",
+                    f"no layer would get MoA: the model has {m.num_layers} layers",
+                    f"set every_n_layers to at most {m.num_layers}", a.every_n_layers)
+
+
+def _cross_attention(ctx: CheckContext, m: ModelConfig) -> None:
+    c = m.cross_attention
+    heads = c.num_heads or m.num_attention_heads
+    if m.hidden_size % heads:
+        ctx.problem("model.cross_attention.num_heads", f"must divide model.hidden_size = {m.hidden_size}",
+                    "choose a divisor of hidden_size, or null for num_attention_heads", heads)
+    if not m.use_rag:
+        ctx.problem("model.use_cross_attention",
+                    "the cross-attention blocks read a context supplied with each batch, and a training run's "
+                    "batches carry one only from retrieval: without model.use_rag they would read nothing and "
+                    "train nothing (through the Python API, pass `context=Context(states=...)` to the model)",
+                    "set model.use_rag: true as well (retrieved neighbours become the context), or "
+                    "use_cross_attention: false", True)
+
+
+def _rag(ctx: CheckContext, m: ModelConfig, data: DataConfig) -> None:
+    r = m.rag
+    if not m.use_cross_attention:
+        ctx.problem("model.use_rag",
+                    "retrieved neighbours are read through the gated cross-attention blocks, and "
+                    "model.use_cross_attention is false",
+                    "set model.use_cross_attention: true (model.cross_attention.every_n_layers places them)", True)
+    if m.cross_attention.context_size not in (None, m.hidden_size):
+        ctx.problem("model.cross_attention.context_size",
+                    f"retrieved neighbours are embedded with the model's own token embedding, {m.hidden_size} wide",
+                    "set context_size: null", m.cross_attention.context_size)
+    if data.max_length % r.chunk_size:
+        ctx.problem("model.rag.chunk_size",
+                    f"must divide data.max_length = {data.max_length} ({ctx.where('data.max_length')}): every "
+                    "training row is cut into whole retrieval chunks",
+                    f"use a divisor of {data.max_length}, e.g. {_divisor_near(data.max_length, r.chunk_size)}",
+                    r.chunk_size)
+    if data.streaming and data.sources and data.data_dir is None:
+        ctx.problem("model.use_rag", "the retrieval datastore is built from the training rows, and with "
+                    "data.streaming: true data.sources are streamed, never held in memory",
+                    "set data.streaming: false, or use_rag: false", True)
+
+
+def _memory(ctx: CheckContext, m: ModelConfig, data: DataConfig) -> None:
+    e = m.episodic_memory
+    if e.layer is not None and e.layer >= m.num_layers:
+        ctx.problem("model.episodic_memory.layer",
+                    f"the model has layers 0..{m.num_layers - 1} (model.num_layers = {m.num_layers})",
+                    f"choose a layer below {m.num_layers}, or null for three quarters of the way up", e.layer)
+    if e.segment_length >= data.max_length:
+        ctx.problem("model.episodic_memory.segment_length",
+                    f"is not shorter than a training row (data.max_length = {data.max_length}, "
+                    f"{ctx.where('data.max_length')}), so no earlier segment exists and the memory would never "
+                    "hold anything", f"set segment_length below {data.max_length}, e.g. {data.max_length // 4}",
+                    e.segment_length)
+
+
+def _divisor_near(n: int, target: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: abs(d - target))

@@ -1,0 +1,95 @@
+"""Gated cross-attention blocks (Flamingo; Alayrac et al. 2022) and RETRO's chunked variant.
+
+A block reads an external context: encoder states, or text retrieved for the
+batch. It is inserted *between* the language model's own blocks and adds
+tanh(gate) * cross_attention and tanh(gate) * feed-forward to the residual
+stream. Both gates start at exactly 0, so a model that gains these blocks
+computes what it computed without them until training opens the gates:
+a pretrained model can be extended without disturbing it (the test pins the
+identity).
+
+Two context layouts:
+
+- plain: context (batch, C, width) with an optional (batch, C) validity mask;
+  every token may read every valid context position (the context is given,
+  not generated, so there is nothing causal about it);
+- chunked (RETRO, Borgeaud et al. 2022): neighbours retrieved for each chunk of
+  `chunk` tokens, (batch, n_chunks, K, width). A neighbour found with chunk u's
+  text may only be read by tokens that have seen all of chunk u: positions
+  from the last token of chunk u to the last-but-one of chunk u+1, which is
+  RETRO's one-token offset. Earlier tokens get zero from the block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ava.model.mlp import DenseMLP
+from ava.model.norm import make_norm
+
+
+class GatedCrossAttention(nn.Module):
+    """Flamingo's GATED XATTN-DENSE: x + tanh(a) * xattn(norm(x), ctx); then + tanh(f) * ffn(norm(.))."""
+
+    def __init__(self, hidden_size: int, context_size: int, num_heads: int, intermediate_size: int,
+                 activation: str, norm_type: str, eps: float, bias: bool) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"cross-attention heads ({num_heads}) must divide hidden_size ({hidden_size})")
+        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        self.attn_norm = make_norm(norm_type, hidden_size, eps, bias)
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.k_proj = nn.Linear(context_size, hidden_size, bias=bias)
+        self.v_proj = nn.Linear(context_size, hidden_size, bias=bias)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.ffn_norm = make_norm(norm_type, hidden_size, eps, bias)
+        self.ffn = DenseMLP(hidden_size, intermediate_size, activation, bias)
+        # Parameters, not buffers: the gates are learned. Zero = the block is the identity.
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ffn_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
+                chunk: int | None = None, start: int = 0) -> torch.Tensor:
+        """`context` (batch, C, width), or with `chunk` (batch, n_chunks, K, width); masks: True = valid.
+
+        `start`: the position of x's first token (the KV cache's length when decoding).
+        """
+        batch, seq, _ = x.shape
+        q = self.q_proj(self.attn_norm(x)).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        if chunk is not None:
+            allowed, context = _chunked_mask(start, seq, chunk, context, context_mask)
+        else:
+            allowed = (context_mask if context_mask is not None
+                       else torch.ones(context.shape[:2], dtype=torch.bool, device=x.device))[:, None, :]
+            allowed = allowed.expand(batch, seq, -1)
+        k = self.k_proj(context).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(context).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        # A query with nothing to read would make a fully masked softmax (NaN): let it read position 0 and
+        # zero its result instead.
+        empty = ~allowed.any(-1, keepdim=True)
+        allowed = allowed.clone()
+        allowed[..., :1] |= empty
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        y = y.transpose(1, 2).masked_fill(empty[..., None], 0.0).flatten(2)
+        x = x + torch.tanh(self.attn_gate).to(x.dtype) * self.o_proj(y)
+        return x + torch.tanh(self.ffn_gate).to(x.dtype) * self.ffn(self.ffn_norm(x))
+
+
+def _chunked_mask(start: int, seq: int, chunk: int, neighbours: torch.Tensor,
+                  valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten (batch, n, K, width) neighbours to keys and say which position may read which key.
+
+    Position p reads the neighbours of chunk (p + 1) // chunk - 1 (RETRO's
+    offset: the last token of chunk u has seen all of it).
+    """
+    batch, n_chunks, per_chunk, _ = neighbours.shape
+    device = neighbours.device
+    reads = (torch.arange(start, start + seq, device=device) + 1) // chunk - 1  # (seq,), -1 = reads nothing
+    key_chunk = torch.arange(n_chunks, device=device).repeat_interleave(per_chunk)  # (n*K,)
+    allowed = reads[:, None] == key_chunk[None, :]  # (seq, n*K)
+    allowed = allowed[None].expand(batch, -1, -1)
+    if valid is not None:
+        allowed = allowed & valid.reshape(batch, 1, n_chunks * per_chunk)
+    return allowed, neighbours.reshape(batch, n_chunks * per_chunk, -1)
