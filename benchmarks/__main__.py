@@ -95,6 +95,13 @@ def _scaling(result: dict[str, Any]) -> str:
     return text
 
 
+def _features(result: dict[str, Any]) -> str:
+    rows = [r for r in result["results"] if r["variant"] != "off"]
+    return (f"after {result['steps']} steps, held-out loss vs off: "
+            + ", ".join(f"{r['variant']} {r['eval_loss_vs_off']:+.3f}" for r in rows)
+            + "; tokens/s vs off: " + ", ".join(f"{r['variant']} {r['speed_vs_off']:.2f}x" for r in rows))
+
+
 BENCHMARKS = (
     Benchmark("model_step_moe", "model_step.py", ("--profile",), ("--batch", "2", "--seq", "32", "--repeats", "2",
                                                       "--peak_size", "256", *TOY_MODEL), _model_step),
@@ -116,6 +123,9 @@ BENCHMARKS = (
     Benchmark("scaling", "scaling.py", (), ("--batch", "2", "--seq", "16", "--seqs", "16,32,64", "--batches", "2,4,8",
                                             "--experts", "2,4,8", "--layers", "1,2,4", "--repeats", "1", *TOY_MODEL),
               _scaling),
+    Benchmark("features", "features.py", ("--steps", "100"),
+              ("--steps", "2", "--only", "moh", "--training.eval_steps", "2", "--data.max_eval_examples", "16"),
+              _features),
 )
 
 

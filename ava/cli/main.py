@@ -38,6 +38,7 @@ commands:
   model export-hf SRC   write an Ava model as a HF checkpoint (from_pretrained loads it)
   model export-checkpoint RUN
                         consolidate a training checkpoint (any ZeRO stage) to safetensors / HF
+  rag build-index       build the retrieval datastore (RETRO chunks, embeddings, index) of a config's training data
   launch slurm          render the SLURM batch script for a config (--submit: submit it with sbatch)
   doctor                check this machine: versions, accelerator, precisions, and a 2-rank ZeRO-3 start
 
@@ -78,7 +79,7 @@ def _dispatch(args: list[str]) -> int:
         return _command("rlhf_cmd").main(rest, prog="ava rlhf")
     if command == "doctor":
         return _command("doctor_cmd").main(rest)
-    groups = ("config", "model", "launch")
+    groups = ("config", "model", "rag", "launch")
     if command in groups:
         table: Mapping[str, Callable[[Sequence[str]], int]] = _command(f"{command}_cmd").COMMANDS
         if not rest or rest[0] in ("-h", "--help"):

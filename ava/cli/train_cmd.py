@@ -315,12 +315,13 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
 
     # Loaded inside the loop and dropped once copied into the model: no second full copy lives through training.
     initial_weights = (lambda: load_weights(pretrained)) if pretrained is not None and resume_from is None else None
+    retrieval = _retrieval_plan(cfg, data, pretrained)
     try:
         with console:
             result = train(cfg, ds_config, process, data.train, data.eval, on_log,
                            checkpoint_dir=out_dir / "checkpoints", resume_from=resume_from,
                            faults=faults, on_note=console.note, preemption=preemption,
-                           initial_weights=initial_weights, on_warning=console.warn)
+                           initial_weights=initial_weights, on_warning=console.warn, retrieval=retrieval)
     except BaseException as exc:
         failure = (lost_rank_error(exc, peers, process.rank, _resume_hint(out_dir))
                    if peers is not None and is_lost_peer(exc) else exc)
@@ -568,3 +569,19 @@ def _shutdown() -> None:
     from ava.train.distributed import leave_process_group
 
     leave_process_group()
+
+
+def _retrieval_plan(cfg: Any, data: Any, pretrained: Any) -> Any:
+    """What the batches read besides their tokens (retrieval, episodic memory's documents); None: nothing."""
+    if not (cfg.model.use_rag or cfg.model.use_episodic_memory):
+        return None
+    from ava.model.pretrained import load_weights
+    from ava.rag.run_store import training_rows
+    from ava.train.retrieval import RetrievalPlan
+
+    tokenizer = data.tokenizer
+    return RetrievalPlan(
+        cfg.model, training_rows(data) if cfg.model.use_rag else None,
+        tokenizer.eos_id if tokenizer is not None else None, cfg.data.cache_dir,
+        decode=tokenizer.decode if tokenizer is not None else None,
+        pretrained_embedding=(lambda: load_weights(pretrained)["embed_tokens.weight"]) if pretrained else None)

@@ -82,6 +82,13 @@ class SequenceBatches:
         self._batch_index = 0  # batches of the current epoch this rank has already yielded
 
     @property
+    def sequences(self) -> np.ndarray:
+        """The packed (N, L) array of all ranks' sequences, in stored order, as a read-only view."""
+        view = self._sequences.view()
+        view.flags.writeable = False
+        return view
+
+    @property
     def batches_per_epoch(self) -> int:
         """Micro-batches this rank yields per epoch (the same on every rank)."""
         per_step = self._micro_batch * self._world_size

@@ -16,25 +16,23 @@ from __future__ import annotations
 
 from torch import nn
 
+from ava.model.moa import MixtureOfAttention
 from ava.model.moe import MoELayer
-from ava.model.moe.router import Router
 from ava.model.moh import HeadRouter
 
 
 def mark_moe_zero3_leaves(model: nn.Module) -> int:
-    """Register every MoELayer and every attention router as a ZeRO-3 leaf module; returns how many were marked.
+    """Register every routed module as a ZeRO-3 leaf module; returns how many were marked.
 
-    The attention routers (MoA's `Router`, MoH's `HeadRouter`) read their
-    gates' weights directly, to multiply in float32, instead of calling the
-    gate modules, so no hook of the gates would gather them: as leaves they
-    are gathered on entry. (An MoE layer's own router is inside its leaf.)
+    The routed modules: MoE layers, MoA layers (attention experts, for the same
+    reason as MoE experts) and MoH's head routers, which read their gates'
+    weights directly, to multiply in float32, instead of calling the gate
+    modules, so no hook of the gates would gather them.
     Call before `deepspeed.initialize`. A model without routing has nothing to mark.
     """
     from deepspeed.utils import set_z3_leaf_module
 
-    inside_moe = {id(r) for layer in model.modules() if isinstance(layer, MoELayer) for r in layer.modules()}
-    leaves = [m for m in model.modules()
-              if isinstance(m, MoELayer) or (isinstance(m, (Router, HeadRouter)) and id(m) not in inside_moe)]
+    leaves = [m for m in model.modules() if isinstance(m, (MoELayer, MixtureOfAttention, HeadRouter))]
     for module in leaves:
         set_z3_leaf_module(module, True)
     return len(leaves)

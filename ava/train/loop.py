@@ -38,6 +38,7 @@ from ava.train.host_memory import keep_freed_memory
 from ava.train.lr_schedule import LRSchedule
 from ava.train.precision import PrecisionReport, apply_precision
 from ava.train.preemption import PreemptionFlag
+from ava.train.retrieval import RetrievalPlan
 from ava.train.router_balance import add_loads, balance_router_biases
 from ava.train.update_gate import UpdateGate, clip_in_use, layer_grad_norms, set_clip, set_lr
 
@@ -131,7 +132,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
           on_note: Callable[[str], None] | None = None, preemption: PreemptionFlag | None = None,
           initial_weights: Callable[[], dict[str, torch.Tensor]] | None = None,
           on_warning: Callable[[str], None] | None = None,
-          batch_context: BatchContext | None = None) -> TrainResult:
+          retrieval: RetrievalPlan | None = None) -> TrainResult:
     """Train `config.model` under DeepSpeed with `ds_config`.
 
     Evaluates every `eval_steps` (and at the end), keeps the best checkpoint
@@ -155,8 +156,8 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     freezes what it says. The parameter report goes to `on_note` and the LoRA
     misconfiguration warnings to `on_warning` before the first step.
 
-    `batch_context` gives each batch what it reads besides its tokens:
-    retrieved neighbours and document ids (`ava.train.batch_context`).
+    `retrieval` gives each batch what it reads besides its tokens: retrieved
+    neighbours and document ids (`ava.train.retrieval`, `ava.train.batch_context`).
     """
     import deepspeed
 
@@ -172,6 +173,9 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         on_note(parameters.line())
     for warning in warnings:
         (on_warning or on_note or (lambda _: None))(warning)
+    batch_context = None
+    if retrieval is not None:  # the store's vectors come from the embedding the run starts from
+        batch_context = retrieval.open(model.embed_tokens.weight.detach(), process.rank, process.world_size, on_note)
     if config.deepspeed.zero_stage == 3 and (config.model.is_moe or config.model.routes_attention):
         from ava.model.zero3 import mark_moe_zero3_leaves
 

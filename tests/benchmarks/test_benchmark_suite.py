@@ -53,6 +53,9 @@ def test_every_benchmark_runs_at_toy_size_and_reports(tmp_path: Path) -> None:
             assert point["state_vs_16_per_parameter"] == pytest.approx(1.0, rel=0.01), "fp32 AdamW: 16 bytes/param"
     experts = scaling["axes"]["experts"]
     assert experts[-1]["parameters"] > experts[0]["parameters"]
+    features = {r["variant"]: r for r in json.loads((tmp_path / "features.json").read_text())["results"]}
+    assert set(features) == {"off", "moh"} and features["moh"]["parameters"] > features["off"]["parameters"]
+    assert all(math.isfinite(r["eval_loss"]) and r["tokens_per_s"] > 0 for r in features.values())
     assert experts[-1]["predicted_time_ratio"] == pytest.approx(1.0, abs=0.05), "top-k fixed: FLOPs stay flat"
 
 

@@ -61,7 +61,8 @@ class RAGConfig(Section):
         "the path of a local Hugging Face encoder directory (mean-pooled).")
     encoder_dim: int = Field(256, gt=0, description="embedding encoder: width the frozen table is projected to.")
     index_dir: str | None = Field(
-        None, description="Where the datastore is; null = beside the data (data_dir/rag_index) or in the cache.")
+        None, description="Where the datastore is; null = Ava's data cache, <cache>/rag/<fingerprint of the "
+        "training rows>, so each dataset gets its own and a changed one a new one.")
 
 
 class EpisodicMemoryConfig(Section):
