@@ -19,6 +19,12 @@ def check_lora_targets(ctx: CheckContext, section: str, lora: LoRAConfig, model:
         ctx.problem(key, f"{', '.join(ffn)}: this MoE model's FFNs are experts, stacked tensors rather than linear "
                     "layers, so nothing would be adapted there",
                     "target the attention layers (q_proj, k_proj, v_proj, o_proj)", lora.target_modules)
+    stacked = [t for t in lora.target_modules if t in ("q_proj", "o_proj")]
+    if stacked and model.use_moa:
+        ctx.problem(key, f"{', '.join(stacked)}: with model.use_moa the MoA layers' query and output projections are "
+                    "stacked per-expert tensors, not linear layers, so those layers would get no adapter there",
+                    "target k_proj and v_proj (the projections the attention experts share), or set use_moa: false",
+                    lora.target_modules)
     unknown = [t for t in lora.target_modules if t not in LORA_TARGETS]
     if unknown:
         ctx.problem(key, f"{', '.join(map(repr, unknown))} not a linear layer of the Ava model (MoE experts are "

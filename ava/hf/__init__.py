@@ -49,6 +49,13 @@ def import_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> AvaF
 def export_target(model: AvaForCausalLM) -> str:
     """The Hugging Face family that represents this model exactly: llama, mixtral or gpt2."""
     cfg = model.config
+    features = [name for name in ("use_moh", "use_moa", "use_rag", "use_cross_attention", "use_episodic_memory")
+                if getattr(cfg, name)]
+    if features:
+        raise ModelInputError(f"this model uses {', '.join(features)}, which Llama, Mixtral and GPT-2 do not have: "
+                              "an exported model would silently lose those weights",
+                              "keep the Ava model directory (ava_model.yaml + model.safetensors), which holds "
+                              "everything; export only models without the enhanced features")
     candidates = {"mixtral" if cfg.is_moe else "llama": llama, "gpt2": gpt2}
     reasons = []
     for name, family in candidates.items():

@@ -31,7 +31,7 @@ SETTING = "training.init_from"
 TRAINING_CHOICES = frozenset({
     "attention_dropout", "hidden_dropout", "expert_capacity_factor", "router_aux_loss_coef", "router_z_loss_coef",
     "router_bias_update_rate", "initializer_range", "use_moh", "use_moa", "use_rag", "use_cross_attention",
-    "use_episodic_memory",
+    "use_episodic_memory", "moh", "moa", "cross_attention", "rag", "episodic_memory",
 })
 SHAPE_KEYS = tuple(name for name in ModelConfig.model_fields if name not in TRAINING_CHOICES)
 

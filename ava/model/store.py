@@ -77,13 +77,26 @@ def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32) ->
     return model.to(dtype)
 
 
-def load_state_exactly(model: AvaForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `model`, reporting every missing, unexpected or mis-shaped tensor at once."""
+# Parameters an enhanced feature adds to a model that works without them (cross-attention blocks whose gates
+# start closed, head routers, the memory gate): a pretrained model without the feature may lack them, and
+# they keep their initialisation. Anything else missing is an error.
+FEATURE_ADDED = ("cross_blocks.", ".attn.router.", ".attn.memory_gate")
+
+
+def load_state_exactly(model: AvaForCausalLM, state: dict[str, torch.Tensor], source: str,
+                       allow_feature_added: bool = False) -> None:
+    """Copy `state` into `model`, reporting every missing, unexpected or mis-shaped tensor at once.
+
+    `allow_feature_added`: a pretrained model may lack the parameters `FEATURE_ADDED` names
+    (training.init_from a model without the enhanced features this config turns on).
+    """
     expected = model.state_dict()
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     missing = sorted(set(expected) - set(state))
+    if allow_feature_added:
+        missing = [k for k in missing if not any(marker in k for marker in FEATURE_ADDED)]
     extra = sorted(set(state) - set(expected))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]

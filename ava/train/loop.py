@@ -167,7 +167,7 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     torch.manual_seed(config.data.shuffle_seed)
     model = AvaForCausalLM(config.model, gradient_checkpointing=t.gradient_checkpointing)
     if initial_weights is not None and resume_from is None:  # a resumed run's checkpoint replaces them anyway
-        load_state_exactly(model, initial_weights(), f"training.init_from {t.init_from}")
+        load_state_exactly(model, initial_weights(), f"training.init_from {t.init_from}", allow_feature_added=True)
     lora_scaling, parameters, warnings = prepare_trainable(model, t.lora, from_scratch=t.init_from is None)
     if on_note is not None:
         on_note(parameters.line())

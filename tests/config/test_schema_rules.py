@@ -97,6 +97,8 @@ def test_enhanced_features_validate_with_their_defaults(write_yaml, text):
      "data:\n  max_length: 512\n", "the memory would never hold anything"),
     ("model:\n  num_layers: 4\n  use_episodic_memory: true\n  episodic_memory:\n    layer: 4\n",
      "the model has layers 0..3"),
+    ("model:\n  use_moa: true\ntraining:\n  lora:\n    enabled: true\n    target_modules: [q_proj, v_proj]\n",
+     "q_proj: with model.use_moa the MoA layers' query and output projections are stacked"),
 ])
 def test_enhanced_feature_rules(write_yaml, text, fragment):
     assert fragment in _problems(write_yaml, text)

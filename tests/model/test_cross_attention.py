@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ava.config.schema.model import ModelConfig
@@ -110,3 +111,20 @@ def test_plain_context_given_as_token_ids_is_embedded_by_the_model():
     by_ids = model(ids, context=Context(states=context_ids)).logits
     by_states = model(ids, context=Context(states=model.embed_tokens(context_ids))).logits
     torch.testing.assert_close(by_ids, by_states, rtol=0, atol=0)
+
+
+def test_a_pretrained_model_without_the_features_loads_into_one_with_them_for_init_from():
+    from ava.model.errors import ModelInputError
+    from ava.model.store import load_state_exactly
+
+    base = AvaForCausalLM(ModelConfig(**BASE))
+    cfg = ModelConfig(**BASE, use_cross_attention=True, use_rag=True, use_moh=True,
+                      moh={"num_shared_heads": 1, "active_routed_heads": 2}, use_episodic_memory=True)
+    extended = AvaForCausalLM(cfg)
+    load_state_exactly(extended, base.state_dict(), "base", allow_feature_added=True)
+    torch.testing.assert_close(extended.layers[0].attn.q_proj.weight, base.layers[0].attn.q_proj.weight)
+    with pytest.raises(ModelInputError, match="cross_blocks.0"):  # an exact load reports them
+        load_state_exactly(extended, base.state_dict(), "base")
+    partial = {k: v for k, v in base.state_dict().items() if k != "layers.1.attn.q_proj.weight"}
+    with pytest.raises(ModelInputError, match=r"layers\.1\.attn\.q_proj\.weight"):  # a base weight is still required
+        load_state_exactly(extended, partial, "base", allow_feature_added=True)
