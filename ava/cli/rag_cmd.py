@@ -43,7 +43,7 @@ def build_index_cmd(argv: Sequence[str]) -> int:
                                needed_sequences=(cfg.training.max_steps or 1000) * b.global_batch,
                                max_steps=cfg.training.max_steps)
     info, source = build_run_store(resolved, data, _path(ns.output) if ns.output is not None else None, ns.force)
-    eos_id = data.tokenizer.eos_id if data.tokenizer is not None else None
+    eos_id = data.tokenizer.eos_id if data.tokenizer is not None else cfg.data.eos_token_id
     print(f"data: {data.description}")
     print(f"encoder: {source}")
     print(f"documents: {info.num_documents:,}" + ("" if eos_id is not None else " (no end-of-document token in "

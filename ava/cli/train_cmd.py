@@ -582,6 +582,6 @@ def _retrieval_plan(cfg: Any, data: Any, pretrained: Any) -> Any:
     tokenizer = data.tokenizer
     return RetrievalPlan(
         cfg.model, training_rows(data) if cfg.model.use_rag else None,
-        tokenizer.eos_id if tokenizer is not None else None, cfg.data.cache_dir,
+        tokenizer.eos_id if tokenizer is not None else cfg.data.eos_token_id, cfg.data.cache_dir,
         decode=tokenizer.decode if tokenizer is not None else None,
         pretrained_embedding=(lambda: load_weights(pretrained)["embed_tokens.weight"]) if pretrained else None)

@@ -88,7 +88,6 @@ def _model(ctx: CheckContext) -> None:
                     f"({ctx.where('model.num_experts_per_token')})",
                     f"use router_type: topk for top-{m.num_experts_per_token} routing, "
                     "or set num_experts_per_token: 1", m.router_type)
-    check_features(ctx, m, ctx.sections["data"])  # type: ignore[arg-type]
 
 
 def _training(ctx: CheckContext) -> None:
@@ -249,6 +248,7 @@ CHECKS: tuple[tuple[tuple[str, ...], Callable[[CheckContext], None]], ...] = (
     (("training",), _saving),
     (("training", "model", "deepspeed"), _lora),
     (("data", "model"), _data),
+    (("model", "data"), check_features),
     (("training", "hardware"), _precision),
     (("deepspeed", "training"), _deepspeed),
     (("deepspeed", "model"), _expert_parallel),

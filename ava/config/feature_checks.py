@@ -8,13 +8,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ava.config.errors import Notice
 from ava.config.schema import DataConfig, ModelConfig
 
 if TYPE_CHECKING:
     from ava.config.checks import CheckContext
 
 
-def check_features(ctx: CheckContext, m: ModelConfig, data: DataConfig) -> None:
+def check_features(ctx: CheckContext) -> None:
+    m, data = ctx.sections["model"], ctx.sections["data"]
+    assert isinstance(m, ModelConfig) and isinstance(data, DataConfig)
+    if m.use_moh or m.use_moa or m.use_episodic_memory:
+        _layers(ctx, m)
+    if m.use_rag or m.use_episodic_memory:
+        _documents(ctx, m, data)
     if m.use_moh:
         _moh(ctx, m)
     if m.use_moa:
@@ -25,6 +32,30 @@ def check_features(ctx: CheckContext, m: ModelConfig, data: DataConfig) -> None:
         _rag(ctx, m, data)
     if m.use_episodic_memory:
         _memory(ctx, m, data)
+
+
+def _documents(ctx: CheckContext, m: ModelConfig, data: DataConfig) -> None:
+    """Token files carry no tokenizer, so their document boundaries are known only from data.eos_token_id."""
+    if data.data_dir is None or data.eos_token_id is not None:
+        return
+    uses = [f for f, on in (("retrieval excludes only the query's own row", m.use_rag),
+                            ("the episodic memory is cleared only between rows", m.use_episodic_memory)) if on]
+    ctx.notices.append(Notice(
+        "warning", ctx.where("data.data_dir"), ctx.key("data.data_dir"),
+        f"token files in data.data_dir have no known end-of-document id, so every row counts as one document: "
+        f"{' and '.join(uses)}. Set data.eos_token_id (GPT-2's is 50256) to find the real boundaries"))
+
+
+def _layers(ctx: CheckContext, m: ModelConfig) -> None:
+    """Every attention feature that is on must get at least one layer (the memory layer is taken first, then MoA's)."""
+    kinds = [m.attention_kind(i) for i in range(m.num_layers)]
+    for switch, kind, fix in (
+            ("use_moh", "moh", "set model.moa.every_n_layers to 2 or more, so MoH takes the layers MoA leaves"),
+            ("use_moa", "moa", "lower model.moa.every_n_layers, or move model.episodic_memory.layer")):
+        if getattr(m, switch) and kind not in kinds:
+            ctx.problem(f"model.{switch}", f"no layer would get {kind.upper()}: the layers are "
+                        f"{', '.join(kinds)} (the episodic-memory layer first, then every "
+                        f"moa.every_n_layers-th layer for MoA, the rest for MoH)", fix, True)
 
 
 def _moh(ctx: CheckContext, m: ModelConfig) -> None:
@@ -87,12 +118,24 @@ def _rag(ctx: CheckContext, m: ModelConfig, data: DataConfig) -> None:
         ctx.problem("model.cross_attention.context_size",
                     f"retrieved neighbours are embedded with the model's own token embedding, {m.hidden_size} wide",
                     "set context_size: null", m.cross_attention.context_size)
-    if data.max_length % r.chunk_size:
+    if r.chunk_size > data.max_length // 2:
+        ctx.problem("model.rag.chunk_size",
+                    f"a row of data.max_length = {data.max_length} tokens ({ctx.where('data.max_length')}) would "
+                    "have fewer than two chunks: neighbours of chunk u are read by the tokens of chunk u+1, so "
+                    "nothing in the row could read them",
+                    f"use at most {data.max_length // 2}, e.g. {_divisor_near(data.max_length, data.max_length // 4)}",
+                    r.chunk_size)
+    elif data.max_length % r.chunk_size:
         ctx.problem("model.rag.chunk_size",
                     f"must divide data.max_length = {data.max_length} ({ctx.where('data.max_length')}): every "
                     "training row is cut into whole retrieval chunks",
                     f"use a divisor of {data.max_length}, e.g. {_divisor_near(data.max_length, r.chunk_size)}",
                     r.chunk_size)
+    if r.encoder != "embedding" and (data.data_dir is not None or (not data.sources
+                                                                 and data.builtin_dataset == "markov")):
+        ctx.problem("model.rag.encoder", f"{r.encoder} encodes text, but this data is token ids with no tokenizer "
+                    "to turn them back into text (token files or the Markov corpus)",
+                    "use rag.encoder: embedding (the model's own token embedding)", r.encoder)
     if data.streaming and data.sources and data.data_dir is None:
         ctx.problem("model.use_rag", "the retrieval datastore is built from the training rows, and with "
                     "data.streaming: true data.sources are streamed, never held in memory",

@@ -1,8 +1,8 @@
 """One pre-norm transformer block: attention, then a dense or MoE feed-forward.
 
-Which attention a layer gets is decided here, from the config, by
-`attention_kind`: standard, Mixture-of-Head (MoH), Mixture of Attention heads
-(MoA), or the episodic-memory layer.
+Which attention a layer gets is the config's `attention_kind`: standard,
+Mixture-of-Head (MoH), Mixture of Attention heads (MoA), or the episodic-memory
+layer.
 """
 
 from __future__ import annotations
@@ -21,24 +21,9 @@ from ava.model.moh import MixtureOfHeadsAttention
 from ava.model.norm import make_norm
 
 
-def attention_kind(cfg: ModelConfig, index: int) -> str:
-    """"memory", "moa", "moh" or "standard" for layer `index`.
-
-    The memory layer is one designated layer; MoA takes every
-    `moa.every_n_layers`-th layer (N-1, 2N-1, ...); MoH takes the rest; with
-    neither, attention is standard.
-    """
-    if cfg.use_episodic_memory and index == cfg.episodic_memory_layer:
-        return "memory"
-    if cfg.use_moa and (index + 1) % cfg.moa.every_n_layers == 0:
-        return "moa"
-    if cfg.use_moh:
-        return "moh"
-    return "standard"
-
-
 def make_attention(cfg: ModelConfig, index: int) -> nn.Module:
-    kind = attention_kind(cfg, index)
+    """The attention `cfg.attention_kind(index)` names."""
+    kind = cfg.attention_kind(index)
     if kind == "moh":
         return MixtureOfHeadsAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.use_bias,
                                        cfg.attention_dropout, cfg.moh.num_shared_heads, cfg.moh.active_routed_heads,
@@ -62,7 +47,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attn_norm = make_norm(cfg.norm_type, cfg.hidden_size, cfg.layer_norm_eps, cfg.use_bias)
         self.attn = make_attention(cfg, index)
-        self.attn_kind = attention_kind(cfg, index)
+        self.attn_kind = cfg.attention_kind(index)
         self.ffn_norm = make_norm(cfg.norm_type, cfg.hidden_size, cfg.layer_norm_eps, cfg.use_bias)
         self.ffn: nn.Module
         if cfg.is_moe:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ava.config.schema.lora import TrainingLoRAConfig
 from ava.model.errors import ModelInputError
+from ava.model.store import FEATURE_ADDED
 
 ADAPTER = "default"  # peft's adapter name; one adapter per model here
 _BASE, _A, _B = ".base_layer.weight", f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight"
@@ -124,7 +125,11 @@ def apply_training_lora(model: nn.Module, lora: TrainingLoRAConfig) -> float:
     peft freezes every non-adapter weight; `freeze_base: false` unfreezes them
     all again (full fine-tuning plus adapters, what the BEHRT guide's first
     failure did by accident), and `train_embeddings`/`train_head` unfreeze just
-    the embeddings or the output head and final norm.
+    the embeddings or the output head and final norm. What the enhanced features
+    add (cross-attention blocks, head and attention-expert routers, the memory
+    gate) always trains: it is new to the model, like an adapter, and frozen
+    closed gates would keep the adapters inside the cross-attention blocks at a
+    zero gradient.
     """
     scaling = apply_lora(model, lora.rank, lora.alpha, lora.dropout, list(lora.target_modules))
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
@@ -133,7 +138,8 @@ def apply_training_lora(model: nn.Module, lora: TrainingLoRAConfig) -> float:
         if ".lora_" in name:
             continue
         param.requires_grad_(not lora.freeze_base or (lora.train_embeddings and name.startswith(_EMBEDDINGS))
-                             or (lora.train_head and name.startswith(head)))
+                             or (lora.train_head and name.startswith(head))
+                             or any(marker in name for marker in FEATURE_ADDED))
     return scaling
 
 

@@ -34,6 +34,7 @@ TRAINING_CHOICES = frozenset({
     "use_episodic_memory", "moh", "moa", "cross_attention", "rag", "episodic_memory",
 })
 SHAPE_KEYS = tuple(name for name in ModelConfig.model_fields if name not in TRAINING_CHOICES)
+FEATURES = ("moh", "moa", "cross_attention", "rag", "episodic_memory")
 
 
 @dataclass(frozen=True)
@@ -100,5 +101,20 @@ def adopt_architecture(config: ModelConfig, source: Pretrained, explicit: set[st
         raise ModelInputError(f"{SETTING}: the config's model shape differs from {source.describe()}: {shown}",
                               "remove those keys from the model: section (the checkpoint decides the architecture "
                               "when init_from is set), or point init_from at the checkpoint you meant")
-    shape = {name: getattr(source.config, name) for name in SHAPE_KEYS}
-    return config.model_copy(update=shape)
+    shape: dict[str, Any] = {name: getattr(source.config, name) for name in SHAPE_KEYS}
+    for feature in FEATURES:  # what the checkpoint was trained with carries over unless the config says otherwise
+        switch = f"use_{feature}"
+        if getattr(source.config, switch) and switch not in explicit:
+            shape[switch] = True
+            if feature not in explicit:
+                shape[feature] = getattr(source.config, feature)
+    adopted = config.model_copy(update=shape)
+    if adopted.use_moa != source.config.use_moa:
+        have = "uses" if source.config.use_moa else "does not use"
+        raise ModelInputError(
+            f"{SETTING}: {source.describe()} {have} MoA, and model.use_moa = {adopted.use_moa} "
+            f"({where.get('use_moa', 'config')}): MoA's per-expert query and output projections cannot be made "
+            "from standard attention's, nor the reverse",
+            f"set model.use_moa: {str(source.config.use_moa).lower()}, or point init_from at a model trained "
+            f"{'with' if adopted.use_moa else 'without'} MoA")
+    return adopted

@@ -88,7 +88,11 @@ class Retriever:
         Neighbour i of chunk j of row b is a stored chunk followed by its
         continuation, nearest first; a trailing partial chunk is not queried.
         With `exclude_own_document`, a query chunk found verbatim in the store
-        gets no neighbour from the document(s) it came from.
+        gets no neighbour from the document(s) it came from, nor from those of
+        the chunk after it in its row: chunk j's neighbours are read by the
+        positions that predict chunk j+1 (RETRO's offset), so a neighbour from
+        chunk j+1's document (a document that starts on the chunk boundary, or
+        a verbatim copy) would hand them the very tokens they predict.
         """
         if tokens.ndim != 2:
             raise ModelInputError(f"retrieval queries have shape {tuple(tokens.shape)}, expected (batch, sequence)",
@@ -100,7 +104,7 @@ class Retriever:
         out = np.full((batch * per_row, k, 2 * c), -1, dtype=np.int64)
         if out.shape[0]:
             queries = tokens[:, :per_row * c].detach().cpu().numpy().astype(np.int64).reshape(-1, c)
-            ids = self._nearest(queries, k, exclude_own_document)
+            ids = self._nearest(queries, k, exclude_own_document, per_row)
             found = ids >= 0
             chunks = self.store.chunks
             out[..., :c] = np.where(found[..., None], chunks[np.maximum(ids, 0)], -1)
@@ -109,7 +113,7 @@ class Retriever:
             out[..., c:] = np.where(has_next[..., None], chunks[np.minimum(nxt, self.num_chunks - 1)], -1)
         return torch.from_numpy(out.reshape(batch, per_row, k, 2 * c))
 
-    def _nearest(self, queries: np.ndarray, k: int, exclude_own_document: bool) -> np.ndarray:
+    def _nearest(self, queries: np.ndarray, k: int, exclude_own_document: bool, per_row: int = 1) -> np.ndarray:
         """(Q, k) chunk ids, nearest first, -1 padded, none from the query's own document(s) if asked.
 
         Exact search masks those chunks out of its one score matrix; approximate
@@ -119,7 +123,11 @@ class Retriever:
         vectors = self.encoder.encode(queries)
         own = None
         if exclude_own_document:
-            own = OwnChunks.of(*self.store.table.matches(queries, self.store.chunks), self.store.documents)
+            query, chunk = self.store.table.matches(queries, self.store.chunks)
+            follows = query % per_row != 0  # query q is the chunk after query q - 1 in the same row
+            query, chunk = np.concatenate([query, query[follows] - 1]), np.concatenate([chunk, chunk[follows]])
+            order = np.lexsort((chunk, query))
+            own = OwnChunks.of(query[order], chunk[order], self.store.documents)
         if isinstance(self.index, ExactIndex):
             return self.index.search(vectors, k, own.positions() if own is not None else None)
         result = np.full((len(queries), k), -1, dtype=np.int64)

@@ -58,7 +58,7 @@ def build_run_store(resolved: ResolvedConfig, data: TrainingData, output: Path |
     rows = training_rows(data)
     out_dir = output or store_dir(rag.index_dir, resolved.config.data.cache_dir, rows, encoder)
     refuse_existing(out_dir, force)
-    eos_id = data.tokenizer.eos_id if data.tokenizer is not None else None
+    eos_id = data.tokenizer.eos_id if data.tokenizer is not None else resolved.config.data.eos_token_id
     info = build_store(rows, eos_id, encoder, out_dir, rag.chunk_size, rag.search, rag.nlist, force=force)
     return info, source
 

@@ -4,8 +4,10 @@ The store's chunk vectors come from the model's own token embedding at the
 start of the run (`rag.encoder: embedding`), so the store is found, or
 built, once the model is built and its initial weights are set: the
 embedding then exists, no second copy of the model is made, and the store's
-encoder fingerprint can be checked against it. Rank 0 builds; the others
-wait at a barrier and open what it wrote.
+encoder fingerprint can be checked against it. Rank 0 builds; the others wait
+for its verdict (a broadcast, so a failed build stops every rank) and open what
+it wrote. A build longer than the process group's timeout would time the
+others out: build a large corpus's store ahead of time with `ava rag build-index`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from ava.config.schema.model import ModelConfig
+from ava.model.errors import ModelInputError
 from ava.rag.chunks import data_fingerprint
 from ava.rag.encoder import ChunkEncoder, EmbeddingEncoder, HFEncoder
 from ava.rag.retriever import Retriever
@@ -56,12 +59,27 @@ class RetrievalPlan:
             assert self.decode is not None  # the config rules refuse an HF encoder without a tokenizer
             encoder = HFEncoder(rag.encoder, self.decode)
         directory = store_dir(rag.index_dir, self.cache_dir, self.rows, encoder)
+        failure: BaseException | None = None
         if rank == 0 and not (directory / "manifest.json").is_file():
-            info = build_store(self.rows, self.eos_id, encoder, directory, rag.chunk_size, rag.search, rag.nlist)
-            if on_note is not None:
-                on_note(f"retrieval: built the datastore on first use, {info.describe()}")
-        if world_size > 1:
-            torch.distributed.barrier()
+            try:
+                info = build_store(self.rows, self.eos_id, encoder, directory, rag.chunk_size, rag.search, rag.nlist)
+                if on_note is not None:
+                    on_note(f"retrieval: built the datastore on first use, {info.describe()}")
+            except Exception as exc:  # told to the other ranks below, so that they stop instead of waiting
+                failure = exc
+        if world_size > 1:  # the others wait for rank 0's verdict, not at a bare barrier
+            verdict = [str(failure) if failure is not None else ""]
+            torch.distributed.broadcast_object_list(verdict, src=0)
+            if verdict[0] and failure is None:
+                raise ModelInputError(f"rank 0 could not build the retrieval store in {directory}: {verdict[0]}",
+                                      "see rank 0's message above; building it ahead of time with `ava rag "
+                                      "build-index` and the same config shows the problem on its own")
+        if failure is not None:
+            raise failure
+        if not (directory / "manifest.json").is_file():
+            raise ModelInputError(f"the retrieval store rank 0 built in {directory} is not visible on this node",
+                                  "put data.cache_dir (or model.rag.index_dir) on a filesystem every node shares, "
+                                  "or run `ava rag build-index` with the same config on every node first")
         retriever = Retriever.open(directory, decode=self.decode, nprobe=rag.nprobe)
         retriever.check(chunk_size=rag.chunk_size, data_fingerprint=data_fingerprint(self.rows),
                         encoder_fingerprint=encoder.fingerprint)

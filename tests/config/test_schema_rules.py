@@ -99,11 +99,32 @@ def test_enhanced_features_validate_with_their_defaults(write_yaml, text):
      "the model has layers 0..3"),
     ("model:\n  use_moa: true\ntraining:\n  lora:\n    enabled: true\n    target_modules: [q_proj, v_proj]\n",
      "q_proj: with model.use_moa the MoA layers' query and output projections are stacked"),
+    ("model:\n  use_moh: true\n  use_moa: true\n", "no layer would get MOH"),
+    ("model:\n  num_layers: 4\n  use_moa: true\n  moa:\n    every_n_layers: 4\n  use_episodic_memory: true\n",
+     "no layer would get MOA"),
+    ("model:\n  use_rag: true\n  use_cross_attention: true\n  rag:\n    chunk_size: 256\n"
+     "data:\n  max_length: 256\n", "would have fewer than two chunks"),
+    ("model:\n  use_rag: true\n  use_cross_attention: true\n  rag:\n    encoder: /models/bert\n"
+     "data:\n  builtin_dataset: markov\n", "no tokenizer to turn them back into text"),
 ])
+
+
 def test_enhanced_feature_rules(write_yaml, text, fragment):
     assert fragment in _problems(write_yaml, text)
 
 
+def test_a_bad_data_section_beside_the_features_is_reported_not_a_crash(write_yaml):
+    message = _problems(write_yaml, "model:\n  use_episodic_memory: true\ndata:\n  max_length: -5\n")
+    assert "data.max_length" in message
+
+
+def test_token_files_without_an_eos_id_warn_that_rows_count_as_documents(write_yaml, tmp_path):
+    path = write_yaml("c.yaml", f"model:\n  use_episodic_memory: true\ndata:\n  data_dir: {tmp_path}\n")
+    notices = load_config(ConfigFiles(path), world=ONE).notices
+    assert any("every row counts as one document" in n.message and "eos_token_id" in n.message for n in notices)
+    path = write_yaml("d.yaml", f"model:\n  use_episodic_memory: true\ndata:\n  data_dir: {tmp_path}\n"
+                                "  eos_token_id: 50256\n")
+    assert not any("every row counts" in n.message for n in load_config(ConfigFiles(path), world=ONE).notices)
 def test_fp8_interval_is_accepted_with_a_warning_saying_why(write_yaml):
     path = write_yaml("c.yaml", "deepspeed:\n  fp8_interval: 1\n")
     r = load_config(ConfigFiles(path), world=ONE)

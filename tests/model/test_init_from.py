@@ -110,3 +110,23 @@ def test_resumed_run_rebuilds_the_recorded_architecture_without_the_pretrained_d
 def test_unusable_init_from_directory_says_what_to_point_at(tmp_path: Path, make, expected: str) -> None:
     with pytest.raises(ModelInputError, match=expected):
         locate(make(tmp_path))
+
+
+def test_init_from_carries_the_checkpoints_enhanced_features_and_refuses_moa_from_plain_attention(tmp_path):
+    from pathlib import Path
+
+    from ava.config.schema.model import ModelConfig
+    from ava.model.errors import ModelInputError
+    from ava.model.pretrained import Pretrained, adopt_architecture
+
+    small = dict(hidden_size=32, num_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
+                 max_position_embeddings=64)
+    with_features = Pretrained(Path(tmp_path), "ava", ModelConfig(
+        **small, use_moh=True, moh={"num_shared_heads": 1, "active_routed_heads": 1}, use_episodic_memory=True))
+    adopted = adopt_architecture(ModelConfig(), with_features, set(), {})
+    assert adopted.use_moh and adopted.moh.active_routed_heads == 1 and adopted.use_episodic_memory
+    plain = Pretrained(Path(tmp_path), "ava", ModelConfig(**small))
+    with pytest.raises(ModelInputError, match="does not use MoA"):
+        adopt_architecture(ModelConfig(use_moa=True), plain, {"use_moa"}, {"use_moa": "c.yaml:3"})
+    cross = adopt_architecture(ModelConfig(use_cross_attention=True, use_rag=True), plain, {"use_rag"}, {})
+    assert cross.use_cross_attention and cross.hidden_size == 32  # a plain model gains the closed-gate blocks

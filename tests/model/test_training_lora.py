@@ -75,3 +75,16 @@ def test_tied_head_and_embedding_train_together_and_do_not_warn_as_frozen(switch
     untied = AvaForCausalLM(SMALL)
     _, _, warnings = prepare_trainable(untied, lora, from_scratch=True)
     assert len(warnings) == 1 and "frozen" in warnings[0]  # the other role really is frozen when untied
+
+
+def test_what_the_enhanced_features_add_keeps_training_under_lora():
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
+                      max_position_embeddings=32, num_experts=0, use_cross_attention=True, use_rag=True,
+                      use_moh=True, moh={"num_shared_heads": 1, "active_routed_heads": 2})
+    model = AvaForCausalLM(cfg)
+    apply_training_lora(model, TrainingLoRAConfig(enabled=True, target_modules=["q_proj", "v_proj"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"cross_blocks.0.attn_gate", "cross_blocks.0.ffn_gate", "layers.0.attn.router.routed_gate.weight"} \
+        <= trainable  # closed gates must open, or the adapters inside the blocks never get a gradient
+    assert "layers.0.attn.k_proj.weight" not in trainable and "embed_tokens.weight" not in trainable
+    assert any(".lora_" in n for n in trainable)

@@ -78,8 +78,17 @@ def test_a_held_out_chunk_gets_the_near_duplicate_even_from_a_document_it_resemb
     rows, a, b, retriever = planted
     query = rows[a // PER_ROW: a // PER_ROW + 1].copy()
     query[0, (a % PER_ROW) * CHUNK:(a % PER_ROW + 1) * CHUNK] = near_copy(rows.reshape(-1, CHUNK)[a], seed=3)
+    after = (a % PER_ROW + 1) * CHUNK  # the chunks after it are new text too (were they stored, see below)
+    query[0, after:] = np.random.default_rng(4).integers(0, EOS, query.shape[1] - after)
     got = _chunk_ids(rows, retriever.neighbours(torch.from_numpy(query), k=2))
-    assert got[0, a % PER_ROW, 0] == a  # the changed chunk is not in the store, so nothing is excluded for it
+    assert got[0, a % PER_ROW, 0] == a  # neither the changed chunk nor the next is in the store: nothing excluded
+    if a % PER_ROW < PER_ROW - 1:
+        # With the next chunk verbatim from a's document, a's document is excluded: a's continuation is exactly
+        # what the positions reading these neighbours predict.
+        query[0, after:after + CHUNK] = rows.reshape(-1, CHUNK)[a + 1]
+        got = _chunk_ids(rows, retriever.neighbours(torch.from_numpy(query), k=4))[0, a % PER_ROW]
+        documents = chunk_documents(rows, CHUNK, EOS)
+        assert (got >= 0).all() and not (documents[got] == documents[a + 1, 0]).any(), got
 
 
 def test_each_neighbour_is_its_chunk_followed_by_the_next_chunk(planted):
@@ -106,6 +115,20 @@ def test_too_few_neighbours_are_padded_with_minus_one(tmp_path):
     assert (got[last][:, CHUNK:] == -1).all() and (got[last][:, :CHUNK] >= 0).all()  # the stream ends after chunk 2
     own = retriever.neighbours(torch.from_numpy(rows), k=2)  # every stored chunk is the query's own document
     assert (own == -1).all()
+
+
+@pytest.mark.parametrize("search", SEARCH)
+def test_a_chunk_never_gets_the_document_of_the_chunk_its_readers_predict(tmp_path, search):
+    # Document A ends exactly on a chunk boundary, so chunk 1 of the row is the start of document B. Chunk 0's
+    # neighbours are read by the positions that predict chunk 1: document B must be excluded as well as A.
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, EOS, CHUNK - 1), rng.integers(0, EOS, 6 * CHUNK)
+    rows = pack_documents([a, b], 2 * CHUNK, EOS)
+    build_store(rows, EOS, encoder(), tmp_path / "s", CHUNK, search, nlist=2)
+    retriever = Retriever.open(tmp_path / "s")
+    got = _chunk_ids(rows, retriever.neighbours(torch.from_numpy(rows[:1]), k=rows.size // CHUNK))
+    assert (got[0, 0] == -1).all(), got[0, 0]  # every stored chunk is A's or B's
+    assert set(got[0, 1].tolist()) == {0, -1}  # chunk 1, B's, may read A (its readers predict past the row)
 
 
 @pytest.mark.parametrize("search", SEARCH)

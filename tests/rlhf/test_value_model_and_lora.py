@@ -51,8 +51,8 @@ def test_a_value_model_from_a_policy_reads_the_policys_hidden_states(experts):
     value = value_model_from_policy(policy, head_std=0.1).eval()
     ids = _ids()
     with torch.no_grad():
-        expected, _ = policy.hidden_states(ids)
-        hidden, _ = value.trunk.hidden_states(ids)
+        expected, _, _ = policy.hidden_states(ids)
+        hidden, _, _ = value.trunk.hidden_states(ids)
         values = value(ids).values
         head = value.value_head(expected).squeeze(-1)
     torch.testing.assert_close(hidden, expected, rtol=0, atol=0)

@@ -31,6 +31,10 @@ class DataConfig(Section):
 
     data_dir: str | None = Field(
         None, description="Directory with pre-tokenised train.bin/val.bin; takes precedence over sources.")
+    eos_token_id: int | None = Field(
+        None, ge=0, description="The end-of-document id inside data_dir's token files (GPT-2's: 50256), where "
+        "retrieval's own-document exclusion and the episodic memory find document boundaries; null = none "
+        "known (each row then counts as one document). Text data takes it from its tokenizer.")
     sources: list[SourceConfig] = Field(
         default_factory=list,
         description="Local text/json/jsonl/parquet/csv files to train on (list of {path, format, text_field, "

@@ -191,6 +191,21 @@ class ModelConfig(Section):
             return []
         return list(range(0, self.num_layers, self.cross_attention.every_n_layers))
 
+    def attention_kind(self, index: int) -> str:
+        """"memory", "moa", "moh" or "standard": the attention of layer `index`.
+
+        The memory layer is one designated layer; MoA takes every
+        `moa.every_n_layers`-th layer (N-1, 2N-1, ...) of the rest; MoH takes
+        the others; with none of them on, attention is standard.
+        """
+        if self.use_episodic_memory and index == self.episodic_memory_layer:
+            return "memory"
+        if self.use_moa and (index + 1) % self.moa.every_n_layers == 0:
+            return "moa"
+        if self.use_moh:
+            return "moh"
+        return "standard"
+
     @property
     def routes_attention(self) -> bool:
         """Whether some attention layer has a router (and so a router loss and statistics)."""
