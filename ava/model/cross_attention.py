@@ -57,6 +57,10 @@ class GatedCrossAttention(nn.Module):
         `start`: the position of x's first token (the KV cache's length when decoding).
         """
         batch, seq, _ = x.shape
+        if chunk is not None and start == 0 and seq == context.shape[1] * chunk:
+            y = self._read_by_chunk(x, context, context_mask, chunk)
+            x = x + torch.tanh(self.attn_gate).to(x.dtype) * self.o_proj(y)
+            return x + torch.tanh(self.ffn_gate).to(x.dtype) * self.ffn(self.ffn_norm(x))
         q = self.q_proj(self.attn_norm(x)).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         if chunk is not None:
             allowed, context = _chunked_mask(start, seq, chunk, context, context_mask)
@@ -75,6 +79,35 @@ class GatedCrossAttention(nn.Module):
         y = y.transpose(1, 2).masked_fill(empty[..., None], 0.0).flatten(2)
         x = x + torch.tanh(self.attn_gate).to(x.dtype) * self.o_proj(y)
         return x + torch.tanh(self.ffn_gate).to(x.dtype) * self.ffn(self.ffn_norm(x))
+
+
+    def _read_by_chunk(self, x: torch.Tensor, neighbours: torch.Tensor, valid: torch.Tensor | None,
+                       chunk: int) -> torch.Tensor:
+        """RETRO's chunked cross-attention for a whole training row: each window of `chunk` positions reads
+        only its own chunk's neighbours, so the cost grows with seq x K x length, not seq x all neighbours.
+
+        Window u is positions (u+1)*chunk - 1 ... (u+2)*chunk - 2 (the queries shifted left by chunk - 1,
+        padded at the end); positions before chunk - 1 read nothing. Same result as the masked path.
+        """
+        batch, seq, hidden = x.shape
+        n_chunks, per_chunk = neighbours.shape[1], neighbours.shape[2]
+        h, d = self.num_heads, self.head_dim
+        q = self.q_proj(self.attn_norm(x))
+        # 4-D (batch * n_chunks, heads, positions, head_dim), the layout every SDPA kernel takes.
+        q = F.pad(q[:, chunk - 1:], (0, 0, 0, chunk - 1)).reshape(batch * n_chunks, chunk, h, d).transpose(1, 2)
+        k = self.k_proj(neighbours).reshape(batch * n_chunks, per_chunk, h, d).transpose(1, 2)
+        v = self.v_proj(neighbours).reshape(batch * n_chunks, per_chunk, h, d).transpose(1, 2)
+        mask = empty = None
+        if valid is not None:
+            allowed = valid.reshape(batch * n_chunks, 1, 1, per_chunk)
+            empty = ~allowed.any(-1, keepdim=True)  # a chunk with no neighbour: read position 0, zero the result
+            mask = allowed.clone()
+            mask[..., :1] |= empty
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (batch * n, heads, chunk, head_dim)
+        if empty is not None:
+            y = y.masked_fill(empty, 0.0)
+        y = y.transpose(1, 2).reshape(batch, seq, hidden)[:, :seq - chunk + 1]
+        return F.pad(y, (0, 0, chunk - 1, 0))
 
 
 def _chunked_mask(start: int, seq: int, chunk: int, neighbours: torch.Tensor,

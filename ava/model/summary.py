@@ -111,9 +111,10 @@ def _attention_flops(model: AvaForCausalLM, seq: int) -> tuple[int, dict[str, st
 
     Counted as implemented: a standard or MoH layer scores every head against
     `seq` keys (MoH weights heads after computing them all); an MoA layer
-    scores k * heads_per_expert query heads; the memory layer scores its
-    segment locally plus every earlier key of the row for the kNN lookup, then
-    reads top_k values; a cross-attention block reads its context.
+    scores k * heads_per_expert query heads; the memory layer runs its local
+    attention as one masked `seq` square and scores every earlier key of the
+    row for the kNN lookup, then reads top_k values; a cross-attention block
+    reads its chunk's neighbours (retrieval) or the whole context.
     """
     cfg = model.config
     per_head = 2 * 2 * seq * cfg.head_dim  # QK^T and AV, full square as PaLM counts it
@@ -124,7 +125,7 @@ def _attention_flops(model: AvaForCausalLM, seq: int) -> tuple[int, dict[str, st
         if isinstance(attn, MixtureOfAttention):
             flops += per_head * attn.top_k * attn.heads_per_expert
         elif isinstance(attn, EpisodicMemoryAttention):
-            local = 2 * 2 * attn.segment_length * cfg.head_dim * cfg.num_attention_heads
+            local = per_head * cfg.num_attention_heads  # one masked square: the kernel skips no segment
             lookup = 2 * seq * cfg.head_dim * cfg.num_attention_heads + 2 * attn.top_k * cfg.head_dim * cfg.num_attention_heads
             flops += local + lookup
         else:

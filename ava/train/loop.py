@@ -402,7 +402,8 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     if eval_batches is not None:
         result.sample = _sample(engine.module, eval_batches, t.sample_max_new_tokens, device)
         if verify_checkpoint and result.checkpoint is not None and saved_step == result.steps:
-            result.checkpoint_reload_ok = _reload_matches(engine, result.checkpoint, eval_batches, process.rank)
+            result.checkpoint_reload_ok = _reload_matches(engine, result.checkpoint, eval_batches, process.rank,
+                                                          batch_context)
     result.model = engine.module
     result.seconds = time.perf_counter() - start
     return result

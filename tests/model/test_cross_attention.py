@@ -128,3 +128,19 @@ def test_a_pretrained_model_without_the_features_loads_into_one_with_them_for_in
     partial = {k: v for k, v in base.state_dict().items() if k != "layers.1.attn.q_proj.weight"}
     with pytest.raises(ModelInputError, match=r"layers\.1\.attn\.q_proj\.weight"):  # a base weight is still required
         load_state_exactly(extended, partial, "base", allow_feature_added=True)
+
+
+def test_reading_by_chunk_windows_equals_the_masked_reading_it_replaces():
+    block = _block()
+    with torch.no_grad():
+        block.attn_gate.fill_(0.8)
+        block.ffn_gate.fill_(-0.3)
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    neighbours = torch.randn(2, 3, 5, 24, dtype=torch.float64)
+    valid = torch.rand(2, 3, 5) > 0.3
+    valid[0, 1] = False  # a chunk with no neighbour at all
+    fast = block(x, neighbours, valid, chunk=4)
+    masked = block(x[:, :11], neighbours, valid, chunk=4)  # not a whole number of chunks: the masked path
+    torch.testing.assert_close(fast[:, :11], masked, rtol=0, atol=1e-12)
+    stepwise = torch.cat([block(x[:, p:p + 1], neighbours, valid, chunk=4, start=p) for p in range(12)], dim=1)
+    torch.testing.assert_close(fast, stepwise, rtol=0, atol=1e-12)
