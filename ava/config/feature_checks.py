@@ -59,19 +59,18 @@ def _layers(ctx: CheckContext, m: ModelConfig) -> None:
 
 
 def _moh(ctx: CheckContext, m: ModelConfig) -> None:
-    h = m.moh
-    routed = m.num_attention_heads - h.num_shared_heads
+    shared, active = m.moh_shared_heads, m.moh_active_routed_heads
+    routed = m.num_attention_heads - shared
     if routed < 1:
         ctx.problem("model.moh.num_shared_heads",
                     f"leaves no head to route: model.num_attention_heads = {m.num_attention_heads} "
                     f"({ctx.where('model.num_attention_heads')})",
-                    f"set num_shared_heads below {m.num_attention_heads} (the MoH paper shares about a quarter)",
-                    h.num_shared_heads)
-    elif h.active_routed_heads > routed:
+                    f"set num_shared_heads below {m.num_attention_heads} (the MoH paper shares about a quarter), "
+                    "or null", shared)
+    elif active > routed:
         ctx.problem("model.moh.active_routed_heads",
                     f"exceeds the {routed} routed heads (num_attention_heads {m.num_attention_heads} minus "
-                    f"moh.num_shared_heads {h.num_shared_heads})",
-                    f"set active_routed_heads to at most {routed}", h.active_routed_heads)
+                    f"{shared} shared)", f"set active_routed_heads to at most {routed}, or null", active)
 
 
 def _moa(ctx: CheckContext, m: ModelConfig) -> None:

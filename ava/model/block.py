@@ -26,7 +26,7 @@ def make_attention(cfg: ModelConfig, index: int) -> nn.Module:
     kind = cfg.attention_kind(index)
     if kind == "moh":
         return MixtureOfHeadsAttention(cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.use_bias,
-                                       cfg.attention_dropout, cfg.moh.num_shared_heads, cfg.moh.active_routed_heads,
+                                       cfg.attention_dropout, cfg.moh_shared_heads, cfg.moh_active_routed_heads,
                                        cfg.moh.aux_loss_coef, cfg.moh.z_loss_coef)
     if kind == "moa":
         return MixtureOfAttention(cfg.hidden_size, cfg.moa.num_experts, cfg.moa.experts_per_token,

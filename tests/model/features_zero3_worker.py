@@ -19,7 +19,7 @@ from ava.model import AvaForCausalLM  # noqa: E402
 from ava.model.transformer import Context  # noqa: E402
 from ava.model.zero3 import mark_moe_zero3_leaves  # noqa: E402
 
-SEQ, VOCAB, STEPS = 32, 48, 30
+SEQ, VOCAB, STEPS = 32, 48, 24
 BASE = dict(hidden_size=32, num_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
             max_position_embeddings=SEQ)
 CASES = {

@@ -45,7 +45,29 @@ def test_all_five_features_train_from_the_store_ava_rag_build_index_made(tmp_pat
     assert {"moe/aux_loss", "moh/aux_loss", "moa/aux_loss", "router_loss", "grad_norm/cross_blocks"} <= logged
 
 
-def test_a_missing_datastore_is_built_on_first_use(tmp_path):
-    _, stdout = _train(tmp_path, "run")
-    assert "retrieval: built the datastore on first use" in stdout
-    assert len(list((tmp_path / "cache" / "rag").iterdir())) == 1
+def test_a_missing_datastore_is_built_on_first_use_and_found_after(tmp_path):
+    import numpy as np
+    import torch
+
+    from ava.config.schema.model import ModelConfig
+    from ava.data.packing import pack_documents
+    from ava.train.retrieval import RetrievalPlan
+
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=300,
+                      max_position_embeddings=64, use_cross_attention=True, use_rag=True,
+                      rag={"chunk_size": 16, "num_neighbours": 2})
+    rng = np.random.default_rng(0)
+    rows = pack_documents([rng.integers(0, 256, int(rng.integers(20, 90))) for _ in range(30)], 64, 256)
+    embedding = torch.randn(300, 32, generator=torch.Generator().manual_seed(1))
+    plan = RetrievalPlan(cfg, rows, 256, str(tmp_path / "cache"))
+    notes: list[str] = []
+    context = plan.open(embedding, 0, 1, notes.append)(torch.from_numpy(rows[:2]), torch.device("cpu"))
+    assert any("built the datastore on first use" in n for n in notes)
+    assert context is not None and context.neighbours is not None and context.neighbours.shape == (2, 4, 2, 32)
+    stores = list((tmp_path / "cache" / "rag").iterdir())
+    notes.clear()
+    plan.open(embedding, 0, 1, notes.append)
+    assert not any("built" in n for n in notes) and list((tmp_path / "cache" / "rag").iterdir()) == stores
+    # Another initial embedding (another config or seed) gets its own store instead of reading this one.
+    plan.open(embedding * 2, 0, 1, notes.append)
+    assert len(list((tmp_path / "cache" / "rag").iterdir())) == 2

@@ -12,10 +12,12 @@ from ava.config.schema.base import Section
 class MoHConfig(Section):
     """Mixture-of-Head attention: which heads a token uses, and how routing is balanced."""
 
-    num_shared_heads: int = Field(
-        2, ge=0, description="Heads every token uses (MoH's shared heads); the rest are routed.")
-    active_routed_heads: int = Field(
-        4, gt=0, description="Routed heads each token activates (top-k over the routed heads).")
+    num_shared_heads: int | None = Field(
+        None, ge=0, description="Heads every token uses (MoH's shared heads); the rest are routed. null = a "
+        "quarter of num_attention_heads.")
+    active_routed_heads: int | None = Field(
+        None, gt=0, description="Routed heads each token activates (top-k over the routed heads); null = two "
+        "thirds of the routed heads (with a quarter shared, 75% of all heads active, as in the MoH paper).")
     aux_loss_coef: float = Field(0.01, ge=0, description="Weight of the head load-balancing loss.")
     z_loss_coef: float = Field(0.0, ge=0, description="Weight of the head router's z-loss.")
 
@@ -170,6 +172,16 @@ class ModelConfig(Section):
         """The layer holding the episodic memory: configured, else three quarters of the way up."""
         layer = self.episodic_memory.layer
         return layer if layer is not None else (3 * self.num_layers) // 4
+
+    @property
+    def moh_shared_heads(self) -> int:
+        shared = self.moh.num_shared_heads
+        return shared if shared is not None else self.num_attention_heads // 4
+
+    @property
+    def moh_active_routed_heads(self) -> int:
+        active = self.moh.active_routed_heads
+        return active if active is not None else max(1, 2 * (self.num_attention_heads - self.moh_shared_heads) // 3)
 
     @property
     def moa_heads_per_expert(self) -> int:
