@@ -29,8 +29,14 @@ CASES = {
                                 rag={"chunk_size": 8, "num_neighbours": 2}),
     "episodic_memory": dict(use_episodic_memory=True, episodic_memory={"layer": 1, "segment_length": 8, "top_k": 4}),
 }
+# All five at once, under the other ZeRO stages: layers moh, moa, memory, moa, a cross-attention block before
+# layers 0 and 2. Two shared heads, so that MoH's shared-head gate has something to learn too.
+ALL_FIVE = dict(num_layers=4, use_moh=True, moh={"num_shared_heads": 2, "active_routed_heads": 1}, use_moa=True,
+                moa={"num_experts": 4, "experts_per_token": 2, "every_n_layers": 2}, use_cross_attention=True,
+                use_rag=True, cross_attention={"every_n_layers": 2}, rag={"chunk_size": 8, "num_neighbours": 2},
+                use_episodic_memory=True, episodic_memory={"layer": 2, "segment_length": 8, "top_k": 4})
 FEATURE_WEIGHTS = {"moh": "router.", "moa": "router.", "cross_attention+rag": "attn_gate",
-                   "episodic_memory": "memory_gate"}
+                   "episodic_memory": "memory_gate", "all": "gate"}
 
 
 MOTIFS = torch.randint(0, VOCAB, (6, 8), generator=torch.Generator().manual_seed(7))
@@ -41,16 +47,17 @@ def _rows(gen: torch.Generator) -> torch.Tensor:
     return MOTIFS[torch.randint(0, len(MOTIFS), (2,), generator=gen)].repeat(1, SEQ // 8)
 
 
-def _train(name: str, ffn: str, rank: int) -> dict:
+def _train(name: str, ffn: str, rank: int, stage: int = 3) -> dict:
     torch.manual_seed(0)
-    cfg = ModelConfig(**BASE, num_experts=4 if ffn == "moe" else 0, **CASES[name])
+    features = ALL_FIVE if name == "all" else CASES[name]
+    cfg = ModelConfig(**{**BASE, **features}, num_experts=4 if ffn == "moe" else 0)
     model = AvaForCausalLM(cfg)
     watched = [n for n, _ in model.named_parameters() if FEATURE_WEIGHTS[name] in n]
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n in watched}
     leaves = mark_moe_zero3_leaves(model)
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 4,
                  "bf16": {"enabled": True},
-                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                 "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
                  "gradient_clipping": 1.0}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
@@ -58,10 +65,10 @@ def _train(name: str, ffn: str, rank: int) -> dict:
     losses = []
     for _ in range(STEPS):
         ids = _rows(gen)
-        context = None
+        context = Context(documents=torch.zeros_like(ids)) if cfg.use_episodic_memory else None
         if cfg.use_rag:  # each chunk's "retrieved" neighbours: the row's own motif, as a datastore would return
             chunks = ids.view(2, SEQ // 8, 1, 8).repeat(1, 1, 2, 2)
-            context = Context(neighbours=chunks)
+            context = Context(neighbours=chunks, documents=context.documents if context else None)
         out = engine(ids, labels=ids, context=context)
         engine.backward(out.loss)
         engine.step()
@@ -80,6 +87,9 @@ def main() -> None:
     only = os.environ.get("AVA_FEATURE_CASES")  # for debugging one case: e.g. "moh/dense"
     results = {f"{name}/{ffn}": _train(name, ffn, rank) for name in CASES for ffn in ("dense", "moe")
                if not only or f"{name}/{ffn}" in only.split(",")}
+    for stage in (1, 2):
+        if not only or f"all/zero{stage}" in only.split(","):
+            results[f"all/zero{stage}"] = _train("all", "moe", rank, stage)
     with open(f"result_rank{rank}.json", "w") as f:
         json.dump({"rank": rank, "cases": results}, f)
 

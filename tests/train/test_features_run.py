@@ -71,3 +71,16 @@ def test_a_missing_datastore_is_built_on_first_use_and_found_after(tmp_path):
     # Another initial embedding (another config or seed) gets its own store instead of reading this one.
     plan.open(embedding * 2, 0, 1, notes.append)
     assert len(list((tmp_path / "cache" / "rag").iterdir())) == 2
+
+
+def test_document_ids_start_after_each_end_of_document_token():
+    import torch
+
+    from ava.train.batch_context import BatchContext, documents_from_eos
+
+    tokens = torch.tensor([[5, 6, 9, 7, 9, 9, 8], [9, 1, 2, 3, 4, 5, 6]])
+    expected = torch.tensor([[0, 0, 0, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1, 1]])  # the eos (9) ends its own document
+    assert torch.equal(documents_from_eos(tokens, 9), expected)
+    context = BatchContext(None, 2, 9, memory=True)(tokens, torch.device("cpu"))
+    assert context is not None and torch.equal(context.documents, expected) and context.neighbours is None
+    assert BatchContext(None, 2, None, memory=True)(tokens, torch.device("cpu")) is None  # no eos known: one row
