@@ -10,6 +10,21 @@ from ava.model.kv_cache import KVCache
 from ava.model.rotary import apply_rotary
 
 
+def mask_after_cache(mask: torch.Tensor | None, past: int, seq: int,
+                     device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """The SDPA (attn_mask, is_causal) for `seq` queries after `past` cached positions.
+
+    No cache: `mask` if given (packed documents), else SDPA's own causal mask.
+    After a prefix, one query sees everything cached; a chunk's query i sees
+    every cached key and the chunk's keys up to itself.
+    """
+    if not past:
+        return mask, mask is None
+    if seq > 1:
+        return torch.ones(seq, past + seq, dtype=torch.bool, device=device).tril(diagonal=past), False
+    return mask, False
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head or grouped-query attention.
 
@@ -53,12 +68,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)
-        causal = mask is None
-        if past:
-            causal = False
-            if seq > 1:  # a chunk after a prefix: query i sees every cached key and keys up to itself
-                total = past + seq
-                mask = torch.ones(seq, total, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        mask, causal = mask_after_cache(mask, past, seq, x.device)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads)

@@ -19,7 +19,7 @@ checkpoints see exactly the eager model.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -41,6 +41,23 @@ def compile_pays(setting: CompileSetting, device: torch.device | str, zero_stage
     if setting == "auto":
         return torch.device(device).type == "cuda" and zero_stage < 3
     return bool(setting)
+
+
+T = TypeVar("T")
+
+
+@torch.compiler.disable
+def run_outside_graph(run: Callable[..., T], *args: Any) -> T:
+    """`run(*args)` eagerly, also when called from inside a compiled block: one graph break.
+
+    For the data-dependent expert paths (MoE experts, MoA's per-expert
+    projections, the expert-parallel all-to-all). Under torch.compile (torch
+    2.13) grouped_mm's shape function accepts bf16 only, and the per-expert
+    loops read counts to the host: traced, each new split of rows would be a
+    recompile until dynamo gave up. One graph break around them costs far
+    less. Outside compilation the decorator costs one function call.
+    """
+    return run(*args)
 
 
 ZERO3_COMPILE_WARNING = (

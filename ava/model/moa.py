@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ava.model.attention import mask_after_cache
+from ava.model.compile import run_outside_graph
 from ava.model.kv_cache import KVCache
 from ava.model.moe.dispatch import DispatchPlan, combine_rows, gather_rows, plan_dispatch
 from ava.model.moe.experts import grouped_mm_supported
@@ -98,11 +100,7 @@ class MixtureOfAttention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)
-        causal = mask is None
-        if past:
-            causal = False
-            if seq > 1:  # a chunk after a prefix: query i sees every cached key and keys up to itself
-                mask = torch.ones(seq, past + seq, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        mask, causal = mask_after_cache(mask, past, seq, x.device)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=q.shape[1] != self.num_kv_heads)
@@ -172,16 +170,15 @@ def _expert_matmul(rows: torch.Tensor, counts: torch.Tensor, weight: torch.Tenso
     grouped = rows.dtype == weight.dtype and grouped_mm_supported(rows.dtype, tuple(weight.shape[1:]))
     if grouped and (rows.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
         return _grouped_matmul(rows, counts, weight)
-    return _eager_matmul(rows, counts, weight, grouped)
+    return run_outside_graph(_eager_matmul, rows, counts, weight, grouped)
 
 
 def _grouped_matmul(rows: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.grouped_mm(rows, weight, offs=torch.cumsum(counts, 0).to(torch.int32))
 
 
-@torch.compiler.disable
 def _eager_matmul(rows: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor, grouped: bool) -> torch.Tensor:
-    """Eagerly, from inside a compiled block too: the reasons are in `ava.model.moe.experts._outside_graph`."""
+    """Run through `run_outside_graph` (the reasons are there)."""
     if grouped:
         return _grouped_matmul(rows, counts, weight)
     return torch.cat([chunk @ weight[e] for e, chunk in enumerate(rows.split(counts.tolist()))])

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ava.model.compile import run_outside_graph
 from ava.model.mlp import activate
 
 
@@ -65,12 +66,12 @@ class GroupedExperts(nn.Module):
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Expert e transforms rows[offset_e : offset_e + counts[e]] (rows sorted by expert)."""
         if self.fp8_matmul is not None:
-            return _outside_graph(self.forward_fp8, rows, counts)
+            return run_outside_graph(self.forward_fp8, rows, counts)
         if rows.dtype == self.down_proj.dtype and grouped_mm_supported(rows.dtype, self.widths):
             if rows.dtype != torch.bfloat16 and torch.compiler.is_compiling():
-                return _outside_graph(self.forward_grouped, rows, counts)
+                return run_outside_graph(self.forward_grouped, rows, counts)
             return self.forward_grouped(rows, counts)
-        return _outside_graph(self.forward_loop, rows, counts)
+        return run_outside_graph(self.forward_loop, rows, counts)
 
     def forward_grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """All experts as three grouped GEMMs over the expert-sorted rows; no host sync."""
@@ -108,17 +109,3 @@ class GroupedExperts(nn.Module):
             h = F.silu(mm(chunk, self.gate_proj[e])) * up if self.gate_proj is not None else activate(up, self.activation)
             outputs.append(mm(h, self.down_proj[e]))
         return torch.cat(outputs)
-
-
-@torch.compiler.disable
-def _outside_graph(run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], rows: torch.Tensor,
-                   counts: torch.Tensor) -> torch.Tensor:
-    """`run(rows, counts)` eagerly, from inside a compiled block too (see `ava.model.compile`).
-
-    Under torch.compile (torch 2.13) grouped_mm's shape function accepts bf16
-    only, and the per-expert paths (fp8, the reference loop) read the counts
-    to the host: traced, each new split of rows would be a recompile until
-    dynamo gave up. One graph break around the eager experts costs far less.
-    Outside compilation the decorator costs one function call.
-    """
-    return run(rows, counts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ava.model.compile import run_outside_graph
 from ava.model.mlp import DenseMLP
 from ava.model.moe.dispatch import combine_rows, expert_capacity, gather_rows, plan_dispatch
 from ava.model.moe.expert_parallel import ExpertParallel, run_experts_across_ranks
@@ -58,7 +59,9 @@ class MoELayer(nn.Module):
         if self.expert_parallel is None:
             rows = self.experts(rows, plan.counts)
         else:
-            rows = _across_ranks(self.experts, rows, plan.counts, self.expert_parallel)
+            # Eagerly even inside a compiled block: the all-to-all splits are host ints.
+            rows = run_outside_graph(run_experts_across_ranks, self.experts, rows, plan.counts,
+                                     self.expert_parallel)
         out = combine_rows(rows, plan)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
@@ -75,10 +78,3 @@ class MoELayer(nn.Module):
         return MoEStats(router_loss=self.aux_loss_coef * aux + self.z_loss_coef * z,
                         aux_loss=aux.detach(), z_loss=z.detach(), load=load.detach(),
                         dropped_fraction=dropped, entropy=entropy)
-
-
-@torch.compiler.disable
-def _across_ranks(experts: GroupedExperts, rows: torch.Tensor, counts: torch.Tensor,
-                  ep: ExpertParallel) -> torch.Tensor:
-    """`run_experts_across_ranks`, eagerly even inside a compiled block: its all-to-all splits are host ints."""
-    return run_experts_across_ranks(experts, rows, counts, ep)
