@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ava.cli.args import add_stack_arguments, new_parser, stack_from
 from ava.config import load_config
-
-if TYPE_CHECKING:
-
-    pass
 
 
 def build_index_cmd(argv: Sequence[str]) -> int:

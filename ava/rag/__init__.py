@@ -6,7 +6,6 @@
 - `own_document`: which neighbours come from the query's own document.
 - `store`: build a store atomically, read one back checked.
 - `retriever`: `Retriever.open(dir).neighbours(tokens, k)`.
-- `settings`: the `model.rag` settings.
 - `run_store`: a training run's store: where it is, building it from the run's config.
 
 `ava rag build-index` (ava.cli.rag_cmd) builds a store from a training config.
@@ -17,8 +16,7 @@ from __future__ import annotations
 from ava.rag.chunks import chunk_documents, cut_chunks, data_fingerprint
 from ava.rag.encoder import ChunkEncoder, EmbeddingEncoder, HFEncoder, encoder_fingerprint
 from ava.rag.retriever import Retriever
-from ava.rag.settings import RagSettings
 from ava.rag.store import StoreInfo, build_store
 
-__all__ = ["ChunkEncoder", "EmbeddingEncoder", "HFEncoder", "RagSettings", "Retriever", "StoreInfo", "build_store",
+__all__ = ["ChunkEncoder", "EmbeddingEncoder", "HFEncoder", "Retriever", "StoreInfo", "build_store",
            "chunk_documents", "cut_chunks", "data_fingerprint", "encoder_fingerprint"]

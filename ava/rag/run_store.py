@@ -6,13 +6,14 @@ first use when it is missing, so `use_rag: true` works the first time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ava.config.loader import ResolvedConfig
+from ava.config.schema.model import RAGConfig
 from ava.model.errors import ModelInputError
 from ava.rag.chunks import data_fingerprint
-from ava.rag.settings import RagSettings
 from ava.rag.store import StoreInfo, build_store, refuse_existing
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def store_dir(index_dir: str | None, cache_dir: str | None, rows: np.ndarray, en
 def build_run_store(resolved: ResolvedConfig, data: TrainingData, output: Path | None = None, force: bool = False
                     ) -> tuple[StoreInfo, str]:
     """Build the store of `data`'s training rows (at `output`, else `store_dir`); also say where the encoder came from."""
-    rag = RagSettings.from_section(resolved.config.model.rag)
+    rag = resolved.config.model.rag
     encoder, source = chunk_encoder(resolved, rag, data.tokenizer)
     rows = training_rows(data)
     out_dir = output or store_dir(rag.index_dir, resolved.config.data.cache_dir, rows, encoder)
@@ -63,18 +64,27 @@ def build_run_store(resolved: ResolvedConfig, data: TrainingData, output: Path |
     return info, source
 
 
-def chunk_encoder(resolved: ResolvedConfig, rag: RagSettings, tokenizer: Tokenizer | None) -> tuple[ChunkEncoder, str]:
-    """The chunk encoder rag.encoder names, and a phrase saying where its weights came from."""
+def chunk_encoder(resolved: ResolvedConfig, rag: RAGConfig, tokenizer: Tokenizer | None) -> tuple[ChunkEncoder, str]:
+    """The chunk encoder rag.encoder names for a run (built here), and a phrase saying where its weights came from."""
+    if rag.encoder != "embedding":
+        return make_encoder(rag, None, tokenizer.decode if tokenizer else None), f"Hugging Face encoder {rag.encoder}"
+    table, source = initial_token_embedding(resolved)
+    return make_encoder(rag, table, None), source
+
+
+def make_encoder(rag: RAGConfig, embedding: torch.Tensor | None,
+                 decode: Callable[[list[int]], str] | None) -> ChunkEncoder:
+    """`rag.encoder: embedding` from the token embedding the run starts from, else the local HF encoder."""
     from ava.rag.encoder import EmbeddingEncoder, HFEncoder
 
-    if rag.encoder != "embedding":
-        if tokenizer is None:
-            raise ModelInputError(f"rag.encoder = {rag.encoder} reads text, but this data has no tokenizer to turn "
-                                  "its token ids back into text (token files, the Markov corpus)",
-                                  "use rag.encoder: embedding, or data.sources / the built-in text corpus")
-        return HFEncoder(rag.encoder, tokenizer.decode), f"Hugging Face encoder {rag.encoder}"
-    table, source = initial_token_embedding(resolved)
-    return EmbeddingEncoder.from_embedding(table, rag.encoder_dim), source
+    if rag.encoder == "embedding":
+        assert embedding is not None
+        return EmbeddingEncoder.from_embedding(embedding, rag.encoder_dim)
+    if decode is None:
+        raise ModelInputError(f"rag.encoder = {rag.encoder} reads text, but this data has no tokenizer to turn "
+                              "its token ids back into text (token files, the Markov corpus)",
+                              "use rag.encoder: embedding, or data.sources / the built-in text corpus")
+    return HFEncoder(rag.encoder, decode)
 
 
 def initial_token_embedding(resolved: ResolvedConfig) -> tuple[torch.Tensor, str]:

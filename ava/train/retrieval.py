@@ -21,9 +21,8 @@ import torch
 from ava.config.schema.model import ModelConfig
 from ava.model.errors import ModelInputError
 from ava.rag.chunks import data_fingerprint
-from ava.rag.encoder import ChunkEncoder, EmbeddingEncoder, HFEncoder
 from ava.rag.retriever import Retriever
-from ava.rag.run_store import store_dir
+from ava.rag.run_store import make_encoder, store_dir
 from ava.rag.store import build_store
 from ava.train.batch_context import BatchContext
 
@@ -52,12 +51,7 @@ class RetrievalPlan:
                    on_note: Callable[[str], None] | None) -> Retriever:
         assert self.rows is not None
         rag = self.model.rag
-        encoder: ChunkEncoder
-        if rag.encoder == "embedding":
-            encoder = EmbeddingEncoder.from_embedding(embedding, rag.encoder_dim)
-        else:
-            assert self.decode is not None  # the config rules refuse an HF encoder without a tokenizer
-            encoder = HFEncoder(rag.encoder, self.decode)
+        encoder = make_encoder(rag, embedding, self.decode)
         directory = store_dir(rag.index_dir, self.cache_dir, self.rows, encoder)
         failure: BaseException | None = None
         if rank == 0 and not (directory / "manifest.json").is_file():
