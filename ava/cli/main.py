@@ -17,7 +17,7 @@ from typing import Any
 
 from ava import __version__
 from ava.config import ConfigError
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.secrets import redact_text, secret_values
 
 USAGE = f"""usage: ava <command> [options]
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _error(exc.render())
         return 2
-    except ModelInputError as exc:
+    except UserError as exc:
         _error(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
@@ -155,7 +155,7 @@ def _entry(command: Callable[[Sequence[str]], int], argv: Sequence[str] | None) 
         if os.environ.get("RANK", "0") == "0":
             _error(exc.render())
         return 2
-    except ModelInputError as exc:
+    except UserError as exc:
         from ava.train.rendezvous import LaunchError
 
         rank = os.environ.get("RANK", "0")

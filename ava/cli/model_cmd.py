@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 from ava.cli.args import add_stack_arguments, new_parser, stack_from
 from ava.config import load_config
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 
 def _human(n: float) -> str:
@@ -128,7 +128,7 @@ def export_checkpoint_cmd(argv: Sequence[str]) -> int:
 
     source = Path(ns.source)
     if not source.is_dir():
-        raise ModelInputError(f"{source} is not a directory", "point at a run directory written by train.py")
+        raise UserError(f"{source} is not a directory", "point at a run directory written by train.py")
     point = resolve_checkpoint(source, "best" if ns.best else "latest")
     run_dir = point.parent.parent
     check_checkpoint(point, trusted=ns.trust_checkpoint)

@@ -22,7 +22,7 @@ from ava.cli.args import add_stack_arguments, new_parser, resolve_stack
 from ava.cli.render import render_yaml
 from ava.cli.train_cmd import output_dir_for, same_on_every_rank
 from ava.config import build_deepspeed_config
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.secrets import redact, secret_values
 
 
@@ -36,7 +36,7 @@ def main(argv: Sequence[str], prog: str = "train_rlhf.py") -> int:
                         help="continue the pipeline in --output_dir from the first stage that did not complete")
     ns, extras = parser.parse_known_args(argv)
     if ns.rlhf_config is None:
-        raise ModelInputError("--rlhf_config is required: it says which RLHF stages to run",
+        raise UserError("--rlhf_config is required: it says which RLHF stages to run",
                               "add --rlhf_config configs/rlhf/test_cpu.yaml (or your own)")
     resolved = resolve_stack(ns, extras)
     main_rank = os.environ.get("RANK", "0") == "0"

@@ -27,7 +27,7 @@ from ava.cli.args import add_stack_arguments, new_parser, resolve_stack
 from ava.cli.render import render_yaml
 from ava.config import build_deepspeed_config
 from ava.config.loader import ResolvedConfig
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.secrets import redact, secret_values
 
 
@@ -109,7 +109,7 @@ def _auto_resume(ns: Any) -> bool:
     from ava.train.checkpoint import latest_complete
 
     if ns.output_dir is None or ns.resume or ns.resume_from:
-        raise ModelInputError("--auto_resume needs --output_dir and replaces --resume/--resume_from",
+        raise UserError("--auto_resume needs --output_dir and replaces --resume/--resume_from",
                               "pass --output_dir RUN_DIR --auto_resume, e.g. outputs/$SLURM_JOB_NAME-$SLURM_JOB_ID")
     ns.resume = latest_complete(Path(ns.output_dir) / "checkpoints") is not None
     return not ns.resume
@@ -119,13 +119,13 @@ def output_dir_for(requested: str | None, run_name: str, resume: bool, allow_exi
     """The run's output directory: refused when it already holds files, unless resuming (then it must exist)."""
     if resume:
         if requested is None or not Path(requested).is_dir():
-            raise ModelInputError(f"--resume needs the --output_dir of the run to continue (got {requested})",
+            raise UserError(f"--resume needs the --output_dir of the run to continue (got {requested})",
                                   "pass --output_dir RUN_DIR, the directory the interrupted run wrote")
         return Path(requested)
     # The default (outputs/<run_name>) is checked too: a fixed training.run_name names the same directory twice.
     path = Path(requested) if requested is not None else Path("outputs") / run_name
     if path.exists() and any(path.iterdir()) and not allow_existing:
-        raise ModelInputError(f"the output directory {path} already holds files; Ava never overwrites a run",
+        raise UserError(f"the output directory {path} already holds files; Ava never overwrites a run",
                               "choose a new --output_dir (or training.run_name), or add --resume (with "
                               "--output_dir) to continue the run in it")
     return path
@@ -141,13 +141,13 @@ def _resume_point(ns: Any, out_dir: Path, ds_config: dict, ranks: int) -> Path |
     if ns.resume_from:
         point = Path(ns.resume_from)
         if not (point / checkpoint.COMPLETE).is_file():
-            raise ModelInputError(f"--resume_from {point} is not a complete Ava checkpoint (no {checkpoint.COMPLETE})",
+            raise UserError(f"--resume_from {point} is not a complete Ava checkpoint (no {checkpoint.COMPLETE})",
                                   "point at a checkpoints/stepNNNNNNNN directory written to the end")
         previous_ds = point.parent.parent / "deepspeed.json"
     elif ns.resume:
         tag = checkpoint.latest_complete(out_dir / "checkpoints")
         if tag is None:
-            raise ModelInputError(f"{out_dir / 'checkpoints'} holds no complete checkpoint to resume from",
+            raise UserError(f"{out_dir / 'checkpoints'} holds no complete checkpoint to resume from",
                                   "start a new run with a new --output_dir")
         point, previous_ds = out_dir / "checkpoints" / tag, out_dir / "deepspeed.json"
     else:
@@ -156,13 +156,13 @@ def _resume_point(ns: Any, out_dir: Path, ds_config: dict, ranks: int) -> Path |
         before = json.loads(previous_ds.read_text())
         changed = [f"{k}: {before.get(k)} -> {ds_config.get(k)}" for k in BATCH_KEYS if before.get(k) != ds_config.get(k)]
         if changed:
-            raise ModelInputError("the batch configuration differs from the checkpoint's (" + "; ".join(changed)
+            raise UserError("the batch configuration differs from the checkpoint's (" + "; ".join(changed)
                                   + "), so the resumed run would not continue the same training",
                                   "resume with the original batch settings and number of ranks, or pass --force_resume")
     missing = [f"ava_state_rank{r}.pt" for r in range(ranks) if not (point / f"ava_state_rank{r}.pt").is_file()]
     if missing:
         written = len(list(point.glob("ava_state_rank*.pt")))
-        raise ModelInputError(
+        raise UserError(
             f"{point} lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: it holds the state of "
             f"{written} rank(s), and this run has {ranks}",
             "resume with the number of ranks the checkpoint was written with; if it had that many, the checkpoint "
@@ -202,7 +202,7 @@ def _refuse_other_model(point: Path, model: Any) -> None:
                if getattr(saved, k) != getattr(model, k)]
     tensors = [f"{k} {before.get(k)} -> {now.get(k)}" for k in sorted(set(before) | set(now))
                if before.get(k) != now.get(k)]
-    raise ModelInputError(
+    raise UserError(
         f"checkpoint {point} was written by a model of another shape (" + "; ".join(changed) + "), so its "
         f"weights cannot be loaded into this one ({len(tensors)} tensor(s) differ, e.g. {tensors[0]})",
         f"resume with the model settings recorded in {run_dir / 'config.yaml'}, or start a new run in a new "
@@ -236,7 +236,7 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
         print(f"ava: {discover(os.environ).describe()}", flush=True)
     out_dir = same_on_every_rank(out_dir)  # a date-stamped default can differ by a second between ranks
     if process.world_size != resolved.batch.world.size:
-        raise ModelInputError(
+        raise UserError(
             f"the launcher started {process.world_size} process(es) but the batch was planned for "
             f"{resolved.batch.world.size} ({resolved.batch.world.source})",
             "pass the same --num_gpus/--num_nodes to the launcher and to train.py, or set WORLD_SIZE")
@@ -249,7 +249,7 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
                                process.world_size, needed_sequences=steps_hint * b.global_batch,
                                max_steps=cfg.training.max_steps)
     if data.eval is None and cfg.training.save_strategy == "best":
-        raise ModelInputError(
+        raise UserError(
             "training.save_strategy is 'best', but there is no held-out data to evaluate on (fewer held-out "
             f"sequences than data.eval_batch_size {cfg.data.eval_batch_size} x {process.world_size} rank(s)), "
             "so the run would never save a checkpoint",
@@ -303,7 +303,7 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
         except OSError as error:  # a full disk: stop with the checkpoints written so far, not a traceback
-            raise ModelInputError(f"could not append to {out_dir / 'metrics.jsonl'}: {error.strerror}",
+            raise UserError(f"could not append to {out_dir / 'metrics.jsonl'}: {error.strerror}",
                                   f"free space on {out_dir}, then {_resume_hint(out_dir)}") from None
         console.log(record)
         if overflow is not None and (message := overflow.check(record)) is not None:
@@ -383,7 +383,7 @@ def _fault_plan() -> Any:
     try:
         plan = FaultPlan.from_env(os.environ)
     except FaultSpecError as exc:
-        raise ModelInputError(str(exc), "fix or unset AVA_INJECT_FAULTS") from None
+        raise UserError(str(exc), "fix or unset AVA_INJECT_FAULTS") from None
     if plan is not None and os.environ.get("RANK", "0") == "0":
         print(f"warning: AVA_INJECT_FAULTS is set: injecting {os.environ['AVA_INJECT_FAULTS']} "
               "(a test hook; unset it for real training)", file=sys.stderr)

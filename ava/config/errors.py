@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ava.errors import UserError
+
 _MISSING = object()
 
 
@@ -55,12 +57,13 @@ def format_value(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-class ConfigError(Exception):
-    """A configuration that cannot be used, with every problem found."""
+class ConfigError(UserError):
+    """A configuration that cannot be used, with every problem found (each with its own fix)."""
 
     def __init__(self, problems: Sequence[Problem]):
         self.problems = list(problems)
-        super().__init__(self.render())
+        Exception.__init__(self, self.render())
+        self.message, self.fix = self.render(), ""
 
     def render(self) -> str:
         n = len(self.problems)

@@ -27,7 +27,7 @@ def adopt_pretrained(sections: MutableMapping[str, Any],
     training, model = sections.get("training"), sections.get("model")
     if not isinstance(training, TrainingConfig) or not isinstance(model, ModelConfig) or not training.init_from:
         return [], []
-    from ava.model.errors import ModelInputError
+    from ava.errors import UserError
     from ava.model.pretrained import SHAPE_KEYS, adopt_architecture, locate
 
     where = origins.get(("training", "init_from"), DEFAULT_ORIGIN).where()
@@ -41,7 +41,7 @@ def adopt_pretrained(sections: MutableMapping[str, Any],
         source = locate(training.init_from)
         sections["model"] = adopt_architecture(
             model, source, explicit, {n: origins[("model", n)].where() for n in explicit})
-    except ModelInputError as exc:
+    except UserError as exc:
         return [Problem(where, "training.init_from", exc.message.removeprefix("training.init_from: "), exc.fix,
                         training.init_from)], []
     adopted = Origin(Layer.DERIVED, detail=f"from training.init_from {source.path}")

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 
 class Batches(Protocol):
@@ -57,16 +57,16 @@ class SequenceBatches:
         pin_memory: bool = False,
     ) -> None:
         if sequences.ndim != 2:
-            raise ModelInputError(
+            raise UserError(
                 f"packed sequences have shape {tuple(sequences.shape)}, expected (num_sequences, max_length)",
                 "pack the documents with ava.data.packing.pack_documents first")
         if micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size or seed < 0:
-            raise ModelInputError(
+            raise UserError(
                 f"invalid batching: micro_batch = {micro_batch}, rank = {rank}, world_size = {world_size}, seed = {seed}",
                 "use micro_batch >= 1, world_size >= 1, 0 <= rank < world_size and seed >= 0")
         num_sequences = int(sequences.shape[0])
         if num_sequences < micro_batch * world_size:
-            raise ModelInputError(
+            raise UserError(
                 f"the dataset has {num_sequences} sequences, fewer than one micro-batch per rank "
                 f"(micro_batch {micro_batch} x {world_size} ranks = {micro_batch * world_size})",
                 "use more data, a smaller data.max_length, a smaller training.batch_size, or fewer ranks")
@@ -113,7 +113,7 @@ class SequenceBatches:
         epoch, batch_index = state.get("epoch"), state.get("batch_index")
         if (not isinstance(epoch, int) or not isinstance(batch_index, int) or epoch < 0
                 or not 0 <= batch_index <= self.batches_per_epoch):
-            raise ModelInputError(
+            raise UserError(
                 f"data position {dict(state)} is not valid here: an epoch has {self.batches_per_epoch} batches per rank",
                 "resume with the same data, micro batch size and number of ranks the checkpoint was written with")
         self._epoch, self._batch_index = epoch, batch_index

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 # Directories of the stdlib that are not the library itself (third-party packages, its own test suite).
 _SKIPPED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
@@ -45,9 +45,9 @@ class MarkovCorpus:
 
     def __init__(self, vocab_size: int, seed: int, concentration: float) -> None:
         if vocab_size < 2:
-            raise ModelInputError(f"Markov corpus vocab_size = {vocab_size} is too small", "set data.markov_vocab_size >= 2")
+            raise UserError(f"Markov corpus vocab_size = {vocab_size} is too small", "set data.markov_vocab_size >= 2")
         if not concentration > 0:
-            raise ModelInputError(f"Markov corpus concentration = {concentration} must be positive", "use a value > 0")
+            raise UserError(f"Markov corpus concentration = {concentration} must be positive", "use a value > 0")
         self.vocab_size = vocab_size
         rng = np.random.default_rng(seed)
         # float64 with a floor: a Dirichlet draw can underflow to an exact 0 at small concentrations,
@@ -77,7 +77,7 @@ class MarkovCorpus:
     def sample(self, num_tokens: int, seed: int) -> np.ndarray:
         """`num_tokens` ids (int64), the first drawn from the stationary distribution so the sample is stationary."""
         if num_tokens < 0:
-            raise ModelInputError(f"Markov corpus num_tokens = {num_tokens} is negative", "ask for >= 0 tokens")
+            raise UserError(f"Markov corpus num_tokens = {num_tokens} is negative", "ask for >= 0 tokens")
         rng = np.random.default_rng(seed)
         out = np.empty(num_tokens, dtype=np.int64)
         if num_tokens == 0:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ava.data.packing import pack_documents
 from ava.data.tokenizer import Tokenizer, encode_many
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 _END = object()
 
@@ -72,7 +72,7 @@ def hold_out_heads(sources: Sequence[Iterable[str | None]], shares: Sequence[flo
             if have >= wanted:
                 break
         if have < wanted or next(documents, _END) is _END:
-            raise ModelInputError(
+            raise UserError(
                 f"{key} is used up by its share of the held-out set ({math.ceil(share * sequences)} of "
                 f"data.max_eval_examples = {sequences} sequences of {max_length} tokens), leaving nothing to train on",
                 "lower data.max_eval_examples (0 holds nothing out), or add data to the source")

@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
@@ -33,9 +33,9 @@ STOPPING_STRATEGY = "all_exhausted"
 def mixing_probabilities(weights: Sequence[float], temperature: float) -> list[float]:
     """p_i proportional to weights_i^(1/temperature), computed in log space (sizes can be 1e12)."""
     if temperature <= 0:
-        raise ModelInputError(f"data.mixing_temperature = {temperature} must be positive", "use a value > 0, e.g. 1.0")
+        raise UserError(f"data.mixing_temperature = {temperature} must be positive", "use a value > 0, e.g. 1.0")
     if not weights or any(not w > 0 for w in weights):
-        raise ModelInputError(f"mixing weights {list(weights)} must all be positive",
+        raise UserError(f"mixing weights {list(weights)} must all be positive",
                               "give each source a positive weight, or remove empty sources")
     logs = [math.log(w) / temperature for w in weights]
     top = max(logs)
@@ -55,7 +55,7 @@ def chosen_weights(explicit: Sequence[float | None], sizes: Sequence[float], key
         return [float(s) for s in sizes]
     if len(given) < len(keys):
         missing = [key for key, w in zip(keys, explicit, strict=True) if w is None]
-        raise ModelInputError(f"{', '.join(k + '.weight' for k in given)} set but {', '.join(missing)} has none",
+        raise UserError(f"{', '.join(k + '.weight' for k in given)} set but {', '.join(missing)} has none",
                               "give every source a weight, or none (then sources are weighed by their size)")
     return [float(w) for w in explicit if w is not None]
 

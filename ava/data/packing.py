@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 # Where a row starts in a stream: (index of the document, offset into that document's ids followed by eos).
 Position = tuple[int, int]
@@ -29,7 +29,7 @@ def pack_documents(token_lists: Iterable[Sequence[int] | np.ndarray], max_length
     row is dropped, so the result may have zero rows for a small corpus.
     """
     if max_length <= 0:
-        raise ModelInputError(f"max_length = {max_length} must be positive", "set data.max_length > 0")
+        raise UserError(f"max_length = {max_length} must be positive", "set data.max_length > 0")
     pieces: list[np.ndarray] = []
     eos = np.array([eos_id], dtype=np.int64)
     for tokens in token_lists:
@@ -52,14 +52,14 @@ def pack_stream(documents: Iterable[str | None], encode: Callable[[Sequence[str]
     Texts are encoded `chunk` at a time, so a batch-capable tokenizer is fast.
     """
     if max_length <= 0:
-        raise ModelInputError(f"max_length = {max_length} must be positive", "set data.max_length > 0")
+        raise UserError(f"max_length = {max_length} must be positive", "set data.max_length > 0")
     first_document, first_offset = start
     pending: deque[tuple[int, np.ndarray, int]] = deque()  # (document, its ids not yet in a row, their offset)
     buffered = 0
     for index, ids in _encoded(documents, encode, eos_id, first_document, chunk):
         offset = 0
         if first_offset and not (index == first_document and first_offset < ids.size):
-            raise ModelInputError(
+            raise UserError(
                 f"data position {start} does not fit this data: document {first_document} "
                 + (f"has only {ids.size} tokens" if index == first_document else "is empty or missing"),
                 "resume with the data, tokenizer, seed and number of ranks the checkpoint was written with")
@@ -93,7 +93,7 @@ def _encoded(documents: Iterable[str | None], encode: Callable[[Sequence[str]], 
         if index < first or text is None or text == "":
             continue
         if not isinstance(text, str):
-            raise ModelInputError(f"document {index} of the stream is a {type(text).__name__}, not text",
+            raise UserError(f"document {index} of the stream is a {type(text).__name__}, not text",
                                   "point data.sources[i].text_field at a column that holds only text")
         indices.append(index)
         texts.append(text)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from ava.data.sources import Source
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 BadRecordPolicy = Literal["fail", "skip"]
 LINE_SUFFIXES = (".jsonl", ".ndjson")
@@ -81,7 +81,7 @@ def screened(source: Source, policy: BadRecordPolicy, cache_dir: Path) -> tuple[
         if verdict is None:
             files.append(file)
         elif verdict.bad and policy == "fail":
-            raise ModelInputError(
+            raise UserError(
                 f"{source.key}.path = {source.path!r}: {verdict.describe()}",
                 "repair or delete those lines, or set data.bad_records: skip to train on the rest "
                 "(the run reports how many lines it skipped)")
@@ -93,7 +93,7 @@ def screened(source: Source, policy: BadRecordPolicy, cache_dir: Path) -> tuple[
         else:
             files.append(file)
     if not files:
-        raise ModelInputError(
+        raise UserError(
             f"{source.key}.path = {source.path!r} holds no documents: "
             + "; ".join(_empty(v) for v in verdicts.values()),
             "point the source at JSON Lines files with at least one record, or remove it")
@@ -193,7 +193,7 @@ def _verdict(file: Path, text_field: str, cache_dir: Path) -> FileVerdict:
             if len(examples) < _LISTED:
                 examples.append((number, why))
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as error:
-        raise ModelInputError(f"{file} could not be read: {error}",
+        raise UserError(f"{file} could not be read: {error}",
                               "check the file is complete (a truncated download or copy?) and readable") from None
     verdict = FileVerdict(file, good, bad, tuple(examples), missing)
     try:  # only a cache: a read-only or full cache directory costs a re-read next time, nothing more
@@ -219,7 +219,7 @@ def _clean_copy(file: Path, text_field: str, cache_dir: Path) -> Path:
         os.replace(tmp, target)
     except OSError as error:
         tmp.unlink(missing_ok=True)
-        raise ModelInputError(f"could not write the cleaned copy of {file} to {target.parent}: {error.strerror}",
+        raise UserError(f"could not write the cleaned copy of {file} to {target.parent}: {error.strerror}",
                               "give data.cache_dir (or $AVA_CACHE_DIR) a writable directory with room for it"
                               ) from None
     return target

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
@@ -68,13 +68,13 @@ def resolve_source(key: str, path: str, format: str | None, text_field: str, sam
     files = _files(key, path)
     if format is not None:
         if format not in BUILDERS:
-            raise ModelInputError(f"{key}.format = {format!r} is not a known format",
+            raise UserError(f"{key}.format = {format!r} is not a known format",
                                   f"use one of {', '.join(BUILDERS)}, or leave it out to infer it from the extension")
         builder = BUILDERS[format]
     else:
         builder = _infer_builder(key, path, files)
     if builder == "text" and text_field != TEXT_COLUMN:
-        raise ModelInputError(f"{key}.text_field = {text_field!r}, but a text source has only the column 'text'",
+        raise UserError(f"{key}.text_field = {text_field!r}, but a text source has only the column 'text'",
                               f"remove {key}.text_field, or give the files' real format in {key}.format")
     return Source(key, path, tuple(files), builder, text_field, sample_by, weight)
 
@@ -84,7 +84,7 @@ def _files(key: str, path: str) -> list[Path]:
     if _GLOB_CHARS.intersection(path):
         files = sorted(Path(p) for p in glob.glob(str(expanded), recursive=True) if Path(p).is_file())
         if not files:
-            raise ModelInputError(f"{key}.path = {path!r} matches no files",
+            raise UserError(f"{key}.path = {path!r} matches no files",
                                   "check the pattern (** needs a directory part, e.g. data/**/*.jsonl) "
                                   "and that the files exist on this machine")
         return files
@@ -92,12 +92,12 @@ def _files(key: str, path: str) -> list[Path]:
         files = sorted(f for f in expanded.rglob("*")
                        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(expanded).parts))
         if not files:
-            raise ModelInputError(f"{key}.path = {path!r} is a directory with no files",
+            raise UserError(f"{key}.path = {path!r} is a directory with no files",
                                   "point it at the directory that holds the data files")
         return files
     if expanded.is_file():
         return [expanded]
-    raise ModelInputError(f"{key}.path = {path!r} does not exist",
+    raise UserError(f"{key}.path = {path!r} does not exist",
                           "give an existing file, directory or glob (relative paths are from the directory you run in)")
 
 
@@ -114,14 +114,14 @@ def _infer_builder(key: str, path: str, files: list[Path]) -> str:
     for file in files:
         found = format_of(file)
         if found is None:
-            raise ModelInputError(
+            raise UserError(
                 f"{key}.path = {path!r}: cannot tell the format of {file} from its extension",
                 f"set {key}.format to one of {', '.join(BUILDERS)}, or narrow the path with a glob "
                 f"(known extensions: {', '.join(EXTENSIONS)})")
         formats.setdefault(BUILDERS[found], []).append(file)
     if len(formats) > 1:
         examples = "; ".join(f"{name}: {group[0].name}" for name, group in formats.items())
-        raise ModelInputError(f"{key}.path = {path!r} holds files of several formats ({examples})",
+        raise UserError(f"{key}.path = {path!r} holds files of several formats ({examples})",
                               "make one source per format, each with a glob such as dir/*.jsonl")
     return next(iter(formats))
 
@@ -136,26 +136,26 @@ def load_source(source: Source, cache_dir: Path, streaming: bool) -> Dataset | I
 
     options = {"sample_by": source.sample_by} if source.builder == "text" else {}
     if all(f.stat().st_size == 0 for f in source.files):  # readers fail on these with an empty message
-        raise ModelInputError(f"{source.key}.path = {source.path!r} holds no documents (its files are empty)",
+        raise UserError(f"{source.key}.path = {source.path!r} holds no documents (its files are empty)",
                               "point it at non-empty files, or remove the source")
     try:
         dataset = load_dataset(source.builder, data_files=[str(f) for f in source.files], split="train",
                                streaming=streaming, cache_dir=str(cache_dir), **options)
         first = next(iter(dataset), None)
     except Exception as error:  # datasets and its readers raise many types; the cause is the file either way
-        raise ModelInputError(f"{source.key}.path = {source.path!r} could not be read as {source.builder}: {error}",
+        raise UserError(f"{source.key}.path = {source.path!r} could not be read as {source.builder}: {error}",
                               f"check the files are valid {source.builder}, or set {source.key}.format") from error
     if first is None:
-        raise ModelInputError(f"{source.key}.path = {source.path!r} holds no documents",
+        raise UserError(f"{source.key}.path = {source.path!r} holds no documents",
                               "point it at non-empty files, or remove the source")
     if source.text_field not in first:
-        raise ModelInputError(
+        raise UserError(
             f"{source.key}.text_field = {source.text_field!r} is not a column of {source.path!r} "
             f"(columns: {', '.join(map(str, first))})",
             f"set {source.key}.text_field to the column that holds the text")
     value = first[source.text_field]
     if value is not None and not isinstance(value, str):
-        raise ModelInputError(
+        raise UserError(
             f"{source.key}.text_field = {source.text_field!r} in {source.path!r} holds "
             f"{type(value).__name__} values, not text",
             f"set {source.key}.text_field to the column that holds the text")

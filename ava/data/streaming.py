@@ -28,7 +28,7 @@ import torch
 from ava.data.packing import Position, pack_stream
 from ava.data.prefetch import prefetch
 from ava.data.tokenizer import Tokenizer, encode_many
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 if TYPE_CHECKING:
     from datasets import IterableDataset
@@ -77,7 +77,7 @@ class StreamingBatches:
     def __init__(self, documents: EpochDocuments, tokenizer: Tokenizer, max_length: int, micro_batch: int,
                  nominal_batches_per_epoch: int, prefetch_depth: int = 0, pin_memory: bool = False) -> None:
         if micro_batch < 1 or max_length < 1 or nominal_batches_per_epoch < 1 or prefetch_depth < 0:
-            raise ModelInputError(
+            raise UserError(
                 f"invalid streaming batches: micro_batch = {micro_batch}, max_length = {max_length}, "
                 f"batches_per_epoch = {nominal_batches_per_epoch}, prefetch_depth = {prefetch_depth}",
                 "use micro_batch, max_length and batches_per_epoch >= 1 and prefetch_depth >= 0")
@@ -110,7 +110,7 @@ class StreamingBatches:
         """Continue from a position taken by `state_dict()` (same data, tokenizer, seed and number of ranks)."""
         values = [state.get(name) for name in ("epoch", "document", "offset")]
         if not all(isinstance(v, int) and v >= 0 for v in values):
-            raise ModelInputError(
+            raise UserError(
                 f"data position {dict(state)} is not a streaming position (epoch, document, offset)",
                 "resume with the data settings the checkpoint was written with (data.streaming and data.sources)")
         epoch, document, offset = (int(v) for v in values if v is not None)
@@ -134,7 +134,7 @@ class StreamingBatches:
             if close is not None:
                 close()
         if not yielded and start == (0, 0):
-            raise ModelInputError(
+            raise UserError(
                 f"epoch {epoch} of the stream gave this rank no full micro-batch "
                 f"({self._micro_batch} x {self._max_length} tokens)",
                 "use more data (or a larger data.max_samples), a smaller data.max_length or training.batch_size, "

@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 TokenDtype = Literal["uint16", "uint32"]
 
@@ -30,15 +30,15 @@ def open_token_file(
     """
     path = Path(path)
     if dtype not in ("uint16", "uint32"):
-        raise ModelInputError(f"token file {path}: dtype {dtype!r} is not supported", "use 'uint16' or 'uint32'")
+        raise UserError(f"token file {path}: dtype {dtype!r} is not supported", "use 'uint16' or 'uint32'")
     itemsize = np.dtype(dtype).itemsize
     if not path.is_file():
-        raise ModelInputError(f"token file {path} does not exist", "check data.data_dir, or tokenise the corpus first")
+        raise UserError(f"token file {path} does not exist", "check data.data_dir, or tokenise the corpus first")
     size = path.stat().st_size
     if size == 0:
-        raise ModelInputError(f"token file {path} is empty", "re-run tokenisation; the file holds no tokens")
+        raise UserError(f"token file {path} is empty", "re-run tokenisation; the file holds no tokens")
     if size % itemsize:
-        raise ModelInputError(
+        raise UserError(
             f"token file {path} is {size} bytes, not a multiple of {itemsize} ({dtype}): "
             "truncated, or written with another dtype",
             "re-run tokenisation, or pass the dtype the file was written with")
@@ -48,7 +48,7 @@ def open_token_file(
         bad = np.flatnonzero(chunk >= vocab_size)
         if bad.size:
             position = start + int(bad[0])
-            raise ModelInputError(
+            raise UserError(
                 f"token file {path}: token at position {position} is {int(chunk[bad[0]])}, "
                 f"beyond the vocabulary (vocab_size = {vocab_size})",
                 "tokenise with the tokenizer the model is configured for, or raise model.vocab_size; "

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer as HFTokenizer
@@ -91,20 +91,20 @@ def load_tokenizer(path: str | Path) -> FileTokenizer:
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
-        raise ModelInputError(
+        raise UserError(
             f"tokenizer file {path} does not exist",
             "point data.tokenizer_name at a tokenizer.json (or its directory), or set it to null for the byte tokenizer")
     try:
         hf = HFTokenizer.from_file(str(path))
     except Exception as error:  # the Rust library raises plain Exception for any parse failure
-        raise ModelInputError(
+        raise UserError(
             f"tokenizer file {path} could not be read as a tokenizer.json: {error}",
             "regenerate it with tokenizers' Tokenizer.save(), or set data.tokenizer_name to null") from error
     for name in _EOS_NAMES:
         eos = hf.token_to_id(name)
         if eos is not None:
             return FileTokenizer(hf, int(eos), path)
-    raise ModelInputError(
+    raise UserError(
         f"tokenizer file {path} has none of the end-of-document tokens {', '.join(_EOS_NAMES)}",
         "add one of them as a special token, so that packed documents can be told apart")
 
@@ -128,6 +128,6 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, where: str) -> None
     `where` names the setting or file the tokenizer came from, for the message.
     """
     if tokenizer.vocab_size > model_vocab_size:
-        raise ModelInputError(
+        raise UserError(
             f"{where}: tokenizer vocabulary {tokenizer.vocab_size} exceeds model.vocab_size = {model_vocab_size}",
             f"set model.vocab_size to at least {tokenizer.vocab_size}, or use a smaller tokenizer")

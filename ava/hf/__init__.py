@@ -8,9 +8,9 @@ from types import ModuleType
 import torch
 
 from ava.config.schema.model import ModelConfig as AvaConfigModel
+from ava.errors import UserError
 from ava.hf import gpt2, llama
 from ava.hf.checkpoint import read_hf_config, read_hf_weights, write_hf_dir
-from ava.model.errors import ModelInputError
 from ava.model.store import load_state_exactly
 from ava.model.transformer import AvaForCausalLM
 
@@ -19,7 +19,7 @@ FAMILIES: dict[str, ModuleType] = {"llama": llama, "mixtral": llama, "gpt2": gpt
 
 def _family(model_type: str, source: Path) -> ModuleType:
     if model_type not in FAMILIES:
-        raise ModelInputError(f"{source / 'config.json'} has model_type `{model_type}`; Ava converts "
+        raise UserError(f"{source / 'config.json'} has model_type `{model_type}`; Ava converts "
                               f"{', '.join(sorted(FAMILIES))}", "convert a model of one of those families")
     return FAMILIES[model_type]
 
@@ -32,7 +32,7 @@ def model_config_from_hf(directory: str | Path) -> AvaConfigModel:
     try:
         return family.config_from_hf(hf_config)
     except KeyError as exc:
-        raise ModelInputError(f"{source / 'config.json'} lacks `{exc.args[0]}`", "repair config.json") from exc
+        raise UserError(f"{source / 'config.json'} lacks `{exc.args[0]}`", "repair config.json") from exc
 
 
 def import_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> AvaForCausalLM:
@@ -52,7 +52,7 @@ def export_target(model: AvaForCausalLM) -> str:
     features = [name for name in ("use_moh", "use_moa", "use_rag", "use_cross_attention", "use_episodic_memory")
                 if getattr(cfg, name)]
     if features:
-        raise ModelInputError(f"this model uses {', '.join(features)}, which Llama, Mixtral and GPT-2 do not have: "
+        raise UserError(f"this model uses {', '.join(features)}, which Llama, Mixtral and GPT-2 do not have: "
                               "an exported model would silently lose those weights",
                               "keep the Ava model directory (ava_model.yaml + model.safetensors), which holds "
                               "everything; export only models without the enhanced features")
@@ -63,7 +63,7 @@ def export_target(model: AvaForCausalLM) -> str:
         if not blockers:
             return name
         reasons.append(f"{name}: {'; '.join(blockers)}")
-    raise ModelInputError("this model has no exact Hugging Face equivalent (" + " | ".join(reasons) + ")",
+    raise UserError("this model has no exact Hugging Face equivalent (" + " | ".join(reasons) + ")",
                           "export only models shaped like Llama, Mixtral or GPT-2")
 
 

@@ -12,24 +12,24 @@ from pathlib import Path
 
 import torch
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 
 def read_hf_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not directory.is_dir():
-        raise ModelInputError(f"{directory} is not a directory", "pass the folder that holds config.json "
+        raise UserError(f"{directory} is not a directory", "pass the folder that holds config.json "
                               "and the *.safetensors files of the Hugging Face model")
     if not path.is_file():
-        raise ModelInputError(f"{path} not found: {directory} is not a Hugging Face model directory",
+        raise UserError(f"{path} not found: {directory} is not a Hugging Face model directory",
                               "pass the folder that holds config.json (a local copy; Ava does not download)")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ModelInputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})",
+        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})",
                               "repair or re-download config.json") from exc
     if not isinstance(config, dict):
-        raise ModelInputError(f"{path} holds a {type(config).__name__}, not a JSON object", "repair config.json")
+        raise UserError(f"{path} holds a {type(config).__name__}, not a JSON object", "repair config.json")
     return config
 
 
@@ -48,20 +48,20 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
         try:
             return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ModelInputError(f"{directory / 'pytorch_model.bin'} cannot be read safely ({exc})",
+            raise UserError(f"{directory / 'pytorch_model.bin'} cannot be read safely ({exc})",
                                   "re-save the model with safetensors (save_pretrained's default)") from exc
     else:
-        raise ModelInputError(f"no weights in {directory}: expected model.safetensors, "
+        raise UserError(f"no weights in {directory}: expected model.safetensors, "
                               "model.safetensors.index.json or pytorch_model.bin",
                               "copy the weight files next to config.json")
     state: dict[str, torch.Tensor] = {}
     for file in files:
         if not file.is_file():
-            raise ModelInputError(f"{file} is listed in {index.name} but missing", "copy every shard")
+            raise UserError(f"{file} is listed in {index.name} but missing", "copy every shard")
         try:
             state.update(load_file(str(file)))
         except Exception as exc:
-            raise ModelInputError(f"{file} cannot be read ({exc}); it is truncated or corrupt",
+            raise UserError(f"{file} cannot be read ({exc}); it is truncated or corrupt",
                                   "re-copy the file") from exc
     return state
 
@@ -71,7 +71,7 @@ def write_hf_dir(directory: Path, config: dict, state: dict[str, torch.Tensor], 
     from safetensors.torch import save_file
 
     if (directory / "model.safetensors").exists() and not overwrite:
-        raise ModelInputError(f"{directory / 'model.safetensors'} already exists; Ava never overwrites "
+        raise UserError(f"{directory / 'model.safetensors'} already exists; Ava never overwrites "
                               "a checkpoint silently", "choose a new output directory, or pass --overwrite")
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -83,6 +83,6 @@ def write_hf_dir(directory: Path, config: dict, state: dict[str, torch.Tensor], 
 def take(state: dict[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
     """Remove and return one tensor, with a clear error when the checkpoint lacks it."""
     if key not in state:
-        raise ModelInputError(f"{source} has no tensor `{key}`; the weights do not match config.json",
+        raise UserError(f"{source} has no tensor `{key}`; the weights do not match config.json",
                               "check that config.json belongs to these weights")
     return state.pop(key)

@@ -13,8 +13,8 @@ from typing import Literal
 import torch
 
 from ava.config.schema.model import ModelConfig
+from ava.errors import UserError
 from ava.hf.checkpoint import take
-from ava.model.errors import ModelInputError
 
 ACTIVATIONS: dict[str, Literal["gelu", "gelu_tanh"]] = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
@@ -22,14 +22,14 @@ ACTIVATIONS: dict[str, Literal["gelu", "gelu_tanh"]] = {"gelu_new": "gelu_tanh",
 def config_from_hf(hf: dict) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
     if act not in ACTIVATIONS:
-        raise ModelInputError(f"config.json uses activation_function `{act}`, which Ava's GPT-2 import does not "
+        raise UserError(f"config.json uses activation_function `{act}`, which Ava's GPT-2 import does not "
                               f"support", f"use one of {', '.join(ACTIVATIONS)}")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if hf.get(flag):
-            raise ModelInputError(f"config.json sets {flag}, which changes attention in a way Ava does not "
+            raise UserError(f"config.json sets {flag}, which changes attention in a way Ava does not "
                                   "implement", f"use a checkpoint with {flag} false")
     if hf.get("scale_attn_weights") is False:
-        raise ModelInputError("config.json sets scale_attn_weights false (unscaled attention)",
+        raise UserError("config.json sets scale_attn_weights false (unscaled attention)",
                               "use a checkpoint with scaled attention")
     hidden = hf["n_embd"]
     return ModelConfig(
@@ -69,7 +69,7 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, source: s
             out[ava + f"{dst}.weight"] = take(s, hf + f"{src}.weight", source).t()
             out[ava + f"{dst}.bias"] = take(s, hf + f"{src}.bias", source)
     if s:
-        raise ModelInputError(f"{source} has tensors Ava would ignore: {sorted(s)[:5]}",
+        raise UserError(f"{source} has tensors Ava would ignore: {sorted(s)[:5]}",
                               "check that config.json belongs to these weights")
     return out
 

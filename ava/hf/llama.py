@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ava.config.schema.model import ModelConfig
+from ava.errors import UserError
 from ava.hf.checkpoint import take
-from ava.model.errors import ModelInputError
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
 
@@ -22,7 +22,7 @@ def _rope_theta(hf: dict) -> float:
     scaling = hf.get("rope_scaling") or {}
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
-        raise ModelInputError(f"config.json uses rope scaling `{kind}`, which Ava does not implement; "
+        raise UserError(f"config.json uses rope scaling `{kind}`, which Ava does not implement; "
                               "its logits would differ from the original", "use a checkpoint without rope scaling")
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
@@ -31,18 +31,18 @@ def config_from_hf(hf: dict) -> ModelConfig:
     """Ava's model config for a Llama or Mixtral config.json."""
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, hidden // heads):
-        raise ModelInputError(f"config.json sets head_dim = {hf['head_dim']}, but Ava's heads have "
+        raise UserError(f"config.json sets head_dim = {hf['head_dim']}, but Ava's heads have "
                               f"hidden_size / num_attention_heads = {hidden // heads} dimensions",
                               "use a checkpoint whose head_dim is hidden_size / num_attention_heads")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ModelInputError(f"config.json uses hidden_act `{hf['hidden_act']}`; Ava's SwiGLU uses silu",
+        raise UserError(f"config.json uses hidden_act `{hf['hidden_act']}`; Ava's SwiGLU uses silu",
                               "use a checkpoint with hidden_act silu")
     if hf.get("attention_bias") != hf.get("mlp_bias", hf.get("attention_bias")):
-        raise ModelInputError("config.json sets attention_bias and mlp_bias differently; Ava has one use_bias",
+        raise UserError("config.json sets attention_bias and mlp_bias differently; Ava has one use_bias",
                               "use a checkpoint where both are equal")
     window = hf.get("sliding_window")
     if window is not None and window < hf["max_position_embeddings"]:
-        raise ModelInputError(f"config.json uses sliding-window attention ({window} tokens), which Ava does "
+        raise UserError(f"config.json uses sliding-window attention ({window} tokens), which Ava does "
                               "not implement", "use a checkpoint with sliding_window null")
     moe = hf.get("model_type") == "mixtral"
     return ModelConfig(
@@ -85,7 +85,7 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, source: s
                     out[ava + f"ffn.{proj}.{kind}"] = take(s, hf + f"mlp.{proj}.{kind}", source)
     leftover = [k for k in s if not k.endswith("rotary_emb.inv_freq")]
     if leftover:
-        raise ModelInputError(f"{source} has tensors Ava would ignore: {leftover[:5]}; converting would "
+        raise UserError(f"{source} has tensors Ava would ignore: {leftover[:5]}; converting would "
                               "silently change the model", "check that config.json belongs to these weights")
     return out
 

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "launch" / "slurm"
 LAUNCHER_TEMPLATE = "train.sbatch"  # one deepspeed launcher per node
@@ -34,10 +34,10 @@ VARIABLES = ("AVA_CONFIG", "AVA_HARDWARE_CONFIG", "AVA_DISTRIBUTED_CONFIG", "AVA
              "AVA_PYTHON", "GPUS_PER_NODE")
 
 
-class SbatchError(ModelInputError):
+class SbatchError(UserError):
     """A template that breaks the contract, or an sbatch that is missing or refuses the job.
 
-    A `ModelInputError`, so the CLI prints it without a traceback and exits 2.
+    A `UserError`, so the CLI prints it without a traceback and exits 2.
     """
 
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 if TYPE_CHECKING:
     from ava.model.transformer import AvaForCausalLM
@@ -39,7 +39,7 @@ def generate(model: AvaForCausalLM, input_ids: torch.Tensor, max_new_tokens: int
     batch, prompt = input_ids.shape
     limit = model.config.max_position_embeddings
     if prompt + max_new_tokens > limit:
-        raise ModelInputError(
+        raise UserError(
             f"prompt ({prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
             f"model.max_position_embeddings = {limit}",
             f"ask for at most {max(limit - prompt, 0)} new tokens, or shorten the prompt")

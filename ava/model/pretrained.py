@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ava.config.schema.model import ModelConfig
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.model.store import CONFIG_FILE
 
 SETTING = "training.init_from"
@@ -64,11 +64,11 @@ def locate(path: str | Path) -> Pretrained:
 
         return Pretrained(p, "hf", model_config_from_hf(p))
     if not p.exists():
-        raise ModelInputError(f"{SETTING}: {p} does not exist",
+        raise UserError(f"{SETTING}: {p} does not exist",
                               "point it at a local model directory: an Ava model (ava_model.yaml + "
                               "model.safetensors), a training run directory, or a Hugging Face GPT-2/Llama/Mixtral "
                               "directory (config.json + weights); hub names cannot be downloaded here")
-    raise ModelInputError(f"{SETTING}: {p} holds neither {CONFIG_FILE} (Ava), model/{CONFIG_FILE} (a run) nor "
+    raise UserError(f"{SETTING}: {p} holds neither {CONFIG_FILE} (Ava), model/{CONFIG_FILE} (a run) nor "
                           "config.json (Hugging Face)",
                           "point it at the directory that holds the model's config and weights")
 
@@ -98,7 +98,7 @@ def adopt_architecture(config: ModelConfig, source: Pretrained, explicit: set[st
     if conflicts:
         shown = "; ".join(f"model.{n} = {getattr(config, n)!r} ({where.get(n, 'config')}) but the checkpoint has "
                           f"{getattr(source.config, n)!r}" for n in conflicts)
-        raise ModelInputError(f"{SETTING}: the config's model shape differs from {source.describe()}: {shown}",
+        raise UserError(f"{SETTING}: the config's model shape differs from {source.describe()}: {shown}",
                               "remove those keys from the model: section (the checkpoint decides the architecture "
                               "when init_from is set), or point init_from at the checkpoint you meant")
     shape: dict[str, Any] = {name: getattr(source.config, name) for name in SHAPE_KEYS}
@@ -111,7 +111,7 @@ def adopt_architecture(config: ModelConfig, source: Pretrained, explicit: set[st
     adopted = config.model_copy(update=shape)
     if adopted.use_moa != source.config.use_moa:
         have = "uses" if source.config.use_moa else "does not use"
-        raise ModelInputError(
+        raise UserError(
             f"{SETTING}: {source.describe()} {have} MoA, and model.use_moa = {adopted.use_moa} "
             f"({where.get('use_moa', 'config')}): MoA's per-expert query and output projections cannot be made "
             "from standard attention's, nor the reverse",

@@ -13,7 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from ava.config.schema.model import ModelConfig
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.model.transformer import AvaForCausalLM
 
 CONFIG_FILE = "ava_model.yaml"
@@ -26,7 +26,7 @@ def save_model_dir(model: AvaForCausalLM, directory: str | Path, overwrite: bool
 
     out = Path(directory)
     if (out / WEIGHTS_FILE).exists() and not overwrite:
-        raise ModelInputError(f"{out / WEIGHTS_FILE} already exists; Ava never overwrites a model silently",
+        raise UserError(f"{out / WEIGHTS_FILE} already exists; Ava never overwrites a model silently",
                               "choose a new output directory, or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -49,13 +49,13 @@ def write_model_config(config: ModelConfig, directory: Path) -> None:
 def load_model_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise ModelInputError(f"{path} not found: {directory} is not an Ava model directory",
+        raise UserError(f"{path} not found: {directory} is not an Ava model directory",
                               "point at a directory written by `ava model import-hf` or a training run")
     try:
         data = yaml.safe_load(path.read_text())
         return ModelConfig.model_validate(data["model"])
     except (yaml.YAMLError, KeyError, TypeError, ValidationError) as exc:
-        raise ModelInputError(f"{path} is not a valid Ava model config: {exc}",
+        raise UserError(f"{path} is not a valid Ava model config: {exc}",
                               "re-export the model, or repair the model: section of that file") from exc
 
 
@@ -66,11 +66,11 @@ def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32) ->
     config = load_model_config(directory)
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
-        raise ModelInputError(f"{path} not found", "copy the weights next to ava_model.yaml, or re-export")
+        raise UserError(f"{path} not found", "copy the weights next to ava_model.yaml, or re-export")
     try:
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise ModelInputError(f"{path} cannot be read ({exc}); the file is truncated or corrupt",
+        raise UserError(f"{path} cannot be read ({exc}); the file is truncated or corrupt",
                               "restore it from the run's checkpoints or re-export it") from exc
     model = AvaForCausalLM(config)
     load_state_exactly(model, state, str(path))
@@ -103,7 +103,7 @@ def load_state_exactly(model: AvaForCausalLM, state: dict[str, torch.Tensor], so
     if missing or extra or shapes:
         parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {extra[:5]}" if extra else "",
                  f"shape mismatches {shapes[:5]}" if shapes else ""]
-        raise ModelInputError(f"the weights in {source} do not match the model config: "
+        raise UserError(f"the weights in {source} do not match the model config: "
                               + "; ".join(p for p in parts if p),
                               "load them with the model config they were saved with")
     model.load_state_dict(state, strict=False)  # completeness was checked above; tied head is absent

@@ -15,10 +15,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ava.config.schema.model import ModelConfig
+from ava.errors import UserError
 from ava.model.block import TransformerBlock
 from ava.model.cross_attention import GatedCrossAttention
 from ava.model.episodic_memory import EpisodicMemoryAttention
-from ava.model.errors import ModelInputError
 from ava.model.kv_cache import KVCache
 from ava.model.moa import MixtureOfAttention
 from ava.model.moe import MoELayer, MoEStats
@@ -197,7 +197,7 @@ class AvaForCausalLM(nn.Module):
         seq = input_ids.shape[1]
         past = cache.length if cache is not None else 0
         if past + seq > self.config.max_position_embeddings:
-            raise ModelInputError(
+            raise UserError(
                 f"a sequence of {past + seq} tokens is longer than model.max_position_embeddings = "
                 f"{self.config.max_position_embeddings}, the longest the model accepts",
                 f"truncate inputs to {self.config.max_position_embeddings} tokens (data.max_length), or raise "

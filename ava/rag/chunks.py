@@ -13,7 +13,7 @@ import hashlib
 
 import numpy as np
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 # Multiplier of the polynomial hash: odd (invertible mod 2^64) and with well-spread bits.
 _HASH_BASE = np.uint64(0x9E3779B97F4A7C15)
@@ -22,22 +22,22 @@ _HASH_BASE = np.uint64(0x9E3779B97F4A7C15)
 def cut_chunks(rows: np.ndarray, chunk_size: int) -> np.ndarray:
     """(num_chunks, chunk_size) tokens of the flattened (N, L) rows; L must be a multiple of chunk_size."""
     if rows.ndim != 2:
-        raise ModelInputError(f"training rows have shape {tuple(rows.shape)}, expected (num_sequences, max_length)",
+        raise UserError(f"training rows have shape {tuple(rows.shape)}, expected (num_sequences, max_length)",
                               "pass the packed training sequences (ava.data.packing.pack_documents)")
     if chunk_size < 1:
-        raise ModelInputError(f"rag.chunk_size = {chunk_size} must be positive", "set rag.chunk_size, e.g. 64")
+        raise UserError(f"rag.chunk_size = {chunk_size} must be positive", "set rag.chunk_size, e.g. 64")
     length = int(rows.shape[1])
     if length % chunk_size:
-        raise ModelInputError(
+        raise UserError(
             f"data.max_length = {length} is not a multiple of rag.chunk_size = {chunk_size}, so the chunks of a "
             "training row would not be the chunks of the store, and a row could retrieve its own text",
             f"set rag.chunk_size to a divisor of {length} (e.g. {_divisor_near(length, chunk_size)}), or "
             f"data.max_length to a multiple of {chunk_size}")
     if rows.size < chunk_size:
-        raise ModelInputError(f"the training data has {rows.size} tokens, fewer than one chunk of {chunk_size}",
+        raise UserError(f"the training data has {rows.size} tokens, fewer than one chunk of {chunk_size}",
                               "use more training data or a smaller rag.chunk_size")
     if rows.size and (int(rows.min()) < 0 or int(rows.max()) > np.iinfo(np.int32).max):
-        raise ModelInputError("the training rows hold token ids outside [0, 2^31)", "check the tokenizer / token files")
+        raise UserError("the training rows hold token ids outside [0, 2^31)", "check the tokenizer / token files")
     return np.ascontiguousarray(rows, dtype=np.int32).reshape(-1, chunk_size)
 
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 EMBEDDING = "embedding"
 HF = "hf"
@@ -77,10 +77,10 @@ class EmbeddingEncoder:
     def from_embedding(cls, table: torch.Tensor, encoder_dim: int = 256) -> EmbeddingEncoder:
         """From the model's (V, D) token embedding: projected by a seeded Gaussian (D, dim) / sqrt(dim) when D > dim."""
         if table.ndim != 2:
-            raise ModelInputError(f"the token embedding has shape {tuple(table.shape)}, expected (vocab, hidden)",
+            raise UserError(f"the token embedding has shape {tuple(table.shape)}, expected (vocab, hidden)",
                                   "pass the model's embed_tokens.weight")
         if encoder_dim < 1:
-            raise ModelInputError(f"rag.encoder_dim = {encoder_dim} must be positive", "set rag.encoder_dim, e.g. 256")
+            raise UserError(f"rag.encoder_dim = {encoder_dim} must be positive", "set rag.encoder_dim, e.g. 256")
         source = table.detach().cpu().float()
         projected = source
         if source.shape[1] > encoder_dim:
@@ -96,7 +96,7 @@ class EmbeddingEncoder:
     def encode(self, chunks: np.ndarray) -> np.ndarray:
         ids = torch.from_numpy(np.asarray(chunks, dtype=np.int64))
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.table.shape[0]):
-            raise ModelInputError(f"a chunk holds token id {int(ids.max()) if int(ids.min()) >= 0 else int(ids.min())}, "
+            raise UserError(f"a chunk holds token id {int(ids.max()) if int(ids.min()) >= 0 else int(ids.min())}, "
                                   f"outside the encoder's vocabulary of {self.table.shape[0]}",
                                   "query with the tokenizer the store was built with, or rebuild the store")
         out = np.empty((ids.shape[0], self.dim), dtype=np.float32)
@@ -119,7 +119,7 @@ class HFEncoder:
     def __init__(self, path: str | Path, decode: Decode, max_tokens: int = 512) -> None:
         directory = Path(path).expanduser()
         if not (directory / "config.json").is_file():
-            raise ModelInputError(f"rag.encoder = {path}: no Hugging Face model there (no config.json)",
+            raise UserError(f"rag.encoder = {path}: no Hugging Face model there (no config.json)",
                                   "point rag.encoder at a local directory saved with save_pretrained (model and "
                                   "tokenizer), or use rag.encoder: embedding")
         from transformers import AutoModel, AutoTokenizer
@@ -128,7 +128,7 @@ class HFEncoder:
             self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
             self.model = AutoModel.from_pretrained(directory, local_files_only=True).eval()
         except (OSError, ValueError) as exc:
-            raise ModelInputError(f"rag.encoder = {path} could not be loaded: {exc}",
+            raise UserError(f"rag.encoder = {path} could not be loaded: {exc}",
                                   "save both the model and its tokenizer there with save_pretrained") from exc
         self.path = directory.resolve()
         self.decode = decode
@@ -170,12 +170,12 @@ def load_encoder(directory: Path, entry: dict[str, Any], decode: Decode | None, 
         assert table is not None
         return EmbeddingEncoder(table, str(entry["fingerprint"]), int(entry["source_dim"]))
     if decode is None:
-        raise ModelInputError(f"the store in {directory} encodes chunks with the Hugging Face encoder {entry.get('path')}, "
+        raise UserError(f"the store in {directory} encodes chunks with the Hugging Face encoder {entry.get('path')}, "
                               "which reads text, and no tokenizer was given to turn token ids into text",
                               "pass decode= (the data tokenizer's decode) to Retriever.open")
     encoder = HFEncoder(str(entry["path"]), decode)
     if encoder.fingerprint != entry.get("fingerprint"):
-        raise ModelInputError(f"the Hugging Face encoder in {entry['path']} has changed since the store in {directory} "
+        raise UserError(f"the Hugging Face encoder in {entry['path']} has changed since the store in {directory} "
                               "was built, so queries would not match the stored vectors",
                               f"rebuild the store with `ava rag build-index ... --force`, or restore {entry['path']}")
     return encoder

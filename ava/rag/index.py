@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 EXACT = "exact"
 APPROXIMATE = "approximate"
@@ -42,7 +42,7 @@ def import_faiss(why: str) -> Any:
     try:
         import faiss
     except ImportError as exc:
-        raise ModelInputError(f"{why} needs faiss, which is not installed",
+        raise UserError(f"{why} needs faiss, which is not installed",
                               "pip install faiss-cpu (or pip install -e .[rag]), or set rag.search: exact") from exc
     return faiss
 
@@ -134,7 +134,7 @@ def build_index(vectors: np.ndarray, search: str, nlist: int, nprobe: int = 16) 
         return ExactIndex(vectors)
     if search == APPROXIMATE:
         return FaissIndex.build(vectors, nlist, nprobe)
-    raise ModelInputError(f"rag.search = {search!r} is not a search kind", "use 'exact' or 'approximate'")
+    raise UserError(f"rag.search = {search!r} is not a search kind", "use 'exact' or 'approximate'")
 
 
 def read_faiss(path: Path, nlist: int, nprobe: int) -> FaissIndex:

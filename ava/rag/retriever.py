@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.rag.encoder import ChunkEncoder, load_encoder
 from ava.rag.index import APPROXIMATE, FAISS_FILE, ChunkIndex, ExactIndex, read_faiss
 from ava.rag.own_document import OwnChunks
@@ -53,10 +53,10 @@ class Retriever:
             try:
                 index = read_faiss(path, int(search["nlist"]), nprobe)
             except RuntimeError as exc:  # faiss reports an unreadable file as a RuntimeError
-                raise ModelInputError(f"retrieval store file {path} is unusable: faiss cannot read it "
+                raise UserError(f"retrieval store file {path} is unusable: faiss cannot read it "
                                       f"({str(exc).strip().splitlines()[-1]})", rebuild_fix(store.directory)) from exc
             if index.size != int(store.manifest["num_chunks"]):
-                raise ModelInputError(f"retrieval store file {path} is unusable: it holds {index.size} vectors, the "
+                raise UserError(f"retrieval store file {path} is unusable: it holds {index.size} vectors, the "
                                       f"manifest says {store.manifest['num_chunks']}", rebuild_fix(store.directory))
         else:
             assert store.vectors is not None
@@ -73,13 +73,13 @@ class Retriever:
         """Refuse a store built with another chunk size, from other data, or with another encoder."""
         m, where = self.store.manifest, self.store.directory
         if chunk_size is not None and chunk_size != m["chunk_size"]:
-            raise ModelInputError(f"the retrieval store in {where} was built with another chunk_size "
+            raise UserError(f"the retrieval store in {where} was built with another chunk_size "
                                   f"({m['chunk_size']}, not {chunk_size})", rebuild_fix(where))
         fingerprints = {"data": (data_fingerprint, m["data_fingerprint"]),
                         "encoder": (encoder_fingerprint, m["encoder"]["fingerprint"])}
         for what, (want, have) in fingerprints.items():
             if want is not None and want != have:
-                raise ModelInputError(f"the retrieval store in {where} was built with another {what} (fingerprint "
+                raise UserError(f"the retrieval store in {where} was built with another {what} (fingerprint "
                                       f"{str(have)[:12]}, not {want[:12]})", rebuild_fix(where))
 
     def neighbours(self, tokens: torch.Tensor, k: int, exclude_own_document: bool = True) -> torch.Tensor:
@@ -95,10 +95,10 @@ class Retriever:
         a verbatim copy) would hand them the very tokens they predict.
         """
         if tokens.ndim != 2:
-            raise ModelInputError(f"retrieval queries have shape {tuple(tokens.shape)}, expected (batch, sequence)",
+            raise UserError(f"retrieval queries have shape {tuple(tokens.shape)}, expected (batch, sequence)",
                                   "pass the (batch, sequence) token ids")
         if k < 1:
-            raise ModelInputError(f"rag.num_neighbours = {k} must be at least 1", "set rag.num_neighbours, e.g. 2")
+            raise UserError(f"rag.num_neighbours = {k} must be at least 1", "set rag.num_neighbours, e.g. 2")
         c = self.chunk_size
         batch, per_row = int(tokens.shape[0]), int(tokens.shape[1]) // c
         out = np.full((batch * per_row, k, 2 * c), -1, dtype=np.int64)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ava.config.loader import ResolvedConfig
 from ava.config.schema.model import RAGConfig
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.rag.chunks import data_fingerprint
 from ava.rag.store import StoreInfo, build_store, refuse_existing
 
@@ -30,7 +30,7 @@ def training_rows(data: TrainingData) -> np.ndarray:
     from ava.data.batches import SequenceBatches
 
     if not isinstance(data.train, SequenceBatches):
-        raise ModelInputError("data.streaming: true reads the training data as a stream, which is never held in "
+        raise UserError("data.streaming: true reads the training data as a stream, which is never held in "
                               "memory, so there is no fixed set of training rows to build a retrieval store from",
                               "set data.streaming: false (load data.sources into memory), or train from token files "
                               "(data.data_dir)")
@@ -81,7 +81,7 @@ def make_encoder(rag: RAGConfig, embedding: torch.Tensor | None,
         assert embedding is not None
         return EmbeddingEncoder.from_embedding(embedding, rag.encoder_dim)
     if decode is None:
-        raise ModelInputError(f"rag.encoder = {rag.encoder} reads text, but this data has no tokenizer to turn "
+        raise UserError(f"rag.encoder = {rag.encoder} reads text, but this data has no tokenizer to turn "
                               "its token ids back into text (token files, the Markov corpus)",
                               "use rag.encoder: embedding, or data.sources / the built-in text corpus")
     return HFEncoder(rag.encoder, decode)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ava import __version__
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.rag.chunks import chunk_documents, cut_chunks, data_fingerprint
 from ava.rag.encoder import EMBEDDING, HF, TABLE_FILE, ChunkEncoder, describe
 from ava.rag.index import APPROXIMATE, EXACT, EXACT_FILE, FAISS_FILE, build_index
@@ -86,7 +86,7 @@ def build_store(rows: np.ndarray, eos_id: int | None, encoder: ChunkEncoder, out
     out_dir = Path(out_dir).expanduser()
     refuse_existing(out_dir, force)
     if search not in (EXACT, APPROXIMATE):
-        raise ModelInputError(f"rag.search = {search!r} is not a search kind", "use 'exact' or 'approximate'")
+        raise UserError(f"rag.search = {search!r} is not a search kind", "use 'exact' or 'approximate'")
     chunks = cut_chunks(rows, chunk_size)
     documents = chunk_documents(rows, chunk_size, eos_id)
     table = ExactMatchTable.build(chunks)
@@ -126,16 +126,16 @@ def build_store(rows: np.ndarray, eos_id: int | None, encoder: ChunkEncoder, out
 
 def refuse_existing(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise ModelInputError(f"{out_dir} is a file, not a directory for a retrieval store",
+        raise UserError(f"{out_dir} is a file, not a directory for a retrieval store",
                               "choose another --output (rag.index_dir)")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     is_store = (out_dir / MANIFEST).is_file()
     if not is_store:
-        raise ModelInputError(f"{out_dir} is not empty and holds no retrieval store ({MANIFEST}), so it is left alone, "
+        raise UserError(f"{out_dir} is not empty and holds no retrieval store ({MANIFEST}), so it is left alone, "
                               "even with --force", "choose an empty or new directory for --output (rag.index_dir)")
     if not force:
-        raise ModelInputError(f"{out_dir} already holds a retrieval store; a build never overwrites one",
+        raise UserError(f"{out_dir} already holds a retrieval store; a build never overwrites one",
                               "pass --force to rebuild it, or --output another directory")
 
 
@@ -186,13 +186,13 @@ class StoreFiles:
 
 
 def read_store(directory: str | Path, verify: bool = False) -> StoreFiles:
-    """Read and check a store; a missing, truncated or corrupt file is a ModelInputError naming it.
+    """Read and check a store; a missing, truncated or corrupt file is a UserError naming it.
 
     `verify` also compares every file's sha256 with the manifest (reads it all once).
     """
     directory = Path(directory).expanduser()
     if not directory.is_dir():
-        raise ModelInputError(f"there is no retrieval store at {directory}",
+        raise UserError(f"there is no retrieval store at {directory}",
                               "build it with `ava rag build-index --config ...` (the training run's config), "
                               "or point rag.index_dir at an existing store")
     manifest = _read_manifest(directory)
@@ -230,7 +230,7 @@ def read_store(directory: str | Path, verify: bool = False) -> StoreFiles:
 def _read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
-        raise ModelInputError(f"{directory} has no {MANIFEST}: it is not a retrieval store, or its build was interrupted",
+        raise UserError(f"{directory} has no {MANIFEST}: it is not a retrieval store, or its build was interrupted",
                               rebuild_fix(directory))
     try:
         manifest = json.loads(path.read_text())
@@ -239,7 +239,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _corrupt(path, f"it is not an {FORMAT} manifest")
     if manifest.get("version") != VERSION:
-        raise ModelInputError(f"{path}: the store has format version {manifest.get('version')}, this Ava reads "
+        raise UserError(f"{path}: the store has format version {manifest.get('version')}, this Ava reads "
                               f"version {VERSION}", rebuild_fix(directory))
     missing = [k for k in ("num_chunks", "chunk_size", "encoder", "search", "data_fingerprint") if k not in manifest]
     if missing:
@@ -262,5 +262,5 @@ def _array(directory: Path, name: str, files: dict[str, Any], shape: tuple[int |
     return array
 
 
-def _corrupt(path: Path, why: str) -> ModelInputError:
-    return ModelInputError(f"retrieval store file {path} is unusable: {why}", rebuild_fix(path.parent))
+def _corrupt(path: Path, why: str) -> UserError:
+    return UserError(f"retrieval store file {path} is unusable: {why}", rebuild_fix(path.parent))

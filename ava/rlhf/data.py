@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ava.data.tokenizer import Tokenizer
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.model.transformer import IGNORE_INDEX
 from ava.rlhf.tasks import Task, preference_pairs, sft_examples
 
@@ -32,7 +32,7 @@ def read_jsonl(path: str | Path, fields: Sequence[str], setting: str, optional: 
     """The objects of a jsonl file, each with string `fields` (and, if present, string `optional` ones)."""
     p = Path(path)
     if not p.is_file():
-        raise ModelInputError(f"{setting}: {p} does not exist",
+        raise UserError(f"{setting}: {p} does not exist",
                               f"point {setting} at a jsonl file with keys {', '.join(fields)}, or set it to null "
                               "to generate data from rlhf.task")
     rows = []
@@ -43,26 +43,26 @@ def read_jsonl(path: str | Path, fields: Sequence[str], setting: str, optional: 
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ModelInputError(f"{setting}: {p} line {number} is not valid JSON ({exc.msg})",
+                raise UserError(f"{setting}: {p} line {number} is not valid JSON ({exc.msg})",
                                       "write one JSON object per line") from None
             missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
             if missing:
-                raise ModelInputError(f"{setting}: {p} line {number} has no text field(s) {', '.join(missing)}",
+                raise UserError(f"{setting}: {p} line {number} has no text field(s) {', '.join(missing)}",
                                       f"give every line string values for {', '.join(fields)}")
             bad = [k for k in optional if row.get(k) is not None and not isinstance(row[k], str)]
             if bad:
-                raise ModelInputError(f"{setting}: {p} line {number}: {', '.join(bad)} must be text",
+                raise UserError(f"{setting}: {p} line {number}: {', '.join(bad)} must be text",
                                       "write it as a JSON string, or leave it out")
             rows.append(row)
     if not rows:
-        raise ModelInputError(f"{setting}: {p} holds no examples", "add at least one JSON object per line")
+        raise UserError(f"{setting}: {p} holds no examples", "add at least one JSON object per line")
     return rows
 
 
 def split_holdout(items: list, holdout: int, setting: str) -> tuple[list, list]:
     """The last `holdout` items are held out for evaluation; at least one item must remain for training."""
     if holdout >= len(items):
-        raise ModelInputError(f"{setting}: {len(items)} examples cannot spare {holdout} for evaluation",
+        raise UserError(f"{setting}: {len(items)} examples cannot spare {holdout} for evaluation",
                               "provide more examples, or lower eval_examples")
     return (items[:-holdout], items[-holdout:]) if holdout else (items, [])
 
@@ -82,7 +82,7 @@ def sft_data(path: str | None, task: Task | None, num: int, holdout: int, seed: 
         pairs = [(e.prompt, task.corrupt(e, noise) if i < num and noise.random() < error_rate else e.answer)
                  for i, e in enumerate(examples)]
     else:
-        raise ModelInputError(f"{setting} is not set and there is no task to generate examples from",
+        raise UserError(f"{setting} is not set and there is no task to generate examples from",
                               f"set {setting} to a jsonl file of prompt/response objects, or set rlhf.task")
     return split_holdout(pairs, holdout, setting)
 
@@ -96,7 +96,7 @@ def preference_data(path: str | None, task: Task | None, num: int, holdout: int,
     elif task is not None:
         triples = preference_pairs(task, num + holdout, seed)
     else:
-        raise ModelInputError(f"{setting} is not set and there is no task to generate pairs from",
+        raise UserError(f"{setting} is not set and there is no task to generate pairs from",
                               f"set {setting} to a jsonl file of prompt/chosen/rejected objects, or set rlhf.task")
     return split_holdout(triples, holdout, setting)
 
@@ -127,7 +127,7 @@ def encoded_preferences(tokenizer: Tokenizer, stage_cfg: Any, task: Task | None,
 
     kept_train, kept_held = fitting(train), fitting(held)
     if not kept_train:
-        raise ModelInputError(f"{setting}: every preference pair is longer than data.max_length = {max_length} tokens",
+        raise UserError(f"{setting}: every preference pair is longer than data.max_length = {max_length} tokens",
                               "raise data.max_length (up to model.max_position_embeddings), or shorten the pairs")
     return EncodedPreferences(kept_train, kept_held, len(train) + len(held) - len(kept_train) - len(kept_held))
 
@@ -144,11 +144,11 @@ def prompt_data(path: str | None, task: Task | None, holdout: int, seed: int, se
         rows = read_jsonl(path, ("prompt",), setting, optional=("answer",))
         train, held = split_holdout([Prompt(r["prompt"], r.get("answer")) for r in rows], holdout, setting)
         if len(train) < world:
-            raise ModelInputError(f"{setting}: {len(train)} training prompts cannot be shared by {world} ranks",
+            raise UserError(f"{setting}: {len(train)} training prompts cannot be shared by {world} ranks",
                                   "provide at least one training prompt per rank, or lower eval_prompts")
         return PromptSource(fixed=train[rank::world]), held
     if task is None:
-        raise ModelInputError(f"{setting} is not set and there is no task to generate prompts from",
+        raise UserError(f"{setting} is not set and there is no task to generate prompts from",
                               f"set {setting} to a jsonl file of {{\"prompt\": ...}} objects, or set rlhf.task")
     rng = random.Random(seed + 7919)  # held-out prompts: their own stream, never the training draws
     held = [Prompt(e.prompt, e.answer) for e in (task.sample(rng) for _ in range(holdout))]
@@ -179,7 +179,7 @@ def encode(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[list[int],
     """`prompt + response + eos` as ids, and how many of them are the prompt."""
     p = tokenizer.encode(prompt)
     if not p:
-        raise ModelInputError(f"an empty prompt (response {response[:40]!r}): the first response token would have "
+        raise UserError(f"an empty prompt (response {response[:40]!r}): the first response token would have "
                               "nothing to be predicted from", "give every example a non-empty prompt")
     return p + tokenizer.encode(response) + [tokenizer.eos_id], len(p)
 
@@ -229,7 +229,7 @@ def rank_batches(n_rows: int, batch: int, rank: int, world: int, seed: int) -> I
     """Row indices of this rank's micro batches, forever: an epoch is a fresh shuffle shared by all ranks."""
     per_step = batch * world
     if n_rows < per_step:
-        raise ModelInputError(f"{n_rows} training rows are fewer than one step's {batch} x {world} rank(s)",
+        raise UserError(f"{n_rows} training rows are fewer than one step's {batch} x {world} rank(s)",
                               "provide more examples, or lower the stage's batch_size")
     epoch = 0
     while True:

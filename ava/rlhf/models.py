@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ava.config.schema.model import ModelConfig
+from ava.errors import UserError
 from ava.model import AvaForCausalLM
 from ava.model.attention import CausalSelfAttention
-from ava.model.errors import ModelInputError
 from ava.model.moe import MoEStats
 from ava.model.store import (
     CONFIG_FILE,
@@ -82,10 +82,10 @@ def model_dir(path: str | Path, setting: str) -> Path:
     if (p / "model" / CONFIG_FILE).is_file():
         return p / "model"
     if not p.exists():
-        raise ModelInputError(f"{setting}: {p} does not exist",
+        raise UserError(f"{setting}: {p} does not exist",
                               "point it at an Ava model directory (ava_model.yaml + model.safetensors), a training "
                               "run directory, or an RLHF stage directory")
-    raise ModelInputError(f"{setting}: {p} is not an Ava model directory (no {CONFIG_FILE}, nor model/{CONFIG_FILE})",
+    raise UserError(f"{setting}: {p} is not an Ava model directory (no {CONFIG_FILE}, nor model/{CONFIG_FILE})",
                           "point it at a run's model/ directory, or convert a Hugging Face model first with "
                           "`ava model import-hf SRC --out DIR`")
 
@@ -96,10 +96,10 @@ def is_value_model(directory: Path) -> bool:
 
 def _require_kind(directory: Path, setting: str, value: bool) -> None:
     if value and not is_value_model(directory):
-        raise ModelInputError(f"{setting}: {directory} has no {VALUE_HEAD_FILE}, so it is not a reward model",
+        raise UserError(f"{setting}: {directory} has no {VALUE_HEAD_FILE}, so it is not a reward model",
                               "train one with the reward stage (rlhf.stages: [reward]) and point at its model/")
     if not value and is_value_model(directory):
-        raise ModelInputError(f"{setting}: {directory} holds a reward model (a scalar head), not a policy",
+        raise UserError(f"{setting}: {directory} holds a reward model (a scalar head), not a policy",
                               "point it at the policy: the sft/ (or dpo/, ppo/, grpo/) stage's model, or a training run")
 
 
@@ -126,12 +126,12 @@ def check_model_dir(path: str | Path, setting: str, value: bool = False) -> Path
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k != "lm_head.weight"
                      or not config.tie_word_embeddings}
     except Exception as exc:  # a missing, truncated or corrupt file: safetensors' own error types
-        raise ModelInputError(f"{setting}: {directory / WEIGHTS_FILE} cannot be read ({exc})",
+        raise UserError(f"{setting}: {directory / WEIGHTS_FILE} cannot be read ({exc})",
                               "restore the model directory, or re-export it") from exc
     if found != expected:
         missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
         shapes = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
-        raise ModelInputError(f"{setting}: the weights in {directory} do not match its {CONFIG_FILE} (missing "
+        raise UserError(f"{setting}: the weights in {directory} do not match its {CONFIG_FILE} (missing "
                               f"{missing[:3]}, unexpected {extra[:3]}, other shapes {shapes[:3]})",
                               "keep ava_model.yaml beside the weights it was written with")
     return directory
@@ -156,7 +156,7 @@ def load_value_model(path: str | Path, setting: str) -> AvaValueModel:
         model.trunk.load_state_dict(trunk, strict=True)
         model.value_head.load_state_dict(head, strict=True)
     except (RuntimeError, OSError) as exc:  # safetensors header errors and missing/mismatched tensors
-        raise ModelInputError(f"{setting}: the weights in {directory} cannot be loaded: {exc}",
+        raise UserError(f"{setting}: the weights in {directory} cannot be loaded: {exc}",
                               "re-run the reward stage, or restore the directory from its run") from exc
     return model
 

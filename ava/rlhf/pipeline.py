@@ -24,8 +24,8 @@ import torch
 
 from ava.config.schema import AvaConfig
 from ava.data.tokenizer import ByteTokenizer, Tokenizer, check_vocab, load_tokenizer
+from ava.errors import UserError
 from ava.model import AvaForCausalLM
-from ava.model.errors import ModelInputError
 from ava.model.lora import adapter_state, apply_lora, lora_base_state, merge_lora_state, parameter_report
 from ava.rlhf.engines import RoleEngine, full_state_dict
 from ava.rlhf.models import check_model_dir, disable_dropout, load_policy, model_dir, save_policy, save_value_model
@@ -49,7 +49,7 @@ def rlhf_tokenizer(cfg: AvaConfig) -> Tokenizer:
     if name is None:
         tokenizer: Tokenizer = ByteTokenizer()
     elif name == "bpe":
-        raise ModelInputError("data.tokenizer_name: bpe trains a tokenizer on a pre-training corpus; RLHF must use "
+        raise UserError("data.tokenizer_name: bpe trains a tokenizer on a pre-training corpus; RLHF must use "
                               "the tokenizer the policy was trained with",
                               "set data.tokenizer_name to that tokenizer.json (Ava caches trained ones under "
                               "~/.cache/ava), or null for bytes")
@@ -81,7 +81,7 @@ def prepare_pipeline(cfg: AvaConfig) -> PipelinePlan:
     """Resolve the tokenizer, task and reward, and open every file a stage will read.
 
     Everything a later stage reads is checked now, so a typo in a path fails
-    in seconds, not after hours of SFT; any problem is a ModelInputError.
+    in seconds, not after hours of SFT; any problem is a UserError.
     """
     r = cfg.rlhf
     assert r is not None
@@ -167,7 +167,7 @@ def _run_stage(env: StageEnv, stage: str, start: Path | None, scorer: Scorer | N
 
 
 def preflight(cfg: AvaConfig, tokenizer: Tokenizer, task: Task) -> None:
-    """Open every model directory and data file the stages will read; any problem is a ModelInputError now."""
+    """Open every model directory and data file the stages will read; any problem is a UserError now."""
     from ava.rlhf.data import read_jsonl
 
     r = cfg.rlhf
@@ -204,13 +204,13 @@ def _check_prompts(cfg: AvaConfig, stage: str, tokenizer: Tokenizer, task: Task)
         length = len(tokenizer.encode(row["prompt"]))
         if length + new > limit:
             where = f"{path} line {number}: a {length}-token prompt" if path else f"a {length}-token '{task.name}' prompt"
-            raise ModelInputError(f"rlhf.generation.max_new_tokens = {new} after {where} exceeds "
+            raise UserError(f"rlhf.generation.max_new_tokens = {new} after {where} exceeds "
                                   f"model.max_position_embeddings = {limit}",
                                   f"set rlhf.generation.max_new_tokens <= {limit - length}, or shorten the prompts")
     if path is not None and _scored_by_task(r, stage):
         unanswered = [n for n, row in enumerate(rows, 1) if row.get("answer") is None]
         if unanswered:
-            raise ModelInputError(f"{setting}: {path} line {unanswered[0]} (and {len(unanswered) - 1} more) has no "
+            raise UserError(f"{setting}: {path} line {unanswered[0]} (and {len(unanswered) - 1} more) has no "
                                   f"\"answer\", but the rewards come from the '{task.name}' task's scorer, which "
                                   "compares with it", "add an \"answer\" to every prompt, or set rlhf.reward_function "
                                   "(or a reward model) to score without one")
@@ -326,7 +326,7 @@ def _same_settings(done: dict[str, Any], now: dict[str, Any], stage: str, stage_
             changed += [f"{section}.{k}: {old.get(k)!r} -> {v!r}" for k, v in values.items() if old.get(k) != v]
         elif old != values:
             changed.append(f"{section}: {old!r} -> {values!r}")
-    raise ModelInputError(f"--resume: the {stage} stage in {stage_dir} completed with other settings "
+    raise UserError(f"--resume: the {stage} stage in {stage_dir} completed with other settings "
                           f"(rlhf.{'; rlhf.'.join(changed)}), so its model is not what this config "
                           "asks for", "resume with the settings it ran with, or start a new --output_dir")
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.rlhf.tasks import Task
 
 RewardFunction = Callable[..., list[float]]
@@ -27,8 +27,8 @@ SETTING = "rlhf.reward_function"
 _SPEC_FORM = "write it as `package.module:function`, e.g. `my_rewards:exact_match`"
 
 
-def _spec_error(spec: str, problem: str, fix: str) -> ModelInputError:
-    return ModelInputError(f"{SETTING} {spec!r}: {problem}", fix)
+def _spec_error(spec: str, problem: str, fix: str) -> UserError:
+    return UserError(f"{SETTING} {spec!r}: {problem}", fix)
 
 
 def _split_spec(spec: str) -> tuple[str, str]:
@@ -92,12 +92,12 @@ def task_reward(task: Task) -> RewardFunction:
     def reward(prompts: Sequence[str], responses: Sequence[str], **info: object) -> list[float]:
         answers = info.get("answers")
         if not isinstance(answers, Sequence) or len(answers) != len(prompts):
-            raise ModelInputError(f"the '{task.name}' task reward needs one answer per prompt; got answers={answers!r}",
+            raise UserError(f"the '{task.name}' task reward needs one answer per prompt; got answers={answers!r}",
                                   "pass answers=[...] with the reference answer of each prompt")
         scores = []
         for i, (prompt, answer, response) in enumerate(zip(prompts, answers, responses, strict=False)):
             if answer is None:
-                raise ModelInputError(f"the '{task.name}' task reward has no answer for prompt {i} ({prompt!r})",
+                raise UserError(f"the '{task.name}' task reward has no answer for prompt {i} ({prompt!r})",
                                       "use prompts made by the task (they carry answers), or set "
                                       f"{SETTING} to a reward that needs no reference answer")
             scores.append(task.score(prompt, str(answer), response))
@@ -135,10 +135,10 @@ def score_responses(fn: RewardFunction, prompts: Sequence[str], responses: Seque
         raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and {len(answers)} answers do not line up")
     try:
         result = fn(list(prompts), list(responses), answers=list(answers))
-    except ModelInputError:
+    except UserError:
         raise  # already says what to fix (e.g. a built-in task reward missing an answer)
     except Exception as err:
-        raise ModelInputError(f"reward function {name!r} raised {type(err).__name__}: {err}",
+        raise UserError(f"reward function {name!r} raised {type(err).__name__}: {err}",
                               f"fix {name} so it returns one number per response for these inputs "
                               f"(first prompt {_shown(prompts[0] if prompts else None)})") from err
     expected = f"return a list of {len(prompts)} finite numbers, one per response"
@@ -146,17 +146,17 @@ def score_responses(fn: RewardFunction, prompts: Sequence[str], responses: Seque
     if values is None:
         shape = getattr(result, "shape", None)
         got = f"a {type(result).__name__}" + (f" of shape {tuple(shape)}" if shape is not None else "")
-        raise ModelInputError(f"reward function {name!r} returned {got}: {_shown(result)}", f"make {name} {expected}")
+        raise UserError(f"reward function {name!r} returned {got}: {_shown(result)}", f"make {name} {expected}")
     if len(values) != len(prompts):
-        raise ModelInputError(f"reward function {name!r} returned {len(values)} values for {len(prompts)} responses",
+        raise UserError(f"reward function {name!r} returned {len(values)} values for {len(prompts)} responses",
                               f"make {name} {expected}")
     scores = []
     for i, value in enumerate(values):
         if not isinstance(value, numbers.Real):
-            raise ModelInputError(f"reward function {name!r} returned {_shown(value)} ({type(value).__name__}) "
+            raise UserError(f"reward function {name!r} returned {_shown(value)} ({type(value).__name__}) "
                                   f"at index {i}, not a number", f"make {name} {expected}")
         if not math.isfinite(float(value)):
-            raise ModelInputError(f"reward function {name!r} returned {value} at index {i}",
+            raise UserError(f"reward function {name!r} returned {value} at index {i}",
                                   f"make {name} {expected}: guard divisions and logs against NaN and inf")
         scores.append(float(value))
     return scores

@@ -15,8 +15,8 @@ import torch
 
 from ava.config.schema.rlhf import GenerationConfig
 from ava.data.tokenizer import Tokenizer
+from ava.errors import UserError
 from ava.model import AvaForCausalLM
-from ava.model.errors import ModelInputError
 from ava.rlhf.data import Prompt, SequenceBatch, sequence_batch
 from ava.rlhf.engines import RoleEngine, generation_module
 from ava.rlhf.losses import token_entropy, token_logprobs
@@ -40,7 +40,7 @@ def sample_responses(model: AvaForCausalLM, prompts: list[Prompt], tokenizer: To
     limit = model.config.max_position_embeddings
     longest = max(len(ids) for ids in encoded)
     if longest + gen.max_new_tokens > limit:
-        raise ModelInputError(
+        raise UserError(
             f"a prompt of {longest} tokens plus rlhf.generation.max_new_tokens = {gen.max_new_tokens} exceeds "
             f"model.max_position_embeddings = {limit}",
             f"lower max_new_tokens to {max(limit - longest, 1)} or shorten the prompts")

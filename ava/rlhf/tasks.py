@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 DELIMITER = "="
 DIGITS = string.digits
@@ -58,7 +58,7 @@ class Task(ABC):
 
     def __init__(self, length: int = 6) -> None:
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ModelInputError(f"RLHF task '{self.name}': answer length {length!r} is not a positive whole number",
+            raise UserError(f"RLHF task '{self.name}': answer length {length!r} is not a positive whole number",
                                   "give the task length as an integer >= 1, e.g. 6")
         self.length = length
 
@@ -180,13 +180,13 @@ def make_task(name: str, length: int = 6) -> Task:
         close = difflib.get_close_matches(str(name), list(TASKS), n=1, cutoff=0.5)
         valid = ", ".join(f"'{n}'" for n in TASKS)
         fix = f"did you mean '{close[0]}'? The tasks are: {valid}" if close else f"use one of {valid}"
-        raise ModelInputError(f"unknown RLHF task {name!r}; the built-in tasks are {valid}", fix)
+        raise UserError(f"unknown RLHF task {name!r}; the built-in tasks are {valid}", fix)
     return TASKS[name](length)
 
 
 def _check_count(n: int, what: str) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ModelInputError(f"number of {what} {n!r} is not a whole number >= 0", f"ask for a count of {what} such as 64")
+        raise UserError(f"number of {what} {n!r} is not a whole number >= 0", f"ask for a count of {what} such as 64")
 
 
 def sft_examples(task: Task, n: int, seed: int) -> list[TaskExample]:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 LATEST = "latest"
 BEST = "best"
@@ -197,7 +197,7 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _PROBE_BYTES = 1 << 20
 
 
-class CheckpointWriteError(ModelInputError):
+class CheckpointWriteError(UserError):
     """A checkpoint could not be written for want of space: the run stops, its earlier checkpoints intact."""
 
     every_rank = True  # the disk may be one rank's own: the rank that hit it must say so, not only rank 0
@@ -261,11 +261,11 @@ def load(engine: Any, root: Path, tag: str, rank: int) -> dict[str, Any]:
     """Restore engine, optimizer and scheduler from `tag`, and return this rank's Ava state (step, data, rng)."""
     path, _ = engine.load_checkpoint(str(root), tag=tag)
     if path is None:
-        raise ModelInputError(f"DeepSpeed could not load checkpoint {root / tag}",
+        raise UserError(f"DeepSpeed could not load checkpoint {root / tag}",
                               "check that the directory is complete and was written with this configuration")
     state_file = root / tag / f"ava_state_rank{rank}.pt"
     if not state_file.is_file():
-        raise ModelInputError(f"{state_file} is missing: the checkpoint was written by a run with fewer ranks",
+        raise UserError(f"{state_file} is missing: the checkpoint was written by a run with fewer ranks",
                               "resume with the number of ranks the checkpoint was written with")
     state = read_state(state_file)
     set_rng_state(state["rng"])
@@ -292,10 +292,10 @@ def read_state(path: Path) -> dict[str, Any]:
             with torch.serialization.safe_globals(_numpy_state_globals()):
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged file fails in many ways (EOFError, OSError, KeyError, UnpicklingError...)
-        raise ModelInputError(f"{path} cannot be read as Ava checkpoint state ({_reason(exc)}): the checkpoint is "
+        raise UserError(f"{path} cannot be read as Ava checkpoint state ({_reason(exc)}): the checkpoint is "
                               "corrupt, or the file was not written by Ava", RESUME_EARLIER) from None
     if not isinstance(state, dict) or not {"step", "data", "rng"} <= state.keys():
-        raise ModelInputError(f"{path} is not Ava checkpoint state: it lacks the step, data position and RNG states",
+        raise UserError(f"{path} is not Ava checkpoint state: it lacks the step, data position and RNG states",
                               RESUME_EARLIER)
     return state
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 # Plain data DeepSpeed pickles into ZeRO optimizer states (an enum, a named tuple, the loss scaler's fields):
 # building them runs no code beyond their own constructors.
@@ -55,7 +55,7 @@ def unexpected_globals(point: Path) -> dict[Path, list[str]]:
             continue
         except Exception as exc:  # not a zip, truncated, unreadable: zipfile/torch raise BadZipFile, OSError, ...
             first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
-            raise ModelInputError(
+            raise UserError(
                 f"checkpoint file {file} is corrupt or truncated ({type(exc).__name__}: {first[:160]})",
                 _earlier(point)) from None
         unexpected = sorted(set(names) - ZERO_STATE_GLOBALS)
@@ -70,7 +70,7 @@ def check_checkpoint(point: Path, trusted: bool) -> None:
     if found and not trusted:
         listed = "; ".join(f"{file.name}: {', '.join(names[:5])}" + (" ..." if len(names) > 5 else "")
                            for file, names in found.items())
-        raise ModelInputError(
+        raise UserError(
             f"checkpoint {point} holds pickled objects beyond tensors and DeepSpeed's optimizer state ({listed}); "
             "loading it would run whatever those name", TRUST_FIX)
 

@@ -70,7 +70,7 @@ from ava.data.sources import Source, load_source, resolve_source
 from ava.data.streaming import StreamingBatches, rank_documents
 from ava.data.token_file import open_token_file
 from ava.data.tokenizer import ByteTokenizer, Tokenizer, check_vocab, encode_many, load_tokenizer
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
@@ -114,7 +114,7 @@ def build_training_data(data: DataConfig, model_vocab: int, micro_batch: int, ev
     needed_tokens = (needed_sequences + needed_sequences // 8 + eval_share + 2 * eval_batch) * length
     if data.builtin_dataset == "markov":
         if data.markov_vocab_size > model_vocab:
-            raise ModelInputError(f"data.markov_vocab_size = {data.markov_vocab_size} exceeds model.vocab_size = "
+            raise UserError(f"data.markov_vocab_size = {data.markov_vocab_size} exceeds model.vocab_size = "
                                   f"{model_vocab}", "lower markov_vocab_size or raise model.vocab_size")
         corpus = MarkovCorpus(data.markov_vocab_size, seed=data.shuffle_seed, concentration=MARKOV_CONCENTRATION)
         tokens = corpus.sample(needed_tokens, seed=data.shuffle_seed + 1)
@@ -135,13 +135,13 @@ def _token_files(data: DataConfig, model_vocab: int, micro_batch: int, eval_batc
     assert data.data_dir is not None
     directory, length = Path(data.data_dir), data.max_length
     if not directory.is_dir():
-        raise ModelInputError(f"data.data_dir = {directory} " + ("is a file, not a directory" if directory.exists()
+        raise UserError(f"data.data_dir = {directory} " + ("is a file, not a directory" if directory.exists()
                                                                    else "does not exist"),
                               "point data.data_dir at the directory holding train.bin and val.bin, or set "
                               "data_dir: null for data.sources or the built-in data")
     for name in ("train.bin", "val.bin"):
         if not (directory / name).is_file():
-            raise ModelInputError(f"data.data_dir = {directory} has no {name}",
+            raise UserError(f"data.data_dir = {directory} has no {name}",
                                   "put train.bin and val.bin (uint16 token ids, nanoGPT layout) there, or set "
                                   "data_dir: null for data.sources or the built-in data")
     train_tokens = open_token_file(directory / "train.bin", model_vocab)
@@ -201,11 +201,11 @@ def _tokenizer(data: DataConfig, model_vocab: int, corpus: Any,
     """
     if data.tokenizer_name == BPE:
         if data.bpe_vocab_size is not None and data.bpe_vocab_size > model_vocab:
-            raise ModelInputError(f"data.bpe_vocab_size = {data.bpe_vocab_size} exceeds model.vocab_size = {model_vocab}",
+            raise UserError(f"data.bpe_vocab_size = {data.bpe_vocab_size} exceeds model.vocab_size = {model_vocab}",
                                   f"set data.bpe_vocab_size <= {model_vocab}, or raise model.vocab_size")
         vocab = data.bpe_vocab_size or model_vocab
         if vocab < 257:
-            raise ModelInputError(f"model.vocab_size = {model_vocab} is too small for a byte-level BPE "
+            raise UserError(f"model.vocab_size = {model_vocab} is too small for a byte-level BPE "
                                   "(256 bytes + the end-of-text token)", "set model.vocab_size >= 257")
         directory = cache_root(data.cache_dir) / "tokenizers"
         bpe = cached_bpe(directory, corpus, vocab, data.bpe_training_bytes, documents)
@@ -229,15 +229,15 @@ def _sources(data: DataConfig, model_vocab: int, micro_batch: int, eval_batch: i
              needed_sequences: int, max_steps: int | None) -> TrainingData:
     if data.streaming:
         if max_steps is None:
-            raise ModelInputError("data.streaming: true reads data.sources as a stream whose length is unknown, "
+            raise UserError("data.streaming: true reads data.sources as a stream whose length is unknown, "
                                   "so the run needs training.max_steps, and none was given",
                                   "set training.max_steps, or data.streaming: false to load the sources into memory")
         if data.max_train_examples >= 0:
-            raise ModelInputError(f"data.max_train_examples = {data.max_train_examples} cannot cap a stream, "
+            raise UserError(f"data.max_train_examples = {data.max_train_examples} cannot cap a stream, "
                                   "whose sequences are made on the fly",
                                   "cap the documents read with data.max_samples, or set data.streaming: false")
         if data.max_eval_examples < 0:
-            raise ModelInputError("data.max_eval_examples = -1 (all) has no meaning for a stream",
+            raise UserError("data.max_eval_examples = -1 (all) has no meaning for a stream",
                                   "give the number of held-out sequences, e.g. 1000 (0 holds nothing out)")
     sources = [resolve_source(f"data.sources[{i}]", s.path, s.format, s.text_field, s.sample_by, s.weight)
                for i, s in enumerate(data.sources)]
@@ -245,7 +245,7 @@ def _sources(data: DataConfig, model_vocab: int, micro_batch: int, eval_batch: i
     if not data.use_weighted_mixing:
         for source in sources:
             if source.weight is not None:
-                raise ModelInputError(f"{source.key}.weight is set but data.use_weighted_mixing is false, so sources "
+                raise UserError(f"{source.key}.weight is set but data.use_weighted_mixing is false, so sources "
                                       "are concatenated and weights mean nothing",
                                       f"set data.use_weighted_mixing: true, or remove {source.key}.weight")
     if weighted and data.streaming:
@@ -316,7 +316,7 @@ def _weights(sources: list[Source], sizes: list[int] | None) -> list[float]:
     if sizes is None:
         missing = [s.key for s in sources if s.weight is None]
         if missing:
-            raise ModelInputError(
+            raise UserError(
                 f"{', '.join(k + '.weight' for k in missing)} not set: with data.streaming the number of documents "
                 "in a source is unknown without reading all of it, so streamed sources are mixed by explicit weights",
                 "give every source a weight (e.g. its number of documents or tokens), or set "

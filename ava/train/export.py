@@ -18,8 +18,8 @@ import yaml
 from pydantic import ValidationError
 
 from ava.config.schema.model import ModelConfig
+from ava.errors import UserError
 from ava.model import AvaForCausalLM
-from ava.model.errors import ModelInputError
 from ava.model.store import load_state_exactly, save_model_dir
 from ava.train import checkpoint
 
@@ -37,7 +37,7 @@ def resolve_checkpoint(path: Path, which: str = "latest") -> Path:
     if tag is None:
         what = "best checkpoint (the run never evaluated, or save_best_checkpoint is off)" if which == "best" \
             else "complete checkpoint"
-        raise ModelInputError(f"{path} holds no {what}",
+        raise UserError(f"{path} holds no {what}",
                               "point at a run directory or a checkpoints/stepNNNNNNNN directory written to the end")
     return root / tag
 
@@ -46,12 +46,12 @@ def run_model_config(run_dir: Path) -> ModelConfig:
     """The model: section of the run's resolved `config.yaml`."""
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise ModelInputError(f"{path} not found, so the model's shape is unknown",
+        raise UserError(f"{path} not found, so the model's shape is unknown",
                               "export from inside a run directory written by train.py (it holds config.yaml)")
     try:
         return ModelConfig.model_validate(yaml.safe_load(path.read_text())["model"])
     except (yaml.YAMLError, KeyError, TypeError, ValidationError) as exc:
-        raise ModelInputError(f"{path} has no valid model: section ({exc})",
+        raise UserError(f"{path} has no valid model: section ({exc})",
                               "restore the run's config.yaml; it is written at the start of every run") from exc
 
 
@@ -75,7 +75,7 @@ def checkpoint_state_dict(point: Path) -> dict[str, torch.Tensor]:
             state.update({k: v.float() for k, v in module.items() if k not in state and v.numel()})
         return state
     if not module_file.is_file():
-        raise ModelInputError(f"{point} has neither ZeRO shards nor {module_file.name}: not a DeepSpeed checkpoint",
+        raise UserError(f"{point} has neither ZeRO shards nor {module_file.name}: not a DeepSpeed checkpoint",
                               "point at a checkpoints/stepNNNNNNNN directory written by train.py")
     module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
     return {k: v.float() for k, v in module.items()}
@@ -127,7 +127,7 @@ def export_checkpoint(point: Path, config: ModelConfig, out: Path, hf: bool = Fa
     adapters = adapter_state(state)
     if adapters:
         if lora_scaling is None:
-            raise ModelInputError(f"{point} holds LoRA adapters but the run's LoRA settings are unknown",
+            raise UserError(f"{point} holds LoRA adapters but the run's LoRA settings are unknown",
                                   "export from inside the run directory, whose config.yaml has training.lora")
         if frozen_base is not None:
             state.update(_unrounded(state, frozen_base))

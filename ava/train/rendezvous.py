@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 SLURM_PORT_BASE = 10000
 SLURM_PORT_SPAN = 20000  # ports 10000-29999: below Linux's ephemeral range
@@ -34,7 +34,7 @@ DEFAULT_TIMEOUT_S = 45.0
 TIMEOUT_VAR = "AVA_RENDEZVOUS_TIMEOUT"
 
 
-class LaunchError(ModelInputError):
+class LaunchError(UserError):
     """The launch environment is inconsistent or the ranks cannot meet."""
 
 

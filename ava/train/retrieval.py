@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ava.config.schema.model import ModelConfig
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.rag.chunks import data_fingerprint
 from ava.rag.retriever import Retriever
 from ava.rag.run_store import make_encoder, store_dir
@@ -65,13 +65,13 @@ class RetrievalPlan:
             verdict = [str(failure) if failure is not None else ""]
             torch.distributed.broadcast_object_list(verdict, src=0)
             if verdict[0] and failure is None:
-                raise ModelInputError(f"rank 0 could not build the retrieval store in {directory}: {verdict[0]}",
+                raise UserError(f"rank 0 could not build the retrieval store in {directory}: {verdict[0]}",
                                       "see rank 0's message above; building it ahead of time with `ava rag "
                                       "build-index` and the same config shows the problem on its own")
         if failure is not None:
             raise failure
         if not (directory / "manifest.json").is_file():
-            raise ModelInputError(f"the retrieval store rank 0 built in {directory} is not visible on this node",
+            raise UserError(f"the retrieval store rank 0 built in {directory} is not visible on this node",
                                   "put data.cache_dir (or model.rag.index_dir) on a filesystem every node shares, "
                                   "or run `ava rag build-index` with the same config on every node first")
         retriever = Retriever.open(directory, decode=self.decode, nprobe=rag.nprobe)

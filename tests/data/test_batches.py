@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ava.data.batches import SequenceBatches
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 LENGTH = 5
 
@@ -97,17 +97,17 @@ def test_without_drop_last_every_sequence_is_seen_and_ranks_stay_in_step() -> No
 
 
 def test_dataset_smaller_than_one_batch_per_rank_is_refused() -> None:
-    with pytest.raises(ModelInputError, match="7 sequences, fewer than one micro-batch per rank"):
+    with pytest.raises(UserError, match="7 sequences, fewer than one micro-batch per rank"):
         SequenceBatches(_sequences(7), micro_batch=4, rank=0, world_size=2, seed=0, reshuffle_each_epoch=True)
 
 
 def test_rank_outside_the_world_is_refused() -> None:
-    with pytest.raises(ModelInputError, match="rank = 2, world_size = 2"):
+    with pytest.raises(UserError, match="rank = 2, world_size = 2"):
         SequenceBatches(_sequences(8), micro_batch=1, rank=2, world_size=2, seed=0, reshuffle_each_epoch=True)
 
 
 def test_position_beyond_the_epoch_is_refused_on_resume() -> None:
     batches = SequenceBatches(_sequences(8), micro_batch=2, rank=0, world_size=1, seed=0, reshuffle_each_epoch=True)
-    with pytest.raises(ModelInputError, match="4 batches per rank"):
+    with pytest.raises(UserError, match="4 batches per rank"):
         batches.load_state_dict({"epoch": 0, "batch_index": 5})
     assert batches.state_dict() == {"epoch": 0, "batch_index": 0}  # unchanged after the refusal

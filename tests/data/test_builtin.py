@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ava.data.builtin import MarkovCorpus, python_stdlib_documents
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 
 def test_stdlib_documents_are_deterministic_python_source() -> None:
@@ -70,5 +70,5 @@ def test_markov_corpus_is_a_function_of_its_seeds() -> None:
 
 
 def test_markov_corpus_refuses_a_one_token_vocabulary() -> None:
-    with pytest.raises(ModelInputError, match="vocab_size = 1"):
+    with pytest.raises(UserError, match="vocab_size = 1"):
         MarkovCorpus(vocab_size=1, seed=0, concentration=1.0)

@@ -13,7 +13,7 @@ from ava.config.schema.data import DataConfig
 from ava.data.batches import SequenceBatches
 from ava.data.streaming import StreamingBatches
 from ava.data.tokenizer import ByteTokenizer, FileTokenizer
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.train.data_setup import TrainingData, build_training_data
 from tests.data.corpus import documents, write_csv, write_jsonl, write_text
 
@@ -104,13 +104,13 @@ def test_settings_that_cannot_work_are_refused_with_the_key(two_sources: list[di
                                                            message: str) -> None:
     weights = settings.pop("weights", [None, None])
     sources = [{**s, "weight": w} for s, w in zip(two_sources, weights, strict=True)]
-    with pytest.raises(ModelInputError, match=message) as err:
+    with pytest.raises(UserError, match=message) as err:
         _build(_config(sources=sources, **settings))
     assert err.value.fix
 
 
 def test_a_stream_needs_max_steps(two_sources: list[dict]) -> None:
-    with pytest.raises(ModelInputError, match="needs training.max_steps") as err:
+    with pytest.raises(UserError, match="needs training.max_steps") as err:
         _build(_config(sources=two_sources[:1], streaming=True), max_steps=None)
     assert "data.streaming: false" in err.value.fix
 

@@ -6,7 +6,7 @@ import pytest
 
 from ava.data.holdout import hold_out_heads
 from ava.data.tokenizer import ByteTokenizer
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 KEYS = ["data.sources[0]", "data.sources[1]"]
 
@@ -32,7 +32,7 @@ def test_no_held_out_sequences_takes_no_documents() -> None:
 
 
 def test_a_source_used_up_by_its_share_is_refused() -> None:
-    with pytest.raises(ModelInputError, match=r"data.sources\[1\] is used up by its share of the held-out set") as err:
+    with pytest.raises(UserError, match=r"data.sources\[1\] is used up by its share of the held-out set") as err:
         hold_out_heads([_docs("a", 100), _docs("b", 4)], [0.5, 0.5], KEYS, ByteTokenizer(), max_length=32,
                        sequences=4)
     assert "data.max_eval_examples" in err.value.fix

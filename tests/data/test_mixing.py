@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from ava.data.mixing import chosen_weights, mix, mixing_probabilities
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 
 def test_temperature_one_keeps_the_proportions_and_a_high_one_tends_to_uniform() -> None:
@@ -23,7 +23,7 @@ def test_huge_sizes_do_not_overflow() -> None:
 
 
 def test_non_positive_weights_are_refused() -> None:
-    with pytest.raises(ModelInputError, match="must all be positive"):
+    with pytest.raises(UserError, match="must all be positive"):
         mixing_probabilities([1.0, 0.0], 1.0)
 
 
@@ -31,7 +31,7 @@ def test_explicit_weights_replace_sizes_only_when_every_source_has_one() -> None
     keys = ["data.sources[0]", "data.sources[1]"]
     assert chosen_weights([None, None], [10, 30], keys) == [10.0, 30.0]
     assert chosen_weights([2.0, 1.0], [10, 30], keys) == [2.0, 1.0]
-    with pytest.raises(ModelInputError, match=r"data.sources\[0\].weight set but data.sources\[1\] has none"):
+    with pytest.raises(UserError, match=r"data.sources\[0\].weight set but data.sources\[1\] has none"):
         chosen_weights([2.0, None], [10, 30], keys)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ava.data.packing import pack_documents, pack_stream
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 EOS = 99
 
@@ -76,10 +76,10 @@ def test_pack_stream_does_not_tokenise_documents_before_the_start() -> None:
 
 
 def test_pack_stream_refuses_a_position_that_does_not_fit_the_data() -> None:
-    with pytest.raises(ModelInputError, match=r"data position \(1, 50\) does not fit this data"):
+    with pytest.raises(UserError, match=r"data position \(1, 50\) does not fit this data"):
         next(pack_stream(["abc", "def"], _bytes, max_length=2, eos_id=EOS, start=(1, 50)))
 
 
 def test_pack_stream_refuses_a_document_that_is_not_text() -> None:
-    with pytest.raises(ModelInputError, match="document 1 of the stream is a int, not text"):
+    with pytest.raises(UserError, match="document 1 of the stream is a int, not text"):
         list(pack_stream(["abc", 5], _bytes, max_length=2, eos_id=EOS))  # type: ignore[list-item]

@@ -10,7 +10,7 @@ import pytest
 
 from ava.data.record_check import screened
 from ava.data.sources import Source
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 GOOD = '{"text": "fine"}\n'
 
@@ -23,7 +23,7 @@ def test_every_kind_of_corrupt_line_is_named_with_its_number(tmp_path: Path) -> 
     file = tmp_path / "docs.jsonl"
     file.write_bytes(GOOD.encode() + b'{"text": "cut\n' + b"\n" + b"[1]\n" + b'{"other": 1}\n' + b'{"text": 3}\n'
                      + b'{"text": "\xff"}\n' + GOOD.encode())
-    with pytest.raises(ModelInputError) as caught:
+    with pytest.raises(UserError) as caught:
         screened(source(file), "fail", tmp_path / "cache")
     message = str(caught.value)
     assert f"{file}: 5 corrupt line(s): line 2 (not valid JSON (" in message
@@ -54,7 +54,7 @@ def test_compressed_files_are_screened_and_json_documents_are_not(tmp_path: Path
     packed = tmp_path / "docs.jsonl.gz"
     with gzip.open(packed, "wt") as f:
         f.write(GOOD + "{bad\n")
-    with pytest.raises(ModelInputError, match=r"docs.jsonl.gz: 1 corrupt line\(s\): line 2"):
+    with pytest.raises(UserError, match=r"docs.jsonl.gz: 1 corrupt line\(s\): line 2"):
         screened(source(packed), "fail", tmp_path / "cache")
     document = tmp_path / "all.json"
     document.write_text(json.dumps([{"text": "a"}], indent=2))  # one multi-line JSON document: nothing to judge
@@ -77,7 +77,7 @@ def test_the_verdict_is_cached_until_the_file_changes(tmp_path: Path) -> None:
 def test_a_file_with_no_usable_line_is_refused_even_when_skipping(tmp_path: Path) -> None:
     file = tmp_path / "docs.jsonl"
     file.write_text("no\nnope\n")
-    with pytest.raises(ModelInputError, match="holds no documents"):
+    with pytest.raises(UserError, match="holds no documents"):
         screened(source(file), "skip", tmp_path / "cache")
 
 
@@ -93,14 +93,14 @@ def test_a_stray_file_without_the_text_field_is_corrupt_when_others_have_it(tmp_
     docs, manifest = tmp_path / "docs.jsonl", tmp_path / "manifest.jsonl"
     docs.write_text(GOOD)
     manifest.write_text('{"files": 3}\n')
-    with pytest.raises(ModelInputError, match=r"manifest.jsonl: 1 corrupt line\(s\): line 1 \(no 'text' field\)"):
+    with pytest.raises(UserError, match=r"manifest.jsonl: 1 corrupt line\(s\): line 1 \(no 'text' field\)"):
         screened(source(docs, manifest), "fail", tmp_path / "cache")
 
 
 def test_lines_pyarrow_would_reject_are_caught_here(tmp_path: Path) -> None:
     file = tmp_path / "docs.jsonl"
     file.write_text(GOOD + '{"text": "a", "text": "b"}\n' + '{"text": "\\ud800"}\n')
-    with pytest.raises(ModelInputError) as caught:
+    with pytest.raises(UserError) as caught:
         screened(source(file), "fail", tmp_path / "cache")
     assert "line 2 (the key 'text' appears twice), line 3 ('text' holds an unpaired surrogate" in str(caught.value)
 
@@ -109,5 +109,5 @@ def test_a_corrupt_compressed_file_is_a_user_error(tmp_path: Path) -> None:
     packed = tmp_path / "docs.jsonl.gz"
     data = gzip.compress((GOOD * 200).encode())
     packed.write_bytes(data[:20] + b"\x00" * 40 + data[60:])
-    with pytest.raises(ModelInputError, match="could not be read"):
+    with pytest.raises(UserError, match="could not be read"):
         screened(source(packed), "fail", tmp_path / "cache")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ava.data.sources import load_source, resolve_source
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from tests.data.corpus import documents, write_csv, write_jsonl, write_parquet, write_text
 
 
@@ -91,50 +91,50 @@ def test_reading_writes_only_to_the_cache_directory(tmp_path: Path) -> None:
 ])
 def test_a_path_with_no_files_is_refused_naming_the_key(tmp_path: Path, path: str, message: str) -> None:
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(ModelInputError, match=message) as err:
+    with pytest.raises(UserError, match=message) as err:
         _resolve(tmp_path / path, index=2)
     assert err.value.fix
 
 
 def test_unknown_extension_and_mixed_formats_are_refused_with_the_fix(tmp_path: Path) -> None:
     (tmp_path / "notes.xml").write_text("<a/>")
-    with pytest.raises(ModelInputError, match=r"cannot tell the format of .*notes.xml") as err:
+    with pytest.raises(UserError, match=r"cannot tell the format of .*notes.xml") as err:
         _resolve(tmp_path / "notes.xml")
     assert "data.sources[0].format" in err.value.fix
     write_jsonl(tmp_path / "mixed" / "a.jsonl", ["a"])
     write_csv(tmp_path / "mixed" / "b.csv", ["b"])
-    with pytest.raises(ModelInputError, match="several formats") as err:
+    with pytest.raises(UserError, match="several formats") as err:
         _resolve(tmp_path / "mixed")
     assert "one source per format" in err.value.fix
-    with pytest.raises(ModelInputError, match=r"format = 'xml' is not a known format"):
+    with pytest.raises(UserError, match=r"format = 'xml' is not a known format"):
         _resolve(tmp_path / "notes.xml", format="xml")
 
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_missing_text_field_is_refused_listing_the_columns(tmp_path: Path, streaming: bool) -> None:
     source = _resolve(write_parquet(tmp_path / "a.parquet", ["x"], field="body"), index=1)
-    with pytest.raises(ModelInputError, match=r"data.sources\[1\].text_field = 'text' is not a column .*body, n") as err:
+    with pytest.raises(UserError, match=r"data.sources\[1\].text_field = 'text' is not a column .*body, n") as err:
         load_source(source, tmp_path / "cache", streaming=streaming)
     assert "data.sources[1].text_field" in err.value.fix
 
 
 def test_a_column_that_is_not_text_is_refused(tmp_path: Path) -> None:
     source = _resolve(write_csv(tmp_path / "a.csv", ["x", "y"]), text_field="n")
-    with pytest.raises(ModelInputError, match="holds int values, not text"):
+    with pytest.raises(UserError, match="holds int values, not text"):
         load_source(source, tmp_path / "cache", streaming=True)
 
 
 def test_text_files_have_only_the_text_column(tmp_path: Path) -> None:
-    with pytest.raises(ModelInputError, match="a text source has only the column 'text'"):
+    with pytest.raises(UserError, match="a text source has only the column 'text'"):
         _resolve(write_text(tmp_path / "a.txt", ["x"]), text_field="body")
 
 
 def test_an_unreadable_or_empty_file_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(ModelInputError, match=r"could not be read as json"):
+    with pytest.raises(UserError, match=r"could not be read as json"):
         load_source(_resolve(tmp_path / "bad.jsonl"), tmp_path / "cache", streaming=False)
     (tmp_path / "empty.csv").write_text("text\n")
-    with pytest.raises(ModelInputError, match="holds no documents"):
+    with pytest.raises(UserError, match="holds no documents"):
         load_source(_resolve(tmp_path / "empty.csv"), tmp_path / "cache", streaming=True)
 
 

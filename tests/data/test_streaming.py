@@ -8,7 +8,7 @@ import torch
 
 from ava.data.streaming import StreamingBatches, rank_documents
 from ava.data.tokenizer import ByteTokenizer
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 LENGTH = 16
 
@@ -75,12 +75,12 @@ def test_prefetching_changes_neither_the_batches_nor_the_positions() -> None:
 
 def test_a_stream_too_small_for_one_micro_batch_is_refused_instead_of_spinning() -> None:
     tiny = StreamingBatches(lambda epoch: ["ab", "cd"], ByteTokenizer(), LENGTH, 2, nominal_batches_per_epoch=1)
-    with pytest.raises(ModelInputError, match="gave this rank no full micro-batch"):
+    with pytest.raises(UserError, match="gave this rank no full micro-batch"):
         list(tiny)
 
 
 def test_a_map_style_position_is_refused() -> None:
-    with pytest.raises(ModelInputError, match="is not a streaming position"):
+    with pytest.raises(UserError, match="is not a streaming position"):
         _batches().load_state_dict({"epoch": 0, "batch_index": 3})
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ava.data.token_file import open_token_file
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 
 def test_valid_file_is_memory_mapped_with_its_tokens(tmp_path: Path) -> None:
@@ -26,21 +26,21 @@ def test_token_beyond_vocabulary_is_reported_with_its_position(tmp_path: Path) -
     ids[333], ids[400] = 300, 301
     ids.tofile(path)
     # a chunk size that puts the bad id in the middle of a later chunk checks the position arithmetic
-    with pytest.raises(ModelInputError, match=r"position 333 is 300, beyond the vocabulary \(vocab_size = 257\)") as info:
+    with pytest.raises(UserError, match=r"position 333 is 300, beyond the vocabulary \(vocab_size = 257\)") as info:
         open_token_file(path, vocab_size=257, dtype="uint16", chunk_tokens=100)
     assert str(path) in str(info.value)
     open_token_file(path, vocab_size=302, dtype="uint16")  # every id in range: accepted
 
 
 def test_missing_token_file_is_reported(tmp_path: Path) -> None:
-    with pytest.raises(ModelInputError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         open_token_file(tmp_path / "absent.bin", vocab_size=10)
 
 
 def test_empty_token_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "empty.bin"
     path.write_bytes(b"")
-    with pytest.raises(ModelInputError, match="is empty"):
+    with pytest.raises(UserError, match="is empty"):
         open_token_file(path, vocab_size=10)
 
 
@@ -48,5 +48,5 @@ def test_truncated_token_file_is_reported_with_its_size(tmp_path: Path) -> None:
     path = tmp_path / "odd.bin"
     path.write_bytes(b"\x01\x00\x02\x00\x03\x00")  # 6 bytes: fine for uint16, not for uint32
     assert open_token_file(path, vocab_size=10, dtype="uint16").tolist() == [1, 2, 3]
-    with pytest.raises(ModelInputError, match="6 bytes, not a multiple of 4"):
+    with pytest.raises(UserError, match="6 bytes, not a multiple of 4"):
         open_token_file(path, vocab_size=10, dtype="uint32")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ava.data.tokenizer import ByteTokenizer, Tokenizer, check_vocab, encode_many, load_tokenizer
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 
 
 def test_byte_tokenizer_round_trips_unicode_text() -> None:
@@ -54,7 +54,7 @@ def test_tokenizer_json_is_loaded_with_its_eos_id(tmp_path: Path) -> None:
 
 def test_missing_tokenizer_file_is_reported_with_its_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope" / "tokenizer.json"
-    with pytest.raises(ModelInputError, match="does not exist") as info:
+    with pytest.raises(UserError, match="does not exist") as info:
         load_tokenizer(missing)
     assert str(missing) in str(info.value) and "Fix:" in str(info.value)
 
@@ -62,7 +62,7 @@ def test_missing_tokenizer_file_is_reported_with_its_path(tmp_path: Path) -> Non
 def test_corrupt_tokenizer_file_is_reported_with_its_path(tmp_path: Path) -> None:
     path = tmp_path / "tokenizer.json"
     path.write_text('{"model": ')
-    with pytest.raises(ModelInputError, match="could not be read") as info:
+    with pytest.raises(UserError, match="could not be read") as info:
         load_tokenizer(path)
     assert str(path) in str(info.value)
 
@@ -70,12 +70,12 @@ def test_corrupt_tokenizer_file_is_reported_with_its_path(tmp_path: Path) -> Non
 def test_tokenizer_without_an_eos_token_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "tokenizer.json"
     _write_tokenizer_json(path, eos=None)
-    with pytest.raises(ModelInputError, match="end-of-document"):
+    with pytest.raises(UserError, match="end-of-document"):
         load_tokenizer(path)
 
 
 def test_tokenizer_larger_than_model_vocab_is_refused_naming_both_sizes() -> None:
-    with pytest.raises(ModelInputError, match="257 exceeds model.vocab_size = 256") as info:
+    with pytest.raises(UserError, match="257 exceeds model.vocab_size = 256") as info:
         check_vocab(ByteTokenizer(), 256, "data.tokenizer_name")
     assert "data.tokenizer_name" in str(info.value)
     check_vocab(ByteTokenizer(), 257, "data.tokenizer_name")  # an exact fit is fine

@@ -114,7 +114,7 @@ def test_plain_context_given_as_token_ids_is_embedded_by_the_model():
 
 
 def test_a_pretrained_model_without_the_features_loads_into_one_with_them_for_init_from():
-    from ava.model.errors import ModelInputError
+    from ava.errors import UserError
     from ava.model.store import load_state_exactly
 
     base = AvaForCausalLM(ModelConfig(**BASE))
@@ -123,10 +123,10 @@ def test_a_pretrained_model_without_the_features_loads_into_one_with_them_for_in
     extended = AvaForCausalLM(cfg)
     load_state_exactly(extended, base.state_dict(), "base", allow_feature_added=True)
     torch.testing.assert_close(extended.layers[0].attn.q_proj.weight, base.layers[0].attn.q_proj.weight)
-    with pytest.raises(ModelInputError, match="cross_blocks.0"):  # an exact load reports them
+    with pytest.raises(UserError, match="cross_blocks.0"):  # an exact load reports them
         load_state_exactly(extended, base.state_dict(), "base")
     partial = {k: v for k, v in base.state_dict().items() if k != "layers.1.attn.q_proj.weight"}
-    with pytest.raises(ModelInputError, match=r"layers\.1\.attn\.q_proj\.weight"):  # a base weight is still required
+    with pytest.raises(UserError, match=r"layers\.1\.attn\.q_proj\.weight"):  # a base weight is still required
         load_state_exactly(extended, partial, "base", allow_feature_added=True)
 
 

@@ -14,8 +14,9 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is a dev dependency: pip install -e .[dev]")
 
 from ava.config.schema.model import ModelConfig  # noqa: E402
+from ava.errors import UserError  # noqa: E402
 from ava.hf import export_hf, import_hf  # noqa: E402
-from ava.model import AvaForCausalLM, ModelInputError  # noqa: E402
+from ava.model import AvaForCausalLM  # noqa: E402
 
 VOCAB = 97
 
@@ -109,7 +110,7 @@ def test_mixtral_fused_expert_layout_imports_like_the_hub_layout(tmp_path):
 def test_export_refuses_a_model_without_hf_equivalent(tmp_path):
     cfg = ModelConfig(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50,
                       max_position_embeddings=16, num_experts=4, router_type="aux_loss_free")
-    with pytest.raises(ModelInputError, match="router_type aux_loss_free has no Mixtral equivalent"):
+    with pytest.raises(UserError, match="router_type aux_loss_free has no Mixtral equivalent"):
         export_hf(AvaForCausalLM(cfg), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -121,7 +122,7 @@ def test_export_never_overwrites_an_existing_checkpoint(tmp_path):
     export_hf(ava, tmp_path / "out")
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
     _randomise(ava)
-    with pytest.raises(ModelInputError, match="already exists"):
+    with pytest.raises(UserError, match="already exists"):
         export_hf(ava, tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
 
@@ -133,10 +134,10 @@ def test_import_rejects_unsupported_rope_scaling_and_stray_tensors(tmp_path):
     config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
     config.pop("rope_scaling", None)
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelInputError, match="rope scaling `yarn`"):
+    with pytest.raises(UserError, match="rope scaling `yarn`"):
         import_hf(tmp_path / "hf")
     config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     config["num_hidden_layers"] = 1  # the file holds 2 layers: the second would be silently dropped
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelInputError, match="tensors Ava would ignore"):
+    with pytest.raises(UserError, match="tensors Ava would ignore"):
         import_hf(tmp_path / "hf")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ava.config import ConfigError, ConfigFiles, WorldSize, load_config
+from ava.errors import UserError
 from ava.model import AvaForCausalLM
-from ava.model.errors import ModelInputError
 from ava.model.pretrained import load_weights, locate
 from ava.model.store import load_state_exactly, save_model_dir
 from ava.train.init_from import pretrained_for_run
@@ -88,7 +88,7 @@ def test_checks_judge_the_checkpoints_model_not_the_configs(gpt2_dir: Path) -> N
 def test_missing_directory_is_a_warning_when_validating_and_an_error_when_training(tmp_path: Path) -> None:
     resolved = load_config(ConfigFiles(FINETUNE), ["--training.init_from", str(tmp_path / "gone")])
     assert any("does not exist" in n.render() for n in resolved.notices)
-    with pytest.raises(ModelInputError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         pretrained_for_run(resolved, None)
 
 
@@ -108,7 +108,7 @@ def test_resumed_run_rebuilds_the_recorded_architecture_without_the_pretrained_d
     (lambda p: p, "holds neither ava_model.yaml"),
 ])
 def test_unusable_init_from_directory_says_what_to_point_at(tmp_path: Path, make, expected: str) -> None:
-    with pytest.raises(ModelInputError, match=expected):
+    with pytest.raises(UserError, match=expected):
         locate(make(tmp_path))
 
 
@@ -116,7 +116,7 @@ def test_init_from_carries_the_checkpoints_enhanced_features_and_refuses_moa_fro
     from pathlib import Path
 
     from ava.config.schema.model import ModelConfig
-    from ava.model.errors import ModelInputError
+    from ava.errors import UserError
     from ava.model.pretrained import Pretrained, adopt_architecture
 
     small = dict(hidden_size=32, num_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
@@ -126,7 +126,7 @@ def test_init_from_carries_the_checkpoints_enhanced_features_and_refuses_moa_fro
     adopted = adopt_architecture(ModelConfig(), with_features, set(), {})
     assert adopted.use_moh and adopted.moh.active_routed_heads == 1 and adopted.use_episodic_memory
     plain = Pretrained(Path(tmp_path), "ava", ModelConfig(**small))
-    with pytest.raises(ModelInputError, match="does not use MoA"):
+    with pytest.raises(UserError, match="does not use MoA"):
         adopt_architecture(ModelConfig(use_moa=True), plain, {"use_moa"}, {"use_moa": "c.yaml:3"})
     cross = adopt_architecture(ModelConfig(use_cross_attention=True, use_rag=True), plain, {"use_rag"}, {})
     assert cross.use_cross_attention and cross.hidden_size == 32  # a plain model gains the closed-gate blocks

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ava.config.schema.model import ModelConfig
-from ava.model import AvaForCausalLM, ModelInputError
+from ava.errors import UserError
+from ava.model import AvaForCausalLM
 from ava.model.store import load_model_dir, save_model_dir
 from ava.model.summary import summarise_config
 from tests.conftest import REPO
@@ -77,7 +78,7 @@ def test_model_directory_round_trip_and_refusal_to_overwrite(tmp_path):
     loaded = load_model_dir(tmp_path / "m").eval()
     ids = torch.randint(0, 53, (2, 8))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
-    with pytest.raises(ModelInputError, match="never overwrites"):
+    with pytest.raises(UserError, match="never overwrites"):
         save_model_dir(AvaForCausalLM(_tiny()), tmp_path / "m")
 
 
@@ -85,7 +86,7 @@ def test_truncated_weights_file_is_reported_as_corrupt(tmp_path):
     save_model_dir(AvaForCausalLM(_tiny()), tmp_path / "m")
     weights = tmp_path / "m" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ModelInputError, match="truncated or corrupt"):
+    with pytest.raises(UserError, match="truncated or corrupt"):
         load_model_dir(tmp_path / "m")
 
 
@@ -93,5 +94,5 @@ def test_weights_from_another_config_are_refused_with_the_mismatches(tmp_path):
     save_model_dir(AvaForCausalLM(_tiny()), tmp_path / "m")
     config = (tmp_path / "m" / "ava_model.yaml").read_text().replace("intermediate_size: 48", "intermediate_size: 64")
     (tmp_path / "m" / "ava_model.yaml").write_text(config)
-    with pytest.raises(ModelInputError, match="shape mismatches"):
+    with pytest.raises(UserError, match="shape mismatches"):
         load_model_dir(tmp_path / "m")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ava.config.schema.model import ModelConfig
-from ava.model import AvaForCausalLM, ModelInputError
+from ava.errors import UserError
+from ava.model import AvaForCausalLM
 from ava.model.generate import filter_logits
 from ava.model.mlp import DenseMLP
 from ava.model.moe import MoELayer, summarise_moe_stats
@@ -59,7 +60,7 @@ def test_loss_is_next_token_cross_entropy_ignoring_minus_100():
 
 def test_sequence_longer_than_max_positions_is_a_clear_error():
     model = _model()
-    with pytest.raises(ModelInputError, match="max_position_embeddings = 32") as err:
+    with pytest.raises(UserError, match="max_position_embeddings = 32") as err:
         model(torch.zeros(1, 33, dtype=torch.long))
     assert "data.max_length" in err.value.fix
 
@@ -142,7 +143,7 @@ def test_sampling_is_reproducible_with_a_generator_and_stops_at_eos():
 
 
 def test_generation_past_max_positions_is_refused_before_any_work():
-    with pytest.raises(ModelInputError, match="at most 27 new tokens"):
+    with pytest.raises(UserError, match="at most 27 new tokens"):
         _model().generate(_ids(1, 5), 40)
 
 

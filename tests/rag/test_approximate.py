@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.rag import Retriever, build_store
 from tests.rag.corpus import CHUNK, EOS, encoder, packed_rows
 
@@ -48,7 +48,7 @@ def test_nlist_is_clipped_to_one_centroid_per_39_chunks(tmp_path):
 
 def test_approximate_search_without_faiss_says_how_to_install_it(tmp_path, monkeypatch):
     _without_faiss(monkeypatch)
-    with pytest.raises(ModelInputError, match=r"pip install faiss-cpu \(or pip install -e \.\[rag\]\)"):
+    with pytest.raises(UserError, match=r"pip install faiss-cpu \(or pip install -e \.\[rag\]\)"):
         build_store(packed_rows(0, documents=20), EOS, encoder(), tmp_path / "ivf", CHUNK, "approximate")
     assert not (tmp_path / "ivf").exists()
 

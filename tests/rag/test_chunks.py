@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ava.data.packing import pack_documents
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.rag import chunk_documents, cut_chunks
 from ava.rag.chunks import chunk_hashes
 from ava.rag.own_document import ExactMatchTable
@@ -34,7 +34,7 @@ def test_without_eos_each_row_is_its_own_document():
 
 
 def test_a_row_length_that_is_not_a_multiple_of_the_chunk_size_is_refused():
-    with pytest.raises(ModelInputError, match="not a multiple of rag.chunk_size = 4"):
+    with pytest.raises(UserError, match="not a multiple of rag.chunk_size = 4"):
         cut_chunks(np.zeros((2, 10), dtype=np.int64), 4)
 
 

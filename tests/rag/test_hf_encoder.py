@@ -10,7 +10,7 @@ import torch
 
 from ava.data.packing import pack_documents
 from ava.data.tokenizer import ByteTokenizer
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.rag import HFEncoder, Retriever, build_store
 
 transformers = pytest.importorskip("transformers", reason="dev dependency: pip install -e .[dev]")
@@ -52,7 +52,7 @@ def test_a_store_built_with_a_local_hf_encoder_finds_a_near_duplicate(tmp_path, 
     target = next(i for i in range(5, len(chunks)) if tokenizer.eos_id not in chunks[i])
     query = chunks[target].copy()
     query[3] = ord("Q") if query[3] != ord("Q") else ord("Z")  # one character changed: not in the store
-    with pytest.raises(ModelInputError, match="no tokenizer was given"):
+    with pytest.raises(UserError, match="no tokenizer was given"):
         Retriever.open(tmp_path / "s")
     retriever = Retriever.open(tmp_path / "s", decode=tokenizer.decode)
     got = retriever.neighbours(torch.from_numpy(query[None]), k=1)
@@ -71,10 +71,10 @@ def test_a_changed_hf_encoder_is_refused_at_open(tmp_path, bert_dir):
     with torch.no_grad():
         model.embeddings.word_embeddings.weight.add_(0.01)
     model.save_pretrained(copy)
-    with pytest.raises(ModelInputError, match="has changed since the store"):
+    with pytest.raises(UserError, match="has changed since the store"):
         Retriever.open(tmp_path / "s", decode=tokenizer.decode)
 
 
 def test_an_hf_encoder_path_without_a_model_is_a_user_error(tmp_path):
-    with pytest.raises(ModelInputError, match="no Hugging Face model there"):
+    with pytest.raises(UserError, match="no Hugging Face model there"):
         HFEncoder(tmp_path, ByteTokenizer().decode)

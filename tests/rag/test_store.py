@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.rag import Retriever, build_store, data_fingerprint, encoder_fingerprint
 from tests.rag.corpus import CHUNK, EOS, encoder, packed_rows
 
@@ -36,7 +36,7 @@ def test_manifest_records_the_build(tmp_path, rows):
 def test_an_existing_store_is_refused_without_force_and_replaced_with_it(tmp_path, rows):
     build_store(rows, EOS, encoder(), tmp_path / "s", CHUNK, "exact")
     before = (tmp_path / "s" / "manifest.json").read_text()
-    with pytest.raises(ModelInputError, match="already holds a retrieval store.*\n  Fix: pass --force"):
+    with pytest.raises(UserError, match="already holds a retrieval store.*\n  Fix: pass --force"):
         build_store(rows[:10], EOS, encoder(), tmp_path / "s", CHUNK, "exact")
     assert (tmp_path / "s" / "manifest.json").read_text() == before
     info = build_store(rows[:10], EOS, encoder(), tmp_path / "s", CHUNK, "exact", force=True)
@@ -48,7 +48,7 @@ def test_an_existing_store_is_refused_without_force_and_replaced_with_it(tmp_pat
 def test_force_never_replaces_a_directory_that_is_not_a_store(tmp_path, rows):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(ModelInputError, match="holds no retrieval store"):
+    with pytest.raises(UserError, match="holds no retrieval store"):
         build_store(rows, EOS, encoder(), tmp_path / "mine", CHUNK, "exact", force=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
@@ -77,7 +77,7 @@ def _bad_json(path):
 def test_a_damaged_store_file_is_a_user_error_naming_it(tmp_path, rows, name, damage, says):
     build_store(rows, EOS, encoder(), tmp_path / "s", CHUNK, "exact")
     damage(tmp_path / "s" / name)
-    with pytest.raises(ModelInputError) as caught:
+    with pytest.raises(UserError) as caught:
         Retriever.open(tmp_path / "s")
     message = str(caught.value)
     assert says in message
@@ -90,7 +90,7 @@ def test_a_corrupt_faiss_index_is_a_user_error_naming_it(tmp_path, rows):
     build_store(rows, EOS, encoder(), tmp_path / "s", CHUNK, "approximate", nlist=4)
     path = tmp_path / "s" / "index.faiss"
     path.write_bytes(b"\x00" * path.stat().st_size)  # same size: only faiss can tell
-    with pytest.raises(ModelInputError, match=f"{path} is unusable: faiss cannot read it"):
+    with pytest.raises(UserError, match=f"{path} is unusable: faiss cannot read it"):
         Retriever.open(tmp_path / "s")
 
 
@@ -100,7 +100,7 @@ def test_a_store_of_another_format_version_is_refused(tmp_path, rows):
     manifest = json.loads(manifest_path.read_text())
     manifest["version"] = 99
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ModelInputError, match="format version 99, this Ava reads version 1"):
+    with pytest.raises(UserError, match="format version 99, this Ava reads version 1"):
         Retriever.open(tmp_path / "s")
 
 
@@ -111,7 +111,7 @@ def test_verify_catches_a_changed_byte_that_keeps_the_size(tmp_path, rows):
     data[-1] ^= 1
     path.write_bytes(bytes(data))
     Retriever.open(tmp_path / "s")  # sizes and shapes still fit
-    with pytest.raises(ModelInputError, match=f"{path} is unusable: its contents differ"):
+    with pytest.raises(UserError, match=f"{path} is unusable: its contents differ"):
         Retriever.open(tmp_path / "s", verify=True)
 
 
@@ -119,9 +119,9 @@ def test_check_refuses_a_store_built_for_other_data_or_another_encoder(tmp_path,
     build_store(rows, EOS, encoder(), tmp_path / "s", CHUNK, "exact")
     retriever = Retriever.open(tmp_path / "s")
     retriever.check(chunk_size=CHUNK, data_fingerprint=data_fingerprint(rows))
-    with pytest.raises(ModelInputError, match="another data"):
+    with pytest.raises(UserError, match="another data"):
         retriever.check(data_fingerprint=data_fingerprint(rows[:5]))
-    with pytest.raises(ModelInputError, match="another encoder"):
+    with pytest.raises(UserError, match="another encoder"):
         retriever.check(encoder_fingerprint=encoder_fingerprint(torch.zeros(3, 3)))
-    with pytest.raises(ModelInputError, match="another chunk_size"):
+    with pytest.raises(UserError, match="another chunk_size"):
         retriever.check(chunk_size=2 * CHUNK)

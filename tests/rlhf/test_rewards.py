@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.rlhf.rewards import load_reward_function, score_responses, task_reward
 from ava.rlhf.tasks import make_task, sft_examples
 
@@ -36,7 +36,7 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
 
 
 def _load_error(spec: str) -> str:
-    with pytest.raises(ModelInputError) as err:
+    with pytest.raises(UserError) as err:
         load_reward_function(spec)
     text = str(err.value)
     assert spec in text and "rlhf.reward_function" in text and "Fix:" in text
@@ -124,9 +124,9 @@ def test_task_reward_scores_against_the_answers() -> None:
 
 def test_task_reward_without_an_answer_is_an_error() -> None:
     fn = task_reward(make_task("copy", 4))
-    with pytest.raises(ModelInputError, match=r"no answer for prompt 1 \('c:5678='\)"):
+    with pytest.raises(UserError, match=r"no answer for prompt 1 \('c:5678='\)"):
         score_responses(fn, ["c:1234=", "c:5678="], ["1234", "5678"], ["1234", None], "copy")
-    with pytest.raises(ModelInputError, match="one answer per prompt"):
+    with pytest.raises(UserError, match="one answer per prompt"):
         fn(["c:1234="], ["1234"])
 
 
@@ -162,7 +162,7 @@ def test_accepts_a_1d_torch_tensor() -> None:
     ([1.0, [2.0]], "returned [2.0] (list) at index 1"),
 ])
 def test_rejects_bad_return_values_naming_the_function(value: object, said: str) -> None:
-    with pytest.raises(ModelInputError) as err:
+    with pytest.raises(UserError) as err:
         score_responses(_constant(value), ["a", "b"], ["x", "y"], [None, None], "my_mod:reward")
     text = str(err.value)
     assert "'my_mod:reward'" in text and said in text
@@ -173,7 +173,7 @@ def test_exception_in_user_function_is_wrapped_with_its_text_and_cause() -> None
     def reward(prompts, responses, **info):
         raise KeyError("score_table")
 
-    with pytest.raises(ModelInputError) as err:
+    with pytest.raises(UserError) as err:
         score_responses(reward, ["a"], ["x"], [None], "my_mod:reward")
     assert "'my_mod:reward' raised KeyError: 'score_table'" in str(err.value) and "Fix:" in str(err.value)
     assert isinstance(err.value.__cause__, KeyError)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from ava.config.schema.model import ModelConfig
 from ava.data.tokenizer import ByteTokenizer
+from ava.errors import UserError
 from ava.model import AvaForCausalLM
-from ava.model.errors import ModelInputError
 from ava.model.transformer import IGNORE_INDEX
 from ava.rlhf.data import (
     Prompt,
@@ -163,7 +163,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_a_line_missing_a_field_is_reported_with_file_line_field_and_setting(tmp_path):
     path = _write(tmp_path, '{"prompt": "a", "response": "b"}\n\n{"prompt": "c"}\n')
-    with pytest.raises(ModelInputError) as err:
+    with pytest.raises(UserError) as err:
         read_jsonl(path, ("prompt", "response"), SETTING)
     text = str(err.value)
     assert SETTING in text and str(path) in text and "line 3" in text and "response" in text
@@ -172,13 +172,13 @@ def test_a_line_missing_a_field_is_reported_with_file_line_field_and_setting(tmp
 
 def test_a_non_string_field_counts_as_missing(tmp_path):
     path = _write(tmp_path, '{"prompt": "a", "response": 7}\n')
-    with pytest.raises(ModelInputError, match=r"line 1 has no text field\(s\) response"):
+    with pytest.raises(UserError, match=r"line 1 has no text field\(s\) response"):
         read_jsonl(path, ("prompt", "response"), SETTING)
 
 
 def test_invalid_json_is_reported_with_its_line_number(tmp_path):
     path = _write(tmp_path, '{"prompt": "a", "response": "b"}\n{"prompt": "a", \n')
-    with pytest.raises(ModelInputError) as err:
+    with pytest.raises(UserError) as err:
         read_jsonl(path, ("prompt", "response"), SETTING)
     text = str(err.value)
     assert SETTING in text and str(path) in text and "line 2" in text and "not valid JSON" in text
@@ -186,7 +186,7 @@ def test_invalid_json_is_reported_with_its_line_number(tmp_path):
 
 def test_an_optional_field_that_is_not_text_is_an_error(tmp_path):
     path = _write(tmp_path, '{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": 2}\n')
-    with pytest.raises(ModelInputError, match="line 2: answer must be text"):
+    with pytest.raises(UserError, match="line 2: answer must be text"):
         read_jsonl(path, ("prompt",), "rlhf.prompt_data", optional=("answer",))
 
 
@@ -195,20 +195,20 @@ def test_blank_lines_are_skipped_and_line_numbers_still_count_them(tmp_path):
     rows = read_jsonl(path, ("prompt", "response"), SETTING)
     assert rows == [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}]
     bad = _write(tmp_path, '\n\n\n{"prompt": "a"}\n')
-    with pytest.raises(ModelInputError, match="line 4 "):
+    with pytest.raises(UserError, match="line 4 "):
         read_jsonl(bad, ("prompt", "response"), SETTING)
 
 
 @pytest.mark.parametrize("text", ["", "\n  \n\n"], ids=["empty", "only_blank_lines"])
 def test_a_file_without_examples_is_an_error(tmp_path, text):
     path = _write(tmp_path, text)
-    with pytest.raises(ModelInputError, match=f"{SETTING}: .* holds no examples"):
+    with pytest.raises(UserError, match=f"{SETTING}: .* holds no examples"):
         read_jsonl(path, ("prompt", "response"), SETTING)
 
 
 def test_a_missing_file_names_the_setting(tmp_path):
     path = tmp_path / "nope.jsonl"
-    with pytest.raises(ModelInputError) as err:
+    with pytest.raises(UserError) as err:
         read_jsonl(path, ("prompt", "response"), SETTING)
     assert f"{SETTING}: {path} does not exist" in str(err.value)
     assert SETTING in err.value.fix
@@ -239,7 +239,7 @@ def test_sft_data_is_the_same_for_the_same_seed_and_clean_without_error_rate():
 
 
 def test_sft_data_without_file_or_task_names_the_setting():
-    with pytest.raises(ModelInputError, match=f"{SETTING} is not set"):
+    with pytest.raises(UserError, match=f"{SETTING} is not set"):
         sft_data(None, None, 10, 0, seed=0, setting=SETTING)
 
 
@@ -248,7 +248,7 @@ def test_split_holdout_keeps_the_last_items_for_evaluation_and_refuses_to_leave_
     assert split_holdout([1, 2, 3, 4], 3, SETTING) == ([1], [2, 3, 4])
     assert split_holdout([1, 2, 3, 4], 0, SETTING) == ([1, 2, 3, 4], [])
     for holdout in (4, 5):
-        with pytest.raises(ModelInputError, match=f"{SETTING}: 4 examples cannot spare {holdout}"):
+        with pytest.raises(UserError, match=f"{SETTING}: 4 examples cannot spare {holdout}"):
             split_holdout([1, 2, 3, 4], holdout, SETTING)
 
 
@@ -286,7 +286,7 @@ def test_rank_batches_are_fixed_by_the_seed():
 
 
 def test_fewer_rows_than_one_step_is_an_error():
-    with pytest.raises(ModelInputError, match="3 training rows are fewer than one step's 2 x 2 rank"):
+    with pytest.raises(UserError, match="3 training rows are fewer than one step's 2 x 2 rank"):
         next(rank_batches(3, batch=2, rank=0, world=2, seed=0))
     assert len(next(rank_batches(4, batch=2, rank=1, world=2, seed=0))) == 2  # exactly one step is enough
 
@@ -320,5 +320,5 @@ def test_encode_appends_eos_and_counts_prompt_tokens():
 
 
 def test_encode_refuses_an_empty_prompt():
-    with pytest.raises(ModelInputError, match="empty prompt"):
+    with pytest.raises(UserError, match="empty prompt"):
         encode(TOK, "", "123")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.rlhf.tasks import (
     DELIMITER,
     TASKS,
@@ -131,7 +131,7 @@ def test_target_token_repeats_the_named_character() -> None:
 
 
 def test_unknown_task_name_suggests_the_closest() -> None:
-    with pytest.raises(ModelInputError) as err:
+    with pytest.raises(UserError) as err:
         make_task("revrse")
     text = str(err.value)
     assert "'revrse'" in text and "did you mean 'reverse'" in text
@@ -139,11 +139,11 @@ def test_unknown_task_name_suggests_the_closest() -> None:
 
 
 def test_unknown_task_name_without_close_match_lists_tasks() -> None:
-    with pytest.raises(ModelInputError, match="use one of 'digits'"):
+    with pytest.raises(UserError, match="use one of 'digits'"):
         make_task("zzzzzz")
 
 
 @pytest.mark.parametrize("length", [0, -1, 2.5, True])
 def test_bad_length_is_a_user_error(length: object) -> None:
-    with pytest.raises(ModelInputError, match="length"):
+    with pytest.raises(UserError, match="length"):
         make_task("copy", length)  # type: ignore[arg-type]

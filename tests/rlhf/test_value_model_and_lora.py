@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from ava.config.schema.model import ModelConfig
+from ava.errors import UserError
 from ava.model import AvaForCausalLM
 from ava.model.attention import CausalSelfAttention
-from ava.model.errors import ModelInputError
 from ava.model.lora import adapter_state, apply_lora, merge_lora_state, parameter_report
 from ava.model.store import save_model_dir
 from ava.rlhf.models import (
@@ -84,13 +84,13 @@ def test_a_saved_value_model_loads_with_the_same_values(tmp_path):
 def test_load_policy_refuses_a_reward_model_by_name(tmp_path):
     value = value_model_from_policy(_model())
     save_value_model(value.state_dict(), value.config, tmp_path)
-    with pytest.raises(ModelInputError, match="rlhf.policy_path: .* holds a reward model"):
+    with pytest.raises(UserError, match="rlhf.policy_path: .* holds a reward model"):
         load_policy(tmp_path, "rlhf.policy_path")
 
 
 def test_load_value_model_refuses_a_policy_directory(tmp_path):
     save_model_dir(_model(), tmp_path)
-    with pytest.raises(ModelInputError, match=f"rlhf.reward_model_path: .* has no {VALUE_HEAD_FILE}, so it is not a "
+    with pytest.raises(UserError, match=f"rlhf.reward_model_path: .* has no {VALUE_HEAD_FILE}, so it is not a "
                                               "reward model"):
         load_value_model(tmp_path, "rlhf.reward_model_path")
 
@@ -99,9 +99,9 @@ def test_model_dir_accepts_a_run_directory_and_names_the_setting_for_a_missing_p
     save_model_dir(_model(), tmp_path / "run" / "model")
     assert model_dir(tmp_path / "run", "rlhf.policy_path") == tmp_path / "run" / "model"
     assert model_dir(tmp_path / "run" / "model", "rlhf.policy_path") == tmp_path / "run" / "model"
-    with pytest.raises(ModelInputError, match="rlhf.policy_path: .*nowhere does not exist"):
+    with pytest.raises(UserError, match="rlhf.policy_path: .*nowhere does not exist"):
         model_dir(tmp_path / "nowhere", "rlhf.policy_path")
-    with pytest.raises(ModelInputError, match="rlhf.policy_path: .* is not an Ava model directory"):
+    with pytest.raises(UserError, match="rlhf.policy_path: .* is not an Ava model directory"):
         model_dir(tmp_path, "rlhf.policy_path")  # exists, but holds neither ava_model.yaml nor model/
 
 
@@ -204,7 +204,7 @@ def test_adapter_state_keeps_only_the_adapter_tensors():
 
 
 def test_a_target_module_that_does_not_exist_is_a_model_input_error():
-    with pytest.raises(ModelInputError, match=r"LoRA target modules \['qkv_proj'\] do not match the model") as err:
+    with pytest.raises(UserError, match=r"LoRA target modules \['qkv_proj'\] do not match the model") as err:
         apply_lora(_model(), rank=4, alpha=8.0, dropout=0.0, target_modules=["qkv_proj"])
     assert "target_modules" in err.value.fix
 

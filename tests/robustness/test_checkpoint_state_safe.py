@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ava.config.schema.training import GradientHealthConfig
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.train.checkpoint import plain, read_state, rng_state, set_rng_state
 from ava.train.evaluation import EvalMonitor
 from ava.train.gradient_health import HealthMonitor
@@ -89,7 +89,7 @@ def test_a_state_file_that_would_run_code_is_refused_without_running_it(tmp_path
         torch.save(state, path)
     else:
         path.write_bytes(pickle.dumps(state, protocol=2))
-    with pytest.raises(ModelInputError) as info:
+    with pytest.raises(UserError) as info:
         read_state(path)
     assert not evidence.exists(), "unpickling ran the file's code"
     message = str(info.value)
@@ -105,7 +105,7 @@ def test_a_damaged_state_file_is_a_user_error_naming_the_file(tmp_path, damage):
         torch.save([1, 2, 3], path)
     else:
         path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "junk": b"not a checkpoint"}[damage])
-    with pytest.raises(ModelInputError, match="earlier complete checkpoint") as info:
+    with pytest.raises(UserError, match="earlier complete checkpoint") as info:
         read_state(path)
     assert str(path) in str(info.value)
 

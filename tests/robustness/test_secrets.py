@@ -19,7 +19,7 @@ import pytest
 
 from ava.config import ConfigError, ConfigFiles, WorldSize, load_config
 from ava.config.errors import Problem
-from ava.model.errors import ModelInputError
+from ava.errors import UserError
 from ava.secrets import MASK, is_secret_name, redact, redact_text, secret_values
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,7 +157,7 @@ def test_the_config_and_run_name_sent_to_wandb_are_masked(key_in_env, tmp_path, 
 
 @pytest.mark.parametrize("error", [
     ConfigError([Problem("command line (--run_name)", "training.run_name", "too long", value=KEY)]),
-    ModelInputError(f"cannot open {KEY}", "check it")])
+    UserError(f"cannot open {KEY}", "check it")])
 def test_launched_entry_points_print_user_errors_with_secrets_masked(key_in_env, capsys, error):
     from ava.cli.main import _entry
 
