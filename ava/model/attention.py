@@ -1,4 +1,7 @@
-"""Causal self-attention with grouped-query heads, through PyTorch's SDPA kernel."""
+"""Causal self-attention with grouped-query heads, through PyTorch's SDPA kernel: the "standard" attention kind.
+
+Its call is the one every kind answers (`ava.model.attention_interface`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ava.model.attention_interface import AttentionInputs, AttentionLayer, AttentionOutput, Rope
 from ava.model.kv_cache import KVCache
 from ava.model.rotary import apply_rotary
 
@@ -25,7 +29,7 @@ def mask_after_cache(mask: torch.Tensor | None, past: int, seq: int,
     return mask, False
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(AttentionLayer):
     """Multi-head or grouped-query attention.
 
     q, k and v are separate projections named as in Llama. A fused qkv matmul
@@ -44,15 +48,15 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`mask` (batch, 1, seq, seq), True where a query may attend a key, replaces the causal mask
-        (packed documents: causal within each document only)."""
+    def forward(self, x: torch.Tensor, rope: Rope | None, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None, inputs: AttentionInputs | None = None) -> AttentionOutput:
+        """The attention output and no stats. `mask` (batch, 1, seq, seq), True where a query may attend a
+        key, replaces the causal mask (packed documents: causal within each document only)."""
         y = self.heads(x, rope, cache, layer, mask)
-        return self.o_proj(y.flatten(2))
+        return self.o_proj(y.flatten(2)), None
 
-    def heads(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-              cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def heads(self, x: torch.Tensor, rope: Rope | None, cache: KVCache | None = None, layer: int = 0,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
         """Every head's output before the output projection, (batch, seq, heads, head_dim).
 
         Separate from `forward` so Mixture-of-Head attention can weight the heads.

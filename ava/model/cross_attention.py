@@ -3,10 +3,14 @@
 A block reads an external context: encoder states, or text retrieved for the
 batch. It is inserted *between* the language model's own blocks and adds
 tanh(gate) * cross_attention and tanh(gate) * feed-forward to the residual
-stream. Both gates start at exactly 0, so a model that gains these blocks
-computes what it computed without them until training opens the gates:
-a pretrained model can be extended without disturbing it (the test pins the
-identity).
+stream. It answers the call of every attention kind
+(`ava.model.attention_interface`): the context comes as
+`AttentionInputs.states`, and since the block is a residual block of its own,
+its output is the new residual stream; without a context it is x.
+
+Both gates start at exactly 0, so a model that gains these blocks computes
+what it computed without them until training opens the gates: a pretrained
+model can be extended without disturbing it (the test pins the identity).
 
 Two context layouts:
 
@@ -26,11 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ava.model.attention_interface import AttentionInputs, AttentionLayer, Rope
+from ava.model.kv_cache import KVCache
 from ava.model.mlp import DenseMLP
 from ava.model.norm import make_norm
 
 
-class GatedCrossAttention(nn.Module):
+class GatedCrossAttention(AttentionLayer):
     """Flamingo's GATED XATTN-DENSE: x + tanh(a) * xattn(norm(x), ctx); then + tanh(f) * ffn(norm(.))."""
 
     def __init__(self, hidden_size: int, context_size: int, num_heads: int, intermediate_size: int,
@@ -50,11 +56,29 @@ class GatedCrossAttention(nn.Module):
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.ffn_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
-                chunk: int | None = None, start: int = 0) -> torch.Tensor:
+    @torch.no_grad()
+    def reset_parameters(self, std: float, residual_std: float) -> None:
+        """Closed gates: the block starts as the identity."""
+        nn.init.zeros_(self.attn_gate)
+        nn.init.zeros_(self.ffn_gate)
+
+    def forward(self, x: torch.Tensor, rope: Rope | None, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None, inputs: AttentionInputs | None = None) -> tuple[torch.Tensor, None]:
+        """The new residual stream after reading `inputs.states`, and no stats; x itself without states.
+
+        The context has no positions of x's sequence, so `rope` and `mask` do not apply, and it is not
+        cached: `cache` only says where x starts (its length) when decoding.
+        """
+        if inputs is None or inputs.states is None:
+            return x, None
+        start = cache.length if cache is not None else 0
+        return self._read(x, inputs.states, inputs.states_mask, inputs.chunk, start), None
+
+    def _read(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None,
+              chunk: int | None, start: int) -> torch.Tensor:
         """`context` (batch, C, width), or with `chunk` (batch, n_chunks, K, width); masks: True = valid.
 
-        `start`: the position of x's first token (the KV cache's length when decoding).
+        `start`: the position of x's first token.
         """
         batch, seq, _ = x.shape
         if chunk is not None and start == 0 and seq == context.shape[1] * chunk:
@@ -79,7 +103,6 @@ class GatedCrossAttention(nn.Module):
         y = y.transpose(1, 2).masked_fill(empty[..., None], 0.0).flatten(2)
         x = x + torch.tanh(self.attn_gate).to(x.dtype) * self.o_proj(y)
         return x + torch.tanh(self.ffn_gate).to(x.dtype) * self.ffn(self.ffn_norm(x))
-
 
     def _read_by_chunk(self, x: torch.Tensor, neighbours: torch.Tensor, valid: torch.Tensor | None,
                        chunk: int) -> torch.Tensor:

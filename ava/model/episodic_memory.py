@@ -28,11 +28,13 @@ What differs from the paper, and why:
 KV cache: the layer's slot of the `KVCache` holds *un-rotated* keys (it is
 this layer's own slot, read by nothing else), because un-rotated keys cannot
 be recovered from rotated ones without the rotation tables of every past
-position. The local keys are rotated when read, so with a cache `rope` must
-hold the cos/sin tables of positions 0 .. past + seq - 1, every position the
-cache holds after this call (without a cache: the input's positions, as for
-`CausalSelfAttention`). Storing the raw keys makes cached decoding compute
-exactly what the full forward does, in any precision.
+position. The local keys are rotated when read, so with a cache the layer
+needs the cos/sin tables of positions 0 .. past + seq - 1, every position the
+cache holds after this call: `rope` when it covers them, else the layer asks
+the model's rotary embedding for them (`AttentionInputs.rotary`); the model
+passes every kind the tables of the new positions only. Storing the raw keys
+makes cached decoding compute exactly what the full forward does, in any
+precision.
 """
 
 from __future__ import annotations
@@ -43,18 +45,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ava.model.attention_interface import AttentionInputs, AttentionLayer, Rope
 from ava.model.kv_cache import KVCache
 from ava.model.rotary import apply_rotary
 
 
-class EpisodicMemoryAttention(nn.Module):
+class EpisodicMemoryAttention(AttentionLayer):
     """Replaces the self-attention of ONE designated transformer layer.
 
     Parameters: `q_proj`, `k_proj`, `v_proj`, `o_proj` as in `CausalSelfAttention`
     (grouped-query: query head h reads kv head h // (num_heads // num_kv_heads)),
     and `memory_gate` (num_heads,): head h outputs
     sigmoid(g_h) * memory_h + (1 - sigmoid(g_h)) * local_h. The gate starts at 0
-    (an even mix); `AvaForCausalLM.reset_parameters` touches Linear weights only.
+    (an even mix), and `reset_parameters` puts it back there.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, bias: bool, dropout: float,
@@ -75,20 +78,26 @@ class EpisodicMemoryAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
         self.memory_gate = nn.Parameter(torch.zeros(num_heads))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
-        """Local attention within each segment, gated with a top-k lookup in the earlier segments.
+    @torch.no_grad()
+    def reset_parameters(self, std: float, residual_std: float) -> None:
+        """An even mix of memory and local attention."""
+        nn.init.zeros_(self.memory_gate)
+
+    def forward(self, x: torch.Tensor, rope: Rope | None, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None, inputs: AttentionInputs | None = None) -> tuple[torch.Tensor, None]:
+        """Local attention within each segment, gated with a top-k lookup in the earlier segments; no stats.
 
         `mask` (batch, 1, seq, seq), True where a query may attend a key, further limits
-        the local attention (packed documents); `documents` (batch, seq) integer ids
+        the local attention (packed documents); `inputs.documents` (batch, seq) integer ids
         (equal id = same document) limit both paths to a query's own document; None =
-        the row is one document. Neither can be combined with `cache`; with a cache,
-        `rope` covers positions 0 .. past + seq - 1 (see the module docstring).
+        the row is one document. Neither can be combined with `cache`; with a cache, the
+        layer reads the rotary tables of positions 0 .. past + seq - 1 (see the module docstring).
         """
         batch, seq, _ = x.shape
         past = cache.length if cache is not None else 0
         total = past + seq
+        documents = inputs.documents if inputs is not None else None
+        rope = self._rope_from_start(rope, total, inputs, x.device)
         if cache is not None and (mask is not None or documents is not None):
             raise ValueError("packed documents (mask / documents) cannot be combined with a KV cache")
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
@@ -106,20 +115,30 @@ class EpisodicMemoryAttention(nn.Module):
             # so there the layer is exactly local attention, whatever the gate.
             gate = torch.sigmoid(self.memory_gate).to(local.dtype).view(1, -1, 1, 1)
             local = local + gate * torch.where(any_entry, memory - local, torch.zeros_like(local))
-        return self.o_proj(local.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+        return self.o_proj(local.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)), None
 
-    def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               rope: tuple[torch.Tensor, torch.Tensor] | None, past: int, positions: torch.Tensor,
-               segment: torch.Tensor, mask: torch.Tensor | None, documents: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def _rope_from_start(rope: Rope | None, total: int, inputs: AttentionInputs | None,
+                         device: torch.device) -> Rope | None:
+        """The tables of positions 0 .. total - 1: `rope` when it covers them (always without a cache), else
+        computed with the model's rotary embedding, `inputs.rotary`."""
+        if rope is None or rope[0].shape[-2] == total:
+            return rope
+        if inputs is not None and inputs.rotary is not None:
+            return inputs.rotary(torch.arange(total, device=device), rope[0].dtype)
+        raise ValueError(f"rope tables cover {rope[0].shape[-2]} positions; the episodic memory layer needs all "
+                         f"{total} (0 .. cache length + seq - 1), since its cache holds un-rotated keys: pass them "
+                         "as rope, or the model's rotary embedding as inputs.rotary")
+
+    def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope | None, past: int,
+               positions: torch.Tensor, segment: torch.Tensor, mask: torch.Tensor | None,
+               documents: torch.Tensor | None) -> torch.Tensor:
         """Causal attention to the keys of each query's own segment, with rotary positions."""
         total = past + q.shape[2]
         start = (past // self.segment_length) * self.segment_length  # no query reaches before its segment
         k, v = k[:, :, start:], v[:, :, start:]
         if rope is not None:
             cos, sin = rope
-            if cos.shape[-2] != total:
-                raise ValueError(f"rope tables cover {cos.shape[-2]} positions; the episodic memory layer needs "
-                                 f"all {total} (0 .. cache length + seq - 1), since its cache holds un-rotated keys")
             q = apply_rotary(q, cos[..., past:, :], sin[..., past:, :])
             k = apply_rotary(k, cos[..., start:, :], sin[..., start:, :])
         key_positions = torch.arange(start, total, device=q.device)

@@ -1,15 +1,34 @@
-"""Autoregressive sampling with a KV cache: greedy, temperature, top-k, top-p."""
+"""Autoregressive sampling with a KV cache: greedy, temperature, top-k, top-p.
+
+The model is typed by what sampling uses of it (`CausalLM`), not by its class:
+`ava.model.transformer` imports this module for `AvaForCausalLM.generate`, so
+this one does not import it back.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
+from ava.config.schema.model import ModelConfig
 from ava.errors import UserError
+from ava.model.kv_cache import KVCache
 
-if TYPE_CHECKING:
-    from ava.model.transformer import AvaForCausalLM
+
+class CausalLM(Protocol):
+    """What sampling needs of a model: `AvaForCausalLM` has it."""
+
+    config: ModelConfig
+    training: bool
+
+    def __call__(self, input_ids: torch.Tensor, *, cache: KVCache) -> Any: ...  # an output with `.logits`
+
+    def new_cache(self, batch: int, max_length: int) -> KVCache: ...
+
+    def eval(self) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -28,7 +47,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 
 
 @torch.no_grad()
-def generate(model: AvaForCausalLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Return `input_ids` followed by up to `max_new_tokens` tokens per row.

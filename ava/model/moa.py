@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ava.model.attention import mask_after_cache
+from ava.model.attention_interface import AttentionInputs, AttentionLayer, Rope
 from ava.model.compile import run_outside_graph
 from ava.model.kv_cache import KVCache
 from ava.model.moe.dispatch import DispatchPlan, combine_rows, gather_rows, plan_dispatch
@@ -33,7 +34,7 @@ from ava.model.moe.router import Router
 from ava.model.rotary import apply_rotary
 
 
-class MixtureOfAttention(nn.Module):
+class MixtureOfAttention(AttentionLayer):
     """Top-k routed attention experts over shared keys and values; a drop-in for `CausalSelfAttention`.
 
     Parameters: `router.gate`, shared `k_proj` and `v_proj` (nn.Linear, num_kv_heads
@@ -78,10 +79,9 @@ class MixtureOfAttention(nn.Module):
         """Share of the expert parameters one token uses."""
         return self.top_k / self.num_experts
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None = None, layer: int = 0,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
-        """As `CausalSelfAttention.forward`, plus the router's stats."""
+    def forward(self, x: torch.Tensor, rope: Rope | None, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None, inputs: AttentionInputs | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """As `CausalSelfAttention.forward`, with the router's stats."""
         batch, seq, hidden = x.shape
         tokens = x.reshape(-1, hidden)
         routing = self.router(tokens)
@@ -132,14 +132,14 @@ class MixtureOfAttention(nn.Module):
         return y.reshape(self.top_k * batch * seq, self.heads_per_expert * self.head_dim)
 
     def _stats(self, probs: torch.Tensor, logits: torch.Tensor, plan: DispatchPlan) -> MoEStats:
-        """The stats `MoELayer` reports; MoA is dropless, so nothing is ever dropped."""
+        """The stats `MoELayer` reports, labelled "moa"; MoA is dropless, so nothing is ever dropped."""
         aux = load_balancing_loss(probs, plan.counts, self.top_k)
         z = router_z_loss(logits)
         with torch.no_grad():
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
         return MoEStats(router_loss=self.aux_loss_coef * aux + self.z_loss_coef * z,
                         aux_loss=aux.detach(), z_loss=z.detach(), load=plan.counts.detach(),
-                        dropped_fraction=torch.zeros((), device=probs.device), entropy=entropy)
+                        dropped_fraction=torch.zeros((), device=probs.device), entropy=entropy, kind="moa")
 
 
 class _Permute(torch.autograd.Function):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ava.model.attention import CausalSelfAttention
+from ava.model.attention_interface import AttentionInputs, Rope
 from ava.model.kv_cache import KVCache
 from ava.model.moe.losses import load_balancing_loss, router_z_loss
 from ava.model.moe.metrics import MoEStats
@@ -82,9 +83,9 @@ class MixtureOfHeadsAttention(CausalSelfAttention):
         """Share of heads a token uses: what a sparse kernel would save of attention's cost."""
         return (self.router.num_shared + self.router.top_k) / self.num_heads
 
-    def forward_with_stats(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                           cache: KVCache | None = None, layer: int = 0,
-                           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, rope: Rope | None, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None, inputs: AttentionInputs | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """The router-weighted heads through the output projection, and the head router's stats."""
         batch, seq, _ = x.shape
         weights, probs, logits, ids = self.router(x.reshape(batch * seq, -1))
         heads = self.heads(x, rope, cache, layer, mask)

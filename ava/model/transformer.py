@@ -1,13 +1,18 @@
 """The decoder-only language model: embeddings, blocks, final norm, output head.
 
 Plain PyTorch: no DeepSpeed, parallelism or precision policy in here. The
-engine wraps it; `ava.model.zero3` marks its MoE layers for ZeRO-3.
+engine wraps it; `ava.model.zero3` marks its MoE layers for ZeRO-3. Every
+attention layer, the gated cross-attention blocks between the blocks
+included, is called one way (`ava.model.attention_interface`), with one
+`AttentionInputs` built per forward from the `Context`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +21,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ava.config.schema.model import ModelConfig
 from ava.errors import UserError
+from ava.model.attention_interface import AttentionInputs, AttentionLayer
+from ava.model.attention_kinds import make_attention
 from ava.model.block import TransformerBlock
-from ava.model.cross_attention import GatedCrossAttention
-from ava.model.episodic_memory import EpisodicMemoryAttention
+from ava.model.compile import compile_blocks
+from ava.model.generate import generate
 from ava.model.kv_cache import KVCache
-from ava.model.moa import MixtureOfAttention
 from ava.model.moe import MoELayer, MoEStats
 from ava.model.moe.experts import GroupedExperts
 from ava.model.norm import make_norm
@@ -60,20 +66,6 @@ class Context:
     documents: torch.Tensor | None = None
 
 
-@dataclass
-class _CrossRead:
-    states: torch.Tensor
-    mask: torch.Tensor | None
-    chunk: int | None
-
-
-def _cross_block(config: ModelConfig) -> GatedCrossAttention:
-    c = config.cross_attention
-    return GatedCrossAttention(config.hidden_size, c.context_size or config.hidden_size,
-                               c.num_heads or config.num_attention_heads, config.intermediate_size,
-                               config.activation, config.norm_type, config.layer_norm_eps, config.use_bias)
-
-
 def document_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token positions counted from each document's start, and the (batch, 1, seq, seq) attention mask.
 
@@ -105,7 +97,8 @@ class AvaForCausalLM(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_layers))
         # Gated cross-attention before block i, keyed str(i) (ModuleDict keys are strings).
-        self.cross_blocks = nn.ModuleDict({str(i): _cross_block(config) for i in config.cross_attention_layers})
+        self.cross_blocks = nn.ModuleDict({str(i): make_attention("cross", config, i)
+                                           for i in config.cross_attention_layers})
         self.norm = make_norm(config.norm_type, config.hidden_size, config.layer_norm_eps, config.use_bias)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -117,8 +110,6 @@ class AvaForCausalLM(nn.Module):
 
     def use_compiled_blocks(self, backend: str = "inductor") -> None:
         """Run the blocks compiled with torch.compile in every forward without a KV cache (`ava.model.compile`)."""
-        from ava.model.compile import compile_blocks
-
         self._compiled_layers = compile_blocks(self.layers, backend)
 
     @torch.no_grad()
@@ -144,13 +135,8 @@ class AvaForCausalLM(nn.Module):
                 nn.init.normal_(module.down_proj, 0.0, residual_std)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
-            elif isinstance(module, MixtureOfAttention):  # stacked per-expert query/output projections
+            elif isinstance(module, AttentionLayer):  # what only the kind knows: MoA's stacked projections, gates
                 module.reset_parameters(std, residual_std)
-            elif isinstance(module, GatedCrossAttention):  # closed gates: the block starts as the identity
-                nn.init.zeros_(module.attn_gate)
-                nn.init.zeros_(module.ffn_gate)
-            elif isinstance(module, EpisodicMemoryAttention):
-                nn.init.zeros_(module.memory_gate)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: KVCache | None = None, segment_ids: torch.Tensor | None = None,
@@ -189,8 +175,8 @@ class AvaForCausalLM(nn.Module):
         documents would one by one.
 
         `context` (see `Context`): the plain context or the retrieved neighbours
-        the cross-attention blocks read (without one they are skipped, which is
-        what a zero gate computes anyway), and the document ids at which the
+        the cross-attention blocks read (without one they pass the stream through,
+        which is what a zero gate computes anyway), and the document ids at which the
         episodic memory is cleared (default: `segment_ids`, else one document
         per row).
         """
@@ -214,26 +200,15 @@ class AvaForCausalLM(nn.Module):
             x = x + self.embed_positions(positions)
         x = self.dropout(x)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
-        read = self._cross_context(context, x.dtype)
-        documents = context.documents if context is not None and context.documents is not None else segment_ids
+        inputs = self._attention_inputs(context, segment_ids, x.dtype)
         stats: list[MoEStats] = []
         attention_stats: list[MoEStats] = []
         blocks = self._compiled_layers if self._compiled_layers is not None and cache is None else self.layers
         recompute = self.gradient_checkpointing and self.training and cache is None
         for i, block in enumerate(blocks):
-            cross = self.cross_blocks[str(i)] if read is not None and str(i) in self.cross_blocks else None
-            if cross is not None:
-                assert read is not None
-                args = (x, read.states, read.mask, read.chunk, past)
-                x = checkpoint(cross, *args, use_reentrant=False) if recompute else cross(*args)
-            if recompute:
-                x, layer_stats, attn_stats = checkpoint(block, x, rope, None, i, mask, documents, use_reentrant=False)
-            elif cache is not None and past and self.layers[i].attn_kind == "memory":
-                # The memory layer caches un-rotated keys and rotates them when read: it needs every position.
-                full = self.rotary(torch.arange(past + seq, device=x.device), x.dtype) if self.rotary else None
-                x, layer_stats, attn_stats = block(x, full, cache, i, mask, documents)
-            else:
-                x, layer_stats, attn_stats = block(x, rope, cache, i, mask, documents)
+            if str(i) in self.cross_blocks:
+                x, _ = _call(self.cross_blocks[str(i)], recompute, x, rope, cache, i, mask, inputs)
+            x, layer_stats, attn_stats = _call(block, recompute, x, rope, cache, i, mask, inputs)
             if layer_stats is not None:
                 stats.append(layer_stats)
             if attn_stats is not None:
@@ -242,21 +217,26 @@ class AvaForCausalLM(nn.Module):
             cache.advance(seq)
         return self.norm(x), stats, attention_stats
 
-    def _cross_context(self, context: Context | None, dtype: torch.dtype) -> _CrossRead | None:
-        """What the cross-attention blocks read, embedded: token ids go through the model's own embedding."""
+    def _attention_inputs(self, context: Context | None, segment_ids: torch.Tensor | None,
+                          dtype: torch.dtype) -> AttentionInputs:
+        """What the attention layers read besides x, once per forward: the document ids (the context's, else
+        `segment_ids`), the cross-attention context embedded, and the model's rotary embedding."""
+        documents = context.documents if context is not None and context.documents is not None else segment_ids
+        inputs = AttentionInputs(documents=documents, rotary=self.rotary)
         if context is None or not self.cross_blocks:
-            return None
+            return inputs
         if context.neighbours is not None:
             ids = context.neighbours  # (batch, n_chunks, K, length), -1 = no neighbour there
             batch, chunks = ids.shape[:2]
             states = self.embed_tokens(ids.clamp_min(0)).to(dtype).reshape(batch, chunks, -1, self.config.hidden_size)
-            return _CrossRead(states, (ids >= 0).reshape(batch, chunks, -1), self.config.rag.chunk_size)
+            return replace(inputs, states=states, states_mask=(ids >= 0).reshape(batch, chunks, -1),
+                           chunk=self.config.rag.chunk_size)
         if context.states is None:
-            return None
+            return inputs
         states = context.states
-        if not states.is_floating_point():
+        if not states.is_floating_point():  # token ids go through the model's own embedding
             states = self.embed_tokens(states)
-        return _CrossRead(states.to(dtype), context.mask, None)
+        return replace(inputs, states=states.to(dtype), states_mask=context.mask)
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
@@ -267,8 +247,11 @@ class AvaForCausalLM(nn.Module):
         return KVCache(self.config.num_layers, batch, self.config.kv_heads, max_length, self.config.head_dim,
                        param.dtype, param.device)
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **sampling: object) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
         """Continue `input_ids`; see `ava.model.generate.generate` for the sampling options."""
-        from ava.model.generate import generate
+        return generate(self, input_ids, max_new_tokens, **sampling)
 
-        return generate(self, input_ids, max_new_tokens, **sampling)  # type: ignore[arg-type]
+
+def _call(layer: Callable[..., Any], recompute: bool, *args: object) -> Any:
+    """`layer(*args)`; with `recompute` (gradient checkpointing) its activations are recomputed in the backward."""
+    return checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)

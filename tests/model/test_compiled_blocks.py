@@ -16,6 +16,7 @@ from torch._dynamo.utils import counters
 from ava.config.schema.model import ModelConfig
 from ava.model import AvaForCausalLM
 from ava.model.compile import compile_pays
+from ava.model.transformer import Context
 
 TOY = dict(hidden_size=64, num_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256,
            max_position_embeddings=64, attention_dropout=0.0, hidden_dropout=0.0)
@@ -77,6 +78,25 @@ def test_the_moe_block_compiles_whole_but_for_the_grouped_gemm() -> None:
     explanation = torch._dynamo.explain(block)(x, rope)
     reasons = [str(b.reason) for b in explanation.break_reasons]  # the one break, seen from each nested frame
     assert reasons and all("_outside_graph" in reason for reason in reasons), reasons
+
+
+def test_a_fresh_attention_inputs_object_each_forward_reuses_the_compiled_graphs() -> None:
+    """The model builds one `AttentionInputs` per forward and passes it to every block: a new object with the
+    same kind of contents must not cost a recompile, and a field only the memory layer reads (document ids)
+    recompiles the memory layer's graph alone when it changes."""
+    torch._dynamo.reset()
+    counters.clear()
+    _, compiled = _pair(num_experts=1, use_episodic_memory=True, episodic_memory={"segment_length": 8})
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    graphs = []
+    for _ in range(3):
+        documents = torch.zeros(2, 32, dtype=torch.long)
+        documents[:, 20:] = 1
+        compiled(ids, labels=ids, context=Context(documents=documents)).loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    compiled(ids, labels=ids).loss.backward()  # no document ids
+    graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] == graphs[2] == graphs[3] - 1 > 0, graphs
 
 
 def test_generation_with_a_kv_cache_runs_the_eager_blocks() -> None:

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from ava.config.schema.model import ModelConfig
+from ava.model.attention_interface import AttentionInputs
 from ava.model.cross_attention import GatedCrossAttention
+from ava.model.kv_cache import KVCache
 from ava.model.transformer import AvaForCausalLM, Context
 
 BASE = dict(hidden_size=32, num_layers=4, num_attention_heads=4, intermediate_size=64, vocab_size=64,
@@ -18,10 +20,23 @@ def _block() -> GatedCrossAttention:
     return GatedCrossAttention(32, 24, 4, 64, "swiglu", "rmsnorm", 1e-5, False).double()
 
 
+def _read(block: GatedCrossAttention, x: torch.Tensor, states: torch.Tensor, mask: torch.Tensor | None = None,
+          chunk: int | None = None, start: int = 0) -> torch.Tensor:
+    """The block called as every attention kind is: the context in `AttentionInputs`, x's first position
+    `start` as the length of a KV cache (decoding)."""
+    cache = None
+    if start:
+        cache = KVCache(0, x.shape[0], 1, start + x.shape[1], 1, x.dtype, x.device)
+        cache.advance(start)
+    out, stats = block(x, None, cache, 0, None, AttentionInputs(states=states, states_mask=mask, chunk=chunk))
+    assert stats is None
+    return out
+
+
 def test_a_closed_gate_block_is_the_identity_and_its_gates_still_learn():
     block = _block()
     x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
-    y = block(x, torch.randn(2, 7, 24, dtype=torch.float64))
+    y = _read(block, x, torch.randn(2, 7, 24, dtype=torch.float64))
     assert torch.equal(y, x)
     y.square().sum().backward()
     assert block.attn_gate.grad is not None and block.attn_gate.grad.abs() > 0
@@ -41,6 +56,17 @@ def test_a_model_with_closed_gate_blocks_computes_what_the_base_model_computes()
                                rtol=0, atol=0)
 
 
+def test_without_a_context_the_block_passes_x_through_untouched():
+    block = _block()
+    with torch.no_grad():
+        block.attn_gate.fill_(1.0)
+        block.ffn_gate.fill_(1.0)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    for inputs in (None, AttentionInputs(documents=torch.zeros(2, 5, dtype=torch.long))):
+        y, stats = block(x, None, None, 0, None, inputs)
+        assert y is x and stats is None
+
+
 def test_masked_context_positions_are_never_read():
     block = _block()
     with torch.no_grad():
@@ -49,8 +75,8 @@ def test_masked_context_positions_are_never_read():
     mask = torch.tensor([[True, True, True, False, False, False]])
     changed = ctx.clone()
     changed[:, 3:] = 100.0
-    torch.testing.assert_close(block(x, ctx, mask), block(x, changed, mask), rtol=0, atol=0)
-    assert not torch.allclose(block(x, ctx), block(x, changed))
+    torch.testing.assert_close(_read(block, x, ctx, mask), _read(block, x, changed, mask), rtol=0, atol=0)
+    assert not torch.allclose(_read(block, x, ctx), _read(block, x, changed))
 
 
 def test_chunked_reading_sees_a_chunks_neighbours_only_once_the_chunk_is_complete():
@@ -61,12 +87,12 @@ def test_chunked_reading_sees_a_chunks_neighbours_only_once_the_chunk_is_complet
     chunk, seq = 4, 12
     x = torch.randn(1, seq, 32, dtype=torch.float64)
     neighbours = torch.randn(1, 3, 5, 24, dtype=torch.float64)  # 3 chunks, 5 neighbour positions each
-    y = block(x, neighbours, chunk=chunk)
+    y = _read(block, x, neighbours, chunk=chunk)
     torch.testing.assert_close(y[:, :chunk - 1], x[:, :chunk - 1], rtol=0, atol=0)  # nothing complete yet
     for u in range(3):
         changed = neighbours.clone()
         changed[:, u] += 1.0
-        moved = (block(x, changed, chunk=chunk) - y).abs().amax(-1)[0] > 0
+        moved = (_read(block, x, changed, chunk=chunk) - y).abs().amax(-1)[0] > 0
         reads = [(p + 1) // chunk - 1 == u for p in range(seq)]
         assert moved.tolist() == reads, (u, moved.tolist())
 
@@ -77,8 +103,8 @@ def test_chunked_reading_continues_at_the_right_chunk_during_decoding():
         block.attn_gate.fill_(1.0)
     x = torch.randn(1, 12, 32, dtype=torch.float64)
     neighbours = torch.randn(1, 3, 5, 24, dtype=torch.float64)
-    whole = block(x, neighbours, chunk=4)
-    steps = torch.cat([block(x[:, p:p + 1], neighbours, chunk=4, start=p) for p in range(12)], dim=1)
+    whole = _read(block, x, neighbours, chunk=4)
+    steps = torch.cat([_read(block, x[:, p:p + 1], neighbours, chunk=4, start=p) for p in range(12)], dim=1)
     torch.testing.assert_close(steps, whole, rtol=0, atol=1e-12)
 
 
@@ -139,8 +165,8 @@ def test_reading_by_chunk_windows_equals_the_masked_reading_it_replaces():
     neighbours = torch.randn(2, 3, 5, 24, dtype=torch.float64)
     valid = torch.rand(2, 3, 5) > 0.3
     valid[0, 1] = False  # a chunk with no neighbour at all
-    fast = block(x, neighbours, valid, chunk=4)
-    masked = block(x[:, :11], neighbours, valid, chunk=4)  # not a whole number of chunks: the masked path
+    fast = _read(block, x, neighbours, valid, chunk=4)
+    masked = _read(block, x[:, :11], neighbours, valid, chunk=4)  # not a whole number of chunks: the masked path
     torch.testing.assert_close(fast[:, :11], masked, rtol=0, atol=1e-12)
-    stepwise = torch.cat([block(x[:, p:p + 1], neighbours, valid, chunk=4, start=p) for p in range(12)], dim=1)
+    stepwise = torch.cat([_read(block, x[:, p:p + 1], neighbours, valid, chunk=4, start=p) for p in range(12)], dim=1)
     torch.testing.assert_close(fast, stepwise, rtol=0, atol=1e-12)

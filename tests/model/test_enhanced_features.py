@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ava.config.schema.model import ModelConfig
+from ava.model.attention_interface import AttentionInputs
 from ava.model.moe import summarise_moe_stats
 from ava.model.summary import summarise_model
 from ava.model.transformer import AvaForCausalLM, Context
@@ -69,8 +70,8 @@ def test_documents_clear_the_memory_in_a_packed_row():
     x = torch.randn(1, 32, 64, dtype=torch.float64)
     y = x.clone()
     y[0, :16] += 1.0
-    out_x = memory(x, None, documents=documents)
-    out_y = memory(y, None, documents=documents)
+    out_x = memory(x, None, inputs=AttentionInputs(documents=documents))[0]
+    out_y = memory(y, None, inputs=AttentionInputs(documents=documents))[0]
     torch.testing.assert_close(out_x[0, 20:], out_y[0, 20:], rtol=0, atol=0)
     assert not torch.equal(a, b)
 
@@ -84,3 +85,33 @@ def test_summary_counts_inactive_attention_experts_and_describes_each_feature():
     assert s.total - s.active_per_token == experts // 2 + routed // 2
     assert set(s.features) == {"moh", "moa", "episodic_memory", "cross_attention", "rag"}
     assert s.components["cross-attention"] == sum(p.numel() for p in model.cross_blocks.parameters())
+
+
+# Every parameter name and shape of the ALL_ON model: checkpoints and the Hugging Face export map these names
+# exactly, so a refactor of the attention layers must leave them as they are.
+ALL_ON_STATE = {
+    "embed_tokens.weight": (100, 64),
+    **{f"layers.{i}.attn.{p}_proj.weight": (64, 64) for i in (0, 2, 3) for p in "qkvo"},
+    **{f"layers.{i}.attn.router.{gate}.weight": shape for i in (0, 2)
+       for gate, shape in (("shared_gate", (1, 64)), ("routed_gate", (3, 64)), ("group_gate", (2, 64)))},
+    "layers.1.attn.q_proj": (4, 64, 64), "layers.1.attn.o_proj": (4, 64, 64),
+    "layers.1.attn.router.gate.weight": (4, 64),
+    "layers.1.attn.k_proj.weight": (64, 64), "layers.1.attn.v_proj.weight": (64, 64),
+    "layers.3.attn.memory_gate": (4,),
+    **{f"layers.{i}.{norm}.weight": (64,) for i in range(4) for norm in ("attn_norm", "ffn_norm")},
+    **{f"layers.{i}.ffn.{name}": shape for i in range(4)
+       for name, shape in (("router.gate.weight", (4, 64)), ("experts.gate_proj", (4, 64, 128)),
+                           ("experts.up_proj", (4, 64, 128)), ("experts.down_proj", (4, 128, 64)))},
+    "cross_blocks.0.attn_gate": (1,), "cross_blocks.0.ffn_gate": (1,),
+    "cross_blocks.0.attn_norm.weight": (64,), "cross_blocks.0.ffn_norm.weight": (64,),
+    **{f"cross_blocks.0.{p}_proj.weight": (64, 64) for p in "qkvo"},
+    "cross_blocks.0.ffn.gate_proj.weight": (128, 64), "cross_blocks.0.ffn.up_proj.weight": (128, 64),
+    "cross_blocks.0.ffn.down_proj.weight": (64, 128),
+    "norm.weight": (64,),
+    "lm_head.weight": (100, 64),
+}
+
+
+def test_state_dict_names_and_shapes_of_all_five_features_are_the_pinned_ones():
+    state = AvaForCausalLM(ModelConfig(**ALL_ON)).state_dict()
+    assert {name: tuple(t.shape) for name, t in state.items()} == ALL_ON_STATE

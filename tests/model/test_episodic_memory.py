@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ava.model.attention import CausalSelfAttention
+from ava.model.attention_interface import AttentionInputs
 from ava.model.episodic_memory import EpisodicMemoryAttention
 from ava.model.kv_cache import KVCache
 from ava.model.rotary import RotaryEmbedding, apply_rotary
@@ -82,7 +83,8 @@ def test_one_segment_covering_the_sequence_is_plain_causal_attention(use_rope, p
         positions, mask = document_positions_and_mask(documents)
     rope = _rope(positions) if use_rope else None
     with torch.no_grad():
-        torch.testing.assert_close(layer(x, rope, mask=mask, documents=documents), plain(x, rope, mask=mask),
+        torch.testing.assert_close(layer(x, rope, mask=mask, inputs=AttentionInputs(documents=documents))[0],
+                                   plain(x, rope, mask=mask)[0],
                                    rtol=1e-12, atol=1e-12)
 
 
@@ -95,7 +97,7 @@ def test_matches_a_naive_loop_reference_with_packed_documents_and_grouped_query_
     x = _x(2, 24)
     rope = _rope(positions) if use_rope else None
     with torch.no_grad():
-        got = layer(x, rope, mask=mask, documents=documents)
+        got = layer(x, rope, mask=mask, inputs=AttentionInputs(documents=documents))[0]
         want = _reference(layer, x, rope, documents)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
@@ -107,9 +109,9 @@ def test_memory_is_cleared_between_documents_but_carries_within_one():
     rope = _rope(positions)
     x = _x(1, 24)
 
-    def run(inputs: torch.Tensor) -> torch.Tensor:
+    def run(hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return layer(inputs, rope, mask=mask, documents=documents)[0]
+            return layer(hidden, rope, mask=mask, inputs=AttentionInputs(documents=documents))[0][0]
 
     base = run(x)
     new_a, new_b = x.clone(), x.clone()
@@ -131,7 +133,7 @@ def test_entries_older_than_memory_size_have_no_influence():
 
     def last(inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return layer(inputs, _rope(torch.arange(16)))[0, 15]
+            return layer(inputs, _rope(torch.arange(16)))[0][0, 15]
 
     # Position 15 (segment 3) remembers positions 15-6 = 9 .. 11; position 8 is one too old.
     too_old, oldest_kept = x.clone(), x.clone()
@@ -144,7 +146,7 @@ def test_entries_older_than_memory_size_have_no_influence():
 def test_no_gradient_flows_into_the_memory_but_the_gate_learns():
     layer = _layer(segment_length=4, memory_size=16, top_k=4, gate=8.0)
     x = _x(1, 12).requires_grad_()
-    out = layer(x, _rope(torch.arange(12)))
+    out, _ = layer(x, _rope(torch.arange(12)))
     out[0, 8:].sum().backward()  # segment 2, which reads segments 0 and 1 from memory only
     assert x.grad is not None and layer.memory_gate.grad is not None
     assert torch.count_nonzero(x.grad[0, :8]) == 0
@@ -154,7 +156,7 @@ def test_no_gradient_flows_into_the_memory_but_the_gate_learns():
     with torch.no_grad():
         moved = x.detach().clone()
         moved[:, :8] += 1.0
-        assert (layer(moved, _rope(torch.arange(12)))[0, 8:] - out[0, 8:]).abs().min() > 1e-6
+        assert (layer(moved, _rope(torch.arange(12)))[0][0, 8:] - out[0, 8:]).abs().min() > 1e-6
 
 
 def test_kv_cache_decoding_matches_the_full_forward():
@@ -162,12 +164,12 @@ def test_kv_cache_decoding_matches_the_full_forward():
     seq = 19
     x = _x(2, seq)
     with torch.no_grad():
-        full = layer(x, _rope(torch.arange(seq)))
+        full, _ = layer(x, _rope(torch.arange(seq)))
         cache = KVCache(1, 2, KV_HEADS, seq, HEAD_DIM, torch.float64, torch.device("cpu"))
         steps = [(0, 6), (6, 9)] + [(p, p + 1) for p in range(9, seq)]  # prefill, a chunk, then one at a time
         pieces = []
         for start, end in steps:
-            pieces.append(layer(x[:, start:end], _rope(torch.arange(end)), cache=cache))
+            pieces.append(layer(x[:, start:end], _rope(torch.arange(end)), cache=cache)[0])
             cache.advance(end - start)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-12, atol=1e-12)
 
@@ -187,8 +189,26 @@ def test_bfloat16_forward_and_backward_are_finite():
     positions, mask = document_positions_and_mask(documents)
     layer = _layer(segment_length=8, memory_size=16, top_k=4, dtype=torch.bfloat16).train()
     x = _x(1, 32, dtype=torch.bfloat16).requires_grad_()
-    out = layer(x, _rope(positions, torch.bfloat16), mask=mask, documents=documents)
+    out, _ = layer(x, _rope(positions, torch.bfloat16), mask=mask, inputs=AttentionInputs(documents=documents))
     out.float().square().mean().backward()
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_given_the_new_positions_tables_with_a_cache_the_layer_asks_the_model_rotary_for_every_position():
+    """What the model does: it gives every kind the tables of the new positions, and the rotary embedding."""
+    layer = _layer(segment_length=4, memory_size=7, top_k=3)
+    rotary = RotaryEmbedding(HEAD_DIM, 64, 10000.0)
+    seq = 11
+    x = _x(2, seq)
+    with torch.no_grad():
+        full, _ = layer(x, _rope(torch.arange(seq)))
+        cache = KVCache(1, 2, KV_HEADS, seq, HEAD_DIM, torch.float64, torch.device("cpu"))
+        pieces = []
+        for start, end in [(0, 6)] + [(p, p + 1) for p in range(6, seq)]:
+            out, _ = layer(x[:, start:end], _rope(torch.arange(start, end)), cache=cache,
+                           inputs=AttentionInputs(rotary=rotary))
+            pieces.append(out)
+            cache.advance(end - start)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-12, atol=1e-12)

@@ -25,8 +25,8 @@ def test_all_heads_active_with_a_uniform_router_is_standard_attention():
             p.zero_()
     x = torch.randn(2, 10, 32, dtype=torch.float64)
     rope = RotaryEmbedding(8, 16, 10000.0)(torch.arange(10), torch.float64)
-    y, _ = moh.forward_with_stats(x, rope)
-    torch.testing.assert_close(y, std(x, rope), rtol=0, atol=1e-12)
+    y, _ = moh(x, rope)
+    torch.testing.assert_close(y, std(x, rope)[0], rtol=0, atol=1e-12)
 
 
 def test_without_shared_heads_all_routed_heads_active_is_standard_attention():
@@ -34,14 +34,14 @@ def test_without_shared_heads_all_routed_heads_active_is_standard_attention():
     with torch.no_grad():
         moh.router.routed_gate.weight.zero_()
     x = torch.randn(2, 7, 32, dtype=torch.float64)
-    y, _ = moh.forward_with_stats(x, None)
-    torch.testing.assert_close(y, std(x, None), rtol=0, atol=1e-12)
+    y, _ = moh(x, None)
+    torch.testing.assert_close(y, std(x, None)[0], rtol=0, atol=1e-12)
 
 
 def test_output_is_the_router_weighted_sum_of_the_chosen_heads_only():
     moh, std = _pair(shared=1, active=1)
     x = torch.randn(1, 6, 32, dtype=torch.float64)
-    y, stats = moh.forward_with_stats(x, None)
+    y, stats = moh(x, None)
     weights, _, _, ids = moh.router(x.reshape(6, 32))
     heads = std.heads(x, None)  # (1, 6, 4, 8)
     expected = torch.zeros(1, 6, 32, dtype=torch.float64)
@@ -67,7 +67,7 @@ def test_a_uniform_router_gives_every_active_head_weight_one():
 def test_the_balancing_loss_trains_the_router_and_reads_the_head_load():
     moh, _ = _pair(shared=1, active=2)
     x = torch.randn(3, 8, 32, dtype=torch.float64)
-    _, stats = moh.forward_with_stats(x, None)
+    _, stats = moh(x, None)
     _, probs, _, _ = moh.router(x.reshape(24, 32))
     torch.testing.assert_close(stats.aux_loss, load_balancing_loss(probs, stats.load, 2).detach())
     assert int(stats.load.sum()) == 24 * 2
@@ -78,7 +78,7 @@ def test_the_balancing_loss_trains_the_router_and_reads_the_head_load():
 def test_the_language_loss_reaches_every_gate():
     moh, _ = _pair(shared=2, active=1)
     x = torch.randn(2, 6, 32, dtype=torch.float64)
-    y, _ = moh.forward_with_stats(x, None)
+    y, _ = moh(x, None)
     y.square().sum().backward()
     for gate in (moh.router.shared_gate, moh.router.routed_gate, moh.router.group_gate):
         assert gate is not None and gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
@@ -87,5 +87,5 @@ def test_the_language_loss_reaches_every_gate():
 
 def test_bf16_runs():
     moh = MixtureOfHeadsAttention(32, 4, 2, False, 0.0, 1, 2, 0.01, 0.0).to(torch.bfloat16)
-    y, stats = moh.forward_with_stats(torch.randn(2, 5, 32, dtype=torch.bfloat16), None)
+    y, stats = moh(torch.randn(2, 5, 32, dtype=torch.bfloat16), None)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all() and torch.isfinite(stats.router_loss)
