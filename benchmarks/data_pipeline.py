@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     ns = parser.parse_args(argv)
 
+    from ava.data.setup import build_training_data
     from ava.model import AvaForCausalLM
-    from ava.train.data_setup import build_training_data
 
     overrides = ["--batch_size", str(ns.batch), "--max_length", str(ns.seq), "--max_steps", str(ns.batches),
                  "--warmup_steps", "1", *ns.model_overrides.split()]

@@ -205,7 +205,7 @@ def compare_loops(ns: argparse.Namespace, overrides: Sequence[str]) -> dict[str,
     import torch
     from deepspeed.utils import logger as ds_logger
 
-    from ava.train.data_setup import build_training_data
+    from ava.data.setup import build_training_data
     from ava.train.distributed import init_distributed
 
     ds_logger.setLevel(logging.WARNING)  # one engine per segment: its INFO banner would bury the table

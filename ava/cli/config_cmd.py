@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from ava.cli.args import Stack, add_stack_arguments, new_parser, stack_from
-from ava.cli.render import explain, render_yaml, scalar
 from ava.config import ConfigError, ConfigFiles, Problem, WorldSize, build_deepspeed_config, keys, load_config
 from ava.config.aliases import alias_of
 from ava.config.loader import ResolvedConfig, shipped_configs_dir
+from ava.config.render import explain, render_yaml, scalar
 from ava.config.schema import AvaConfig
 from ava.secrets import redact_text, secret_values
 

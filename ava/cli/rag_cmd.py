@@ -24,9 +24,9 @@ def build_index_cmd(argv: Sequence[str]) -> int:
     resolved = load_config(stack.files, stack.overrides, stack.world)
     import time
 
+    from ava.data.setup import build_training_data
     from ava.rag.run_store import build_run_store
     from ava.rag.store import refuse_existing
-    from ava.train.data_setup import build_training_data
 
     started = time.perf_counter()
     cfg = resolved.config

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ava.cli.args import add_stack_arguments, new_parser, resolve_stack
-from ava.cli.render import render_yaml
 from ava.cli.train_cmd import output_dir_for, same_on_every_rank
 from ava.config import build_deepspeed_config
+from ava.config.render import render_yaml
 from ava.errors import UserError
 from ava.secrets import redact, secret_values
 

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ava.cli.args import add_stack_arguments, new_parser, resolve_stack
-from ava.cli.render import render_yaml
 from ava.config import build_deepspeed_config
 from ava.config.loader import ResolvedConfig
+from ava.config.render import render_yaml
 from ava.errors import UserError
 from ava.secrets import redact, secret_values
 
@@ -183,8 +183,8 @@ def _refuse_other_model(point: Path, model: Any) -> None:
     """
     import torch
 
+    from ava.config.pretrained import SHAPE_KEYS
     from ava.model import AvaForCausalLM
-    from ava.model.pretrained import SHAPE_KEYS
     from ava.train.export import run_model_config
 
     run_dir = point.parent.parent
@@ -213,7 +213,7 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
 
     started = time.perf_counter()
     cfg = resolved.config
-    from ava.train.data_setup import build_training_data
+    from ava.data.setup import build_training_data
     from ava.train.distributed import init_distributed
     from ava.train.loop import train
 
@@ -311,7 +311,7 @@ def _train(resolved: ResolvedConfig, ns: Any, config_name: str, main_rank: bool,
         if wandb is not None:
             wandb.log(record)
 
-    from ava.model.pretrained import load_weights
+    from ava.hf.pretrained import load_weights
 
     # Loaded inside the loop and dropped once copied into the model: no second full copy lives through training.
     initial_weights = (lambda: load_weights(pretrained)) if pretrained is not None and resume_from is None else None
@@ -575,7 +575,7 @@ def _retrieval_plan(cfg: Any, data: Any, pretrained: Any) -> Any:
     """What the batches read besides their tokens (retrieval, episodic memory's documents); None: nothing."""
     if not (cfg.model.use_rag or cfg.model.use_episodic_memory):
         return None
-    from ava.model.pretrained import load_weights
+    from ava.hf.pretrained import load_weights
     from ava.rag.run_store import training_rows
     from ava.train.retrieval import RetrievalPlan
 

@@ -2,19 +2,21 @@
 
 Each check names the sections it needs and runs only when those validated,
 so one broken section does not hide problems elsewhere.  Checks report the
-file:line of the keys involved and a concrete fix.
+file:line of the keys involved and a concrete fix.  This module composes the
+rules; the rule modules it calls (`feature_checks`, `lora_checks`,
+`rlhf_checks`) take their `CheckContext` from `ava.config.check_context`, so
+none of them imports this module back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
-from ava.config.batch import BatchPlan, BatchValue, WorldSize, solve_batch
-from ava.config.errors import Notice, Problem
+from ava.config.batch import BatchValue, solve_batch
+from ava.config.check_context import CheckContext
+from ava.config.errors import Notice
 from ava.config.feature_checks import check_features
 from ava.config.lora_checks import check_lora_targets
-from ava.config.provenance import DEFAULT_ORIGIN, Origin
 from ava.config.rlhf_checks import check_rlhf
 from ava.config.schema import (
     DataConfig,
@@ -23,31 +25,6 @@ from ava.config.schema import (
     ModelConfig,
     TrainingConfig,
 )
-from ava.config.yaml_loader import KeyPath
-
-
-@dataclass
-class CheckContext:
-    """What the checks read and where they write."""
-
-    sections: Mapping[str, object]
-    origins: dict[KeyPath, Origin]
-    world: WorldSize
-    problems: list[Problem] = field(default_factory=list)
-    notices: list[Notice] = field(default_factory=list)
-    batch: BatchPlan | None = None
-
-    def origin(self, dotted: str) -> Origin:
-        return self.origins.get(tuple(dotted.split(".")), DEFAULT_ORIGIN)
-
-    def where(self, dotted: str) -> str:
-        return self.origin(dotted).where()
-
-    def key(self, dotted: str) -> str:
-        return self.origin(dotted).key or dotted
-
-    def problem(self, dotted: str, message: str, fix: str, value: object) -> None:
-        self.problems.append(Problem(self.where(dotted), self.key(dotted), message, fix, value))
 
 
 def _model(ctx: CheckContext) -> None:

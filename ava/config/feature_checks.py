@@ -6,13 +6,9 @@ instead; none of them guesses a fix silently.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from ava.config.check_context import CheckContext
 from ava.config.errors import Notice
 from ava.config.schema import DataConfig, ModelConfig
-
-if TYPE_CHECKING:
-    from ava.config.checks import CheckContext
 
 
 def check_features(ctx: CheckContext) -> None:

@@ -7,6 +7,10 @@ the model that will actually be built, a dry run prints it, and the run's
 adopted key's origin names the checkpoint. A directory that does not exist
 (yet) is only a warning here, so a config can be validated before its
 weights are copied; `train.py` refuses to start without it.
+
+Only the architecture is read (`ava.config.pretrained`: `ava_model.yaml` or a
+Hugging Face config.json), so loading a config never imports torch or the
+model package; the weights are loaded later, by `ava.hf.pretrained`.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from ava.config.errors import Notice, Problem
+from ava.config.pretrained import SHAPE_KEYS, adopt_architecture, locate
 from ava.config.provenance import DEFAULT_ORIGIN, Layer, Origin
 from ava.config.schema import ModelConfig, TrainingConfig
 from ava.config.yaml_loader import KeyPath
+from ava.errors import UserError
 
 
 def adopt_pretrained(sections: MutableMapping[str, Any],
@@ -27,9 +33,6 @@ def adopt_pretrained(sections: MutableMapping[str, Any],
     training, model = sections.get("training"), sections.get("model")
     if not isinstance(training, TrainingConfig) or not isinstance(model, ModelConfig) or not training.init_from:
         return [], []
-    from ava.errors import UserError
-    from ava.model.pretrained import SHAPE_KEYS, adopt_architecture, locate
-
     where = origins.get(("training", "init_from"), DEFAULT_ORIGIN).where()
     if not Path(training.init_from).exists():
         return [], [Notice("warning", where, "training.init_from",

@@ -15,7 +15,8 @@ from typing import Any
 
 from ava.config.aliases import fill_aliases, resolve_aliases
 from ava.config.batch import BatchPlan, WorldSize
-from ava.config.checks import CheckContext, run_checks
+from ava.config.check_context import CheckContext
+from ava.config.checks import run_checks
 from ava.config.errors import ConfigError, Notice, Problem
 from ava.config.init_from import adopt_pretrained
 from ava.config.merge import Leaf, MergedTree, merge, yaml_leaves

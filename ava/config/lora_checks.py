@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from ava.config.check_context import CheckContext
 from ava.config.schema import ModelConfig
 from ava.config.schema.lora import LORA_TARGETS, LoRAConfig
-
-if TYPE_CHECKING:
-    from ava.config.checks import CheckContext
 
 
 def check_lora_targets(ctx: CheckContext, section: str, lora: LoRAConfig, model: ModelConfig) -> None:

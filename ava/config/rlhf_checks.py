@@ -7,15 +7,12 @@ instead of after the first stage has trained for an hour.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from ava.config.check_context import CheckContext
 from ava.config.errors import Notice
 from ava.config.lora_checks import check_lora_targets
 from ava.config.schema import DeepSpeedSection, ModelConfig, RLHFConfig, TrainingConfig
 from ava.config.schema.rlhf import POLICY_STAGES
 
-if TYPE_CHECKING:
-    from ava.config.checks import CheckContext
 
 def check_rlhf(ctx: CheckContext) -> None:
     r, ds, m = ctx.sections["rlhf"], ctx.sections["deepspeed"], ctx.sections["model"]

@@ -1,4 +1,9 @@
-"""Hugging Face interchange: import Llama, Mixtral and GPT-2 checkpoints, export Ava models to them."""
+"""Hugging Face interchange: import Llama, Mixtral and GPT-2 checkpoints, export Ava models to them.
+
+This package sits above both `ava.config` and `ava.model`: it reads a
+checkpoint's config.json through `ava.config.hf_config` (the key mapping,
+which config loading also needs, without torch) and builds the model here.
+"""
 
 from __future__ import annotations
 
@@ -7,39 +12,22 @@ from types import ModuleType
 
 import torch
 
-from ava.config.schema.model import ModelConfig as AvaConfigModel
+from ava.config.hf_config import hf_family, model_config_from_hf, read_hf_config
 from ava.errors import UserError
 from ava.hf import gpt2, llama
-from ava.hf.checkpoint import read_hf_config, read_hf_weights, write_hf_dir
+from ava.hf.checkpoint import read_hf_weights, write_hf_dir
 from ava.model.store import load_state_exactly
 from ava.model.transformer import AvaForCausalLM
 
+# The weight mapping of each family `ava.config.hf_config.CONFIG_MAPPINGS` reads the config of.
 FAMILIES: dict[str, ModuleType] = {"llama": llama, "mixtral": llama, "gpt2": gpt2}
-
-
-def _family(model_type: str, source: Path) -> ModuleType:
-    if model_type not in FAMILIES:
-        raise UserError(f"{source / 'config.json'} has model_type `{model_type}`; Ava converts "
-                              f"{', '.join(sorted(FAMILIES))}", "convert a model of one of those families")
-    return FAMILIES[model_type]
-
-
-def model_config_from_hf(directory: str | Path) -> AvaConfigModel:
-    """The Ava model config equivalent to a local Hugging Face checkpoint's config.json (no weights read)."""
-    source = Path(directory)
-    hf_config = read_hf_config(source)
-    family = _family(str(hf_config.get("model_type")), source)
-    try:
-        return family.config_from_hf(hf_config)
-    except KeyError as exc:
-        raise UserError(f"{source / 'config.json'} lacks `{exc.args[0]}`", "repair config.json") from exc
 
 
 def import_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> AvaForCausalLM:
     """Build the Ava model equivalent to a local Hugging Face checkpoint, with its weights."""
     source = Path(directory)
     config = model_config_from_hf(source)
-    family = _family(str(read_hf_config(source).get("model_type")), source)
+    family = FAMILIES[hf_family(read_hf_config(source), source)]
     state = family.state_from_hf(read_hf_weights(source), config, str(source))
     model = AvaForCausalLM(config)
     load_state_exactly(model, {k: v.to(torch.float32) for k, v in state.items()}, str(source))

@@ -1,8 +1,10 @@
-"""Reading and writing Hugging Face checkpoint directories (config.json + safetensors).
+"""Reading and writing Hugging Face checkpoint weights (safetensors), and writing config.json.
 
 Done with `safetensors` and `json` alone, so converting weights needs neither
 `transformers` nor a network: real hub checkpoints are read as they are laid
 out on disk (single file, sharded with an index, or a legacy torch pickle).
+Reading config.json is `ava.config.hf_config.read_hf_config`: config loading
+needs it to adopt an `init_from` checkpoint's architecture without torch.
 """
 
 from __future__ import annotations
@@ -13,24 +15,6 @@ from pathlib import Path
 import torch
 
 from ava.errors import UserError
-
-
-def read_hf_config(directory: Path) -> dict:
-    path = directory / "config.json"
-    if not directory.is_dir():
-        raise UserError(f"{directory} is not a directory", "pass the folder that holds config.json "
-                              "and the *.safetensors files of the Hugging Face model")
-    if not path.is_file():
-        raise UserError(f"{path} not found: {directory} is not a Hugging Face model directory",
-                              "pass the folder that holds config.json (a local copy; Ava does not download)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})",
-                              "repair or re-download config.json") from exc
-    if not isinstance(config, dict):
-        raise UserError(f"{path} holds a {type(config).__name__}, not a JSON object", "repair config.json")
-    return config
 
 
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -1,46 +1,20 @@
-"""GPT-2 <-> Ava: the config keys and every weight name.
+"""GPT-2 <-> Ava: every weight name, and the config.json an export writes.
 
 GPT-2 stores its projections as `Conv1D` with (in, out) weights, the
 transpose of `nn.Linear`, and q, k, v as one fused c_attn [q | k | v], which
 is split into Ava's three projections here and joined on export. Checkpoints appear with and without the `transformer.` prefix
-(the original OpenAI files lack it); both are read.
+(the original OpenAI files lack it); both are read. Reading config.json into
+Ava's model: section is `ava.config.hf_config.gpt2_config_from_hf`: config
+loading needs it without torch, and this package imports config, not the reverse.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 
 from ava.config.schema.model import ModelConfig
 from ava.errors import UserError
 from ava.hf.checkpoint import take
-
-ACTIVATIONS: dict[str, Literal["gelu", "gelu_tanh"]] = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
-
-
-def config_from_hf(hf: dict) -> ModelConfig:
-    act = hf.get("activation_function", "gelu_new")
-    if act not in ACTIVATIONS:
-        raise UserError(f"config.json uses activation_function `{act}`, which Ava's GPT-2 import does not "
-                              f"support", f"use one of {', '.join(ACTIVATIONS)}")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        if hf.get(flag):
-            raise UserError(f"config.json sets {flag}, which changes attention in a way Ava does not "
-                                  "implement", f"use a checkpoint with {flag} false")
-    if hf.get("scale_attn_weights") is False:
-        raise UserError("config.json sets scale_attn_weights false (unscaled attention)",
-                              "use a checkpoint with scaled attention")
-    hidden = hf["n_embd"]
-    return ModelConfig(
-        hidden_size=hidden, num_layers=hf["n_layer"], num_attention_heads=hf["n_head"], num_key_value_heads=None,
-        intermediate_size=hf.get("n_inner") or 4 * hidden, vocab_size=hf["vocab_size"],
-        max_position_embeddings=hf["n_positions"], position_embedding_type="learned", norm_type="layernorm",
-        activation=ACTIVATIONS[act], use_bias=True, tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), attention_dropout=hf.get("attn_pdrop", 0.1),
-        hidden_dropout=hf.get("resid_pdrop", 0.1), initializer_range=hf.get("initializer_range", 0.02),
-        num_experts=0, num_experts_per_token=1,
-    )
 
 
 def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:

@@ -1,9 +1,12 @@
-"""Llama (dense) and Mixtral (MoE) <-> Ava: the config keys and every weight name.
+"""Llama (dense) and Mixtral (MoE) <-> Ava: every weight name, and the config.json an export writes.
 
 Ava's names follow Llama's except for the stacked (E, in, out) expert
 tensors, which are split and joined here. Mixtral experts are read from the hub layout (`experts.{e}.w1/w2/w3`,
 which transformers 5 still writes by default) or the fused one
 (`mlp.experts.gate_up_proj`, written with save_original_format=False).
+Reading config.json into Ava's model: section is
+`ava.config.hf_config.llama_config_from_hf`: config loading needs it without
+torch, and this package imports config, not the reverse.
 """
 
 from __future__ import annotations
@@ -15,50 +18,6 @@ from ava.errors import UserError
 from ava.hf.checkpoint import take
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
-
-
-def _rope_theta(hf: dict) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise UserError(f"config.json uses rope scaling `{kind}`, which Ava does not implement; "
-                              "its logits would differ from the original", "use a checkpoint without rope scaling")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
-def config_from_hf(hf: dict) -> ModelConfig:
-    """Ava's model config for a Llama or Mixtral config.json."""
-    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, hidden // heads):
-        raise UserError(f"config.json sets head_dim = {hf['head_dim']}, but Ava's heads have "
-                              f"hidden_size / num_attention_heads = {hidden // heads} dimensions",
-                              "use a checkpoint whose head_dim is hidden_size / num_attention_heads")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise UserError(f"config.json uses hidden_act `{hf['hidden_act']}`; Ava's SwiGLU uses silu",
-                              "use a checkpoint with hidden_act silu")
-    if hf.get("attention_bias") != hf.get("mlp_bias", hf.get("attention_bias")):
-        raise UserError("config.json sets attention_bias and mlp_bias differently; Ava has one use_bias",
-                              "use a checkpoint where both are equal")
-    window = hf.get("sliding_window")
-    if window is not None and window < hf["max_position_embeddings"]:
-        raise UserError(f"config.json uses sliding-window attention ({window} tokens), which Ava does "
-                              "not implement", "use a checkpoint with sliding_window null")
-    moe = hf.get("model_type") == "mixtral"
-    return ModelConfig(
-        hidden_size=hidden, num_layers=hf["num_hidden_layers"], num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or heads, intermediate_size=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"], max_position_embeddings=hf["max_position_embeddings"],
-        position_embedding_type="rope", rope_theta=_rope_theta(hf), norm_type="rmsnorm", activation="swiglu",
-        use_bias=bool(hf.get("attention_bias", False)), tie_word_embeddings=bool(hf.get("tie_word_embeddings")),
-        layer_norm_eps=hf.get("rms_norm_eps", 1e-6), attention_dropout=float(hf.get("attention_dropout", 0.0)),
-        hidden_dropout=0.0, initializer_range=hf.get("initializer_range", 0.02),
-        num_experts=hf.get("num_local_experts", 0) if moe else 0,
-        num_experts_per_token=hf.get("num_experts_per_tok", 2) if moe else 1,
-        expert_capacity_factor=None, router_type="topk",
-        router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.01) if moe else 0.01,
-        router_z_loss_coef=0.0 if moe else 0.001,
-    )
 
 
 def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 """An Ava model directory: `ava_model.yaml` (the model config) + `model.safetensors` (the weights).
 
 The unit that HF import produces and HF export reads. safetensors rather than
-pickles so loading a file cannot run code.
+pickles so loading a file cannot run code. The config file itself is read and
+written by `ava.config.model_file`, which needs no torch, so config loading
+can read a directory's architecture without importing the model.
 """
 
 from __future__ import annotations
@@ -9,14 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
-from pydantic import ValidationError
 
-from ava.config.schema.model import ModelConfig
+from ava.config.model_file import load_model_config, write_model_config
 from ava.errors import UserError
 from ava.model.transformer import AvaForCausalLM
 
-CONFIG_FILE = "ava_model.yaml"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -37,26 +36,6 @@ def save_model_dir(model: AvaForCausalLM, directory: str | Path, overwrite: bool
     tmp.replace(out / WEIGHTS_FILE)
     write_model_config(model.config, out)
     return out
-
-
-def write_model_config(config: ModelConfig, directory: Path) -> None:
-    """`ava_model.yaml`: the model: section that rebuilds the model the weights belong to."""
-    (directory / CONFIG_FILE).write_text(
-        "# Ava model config, written by Ava; the model: section of a training config.\n"
-        + yaml.safe_dump({"model": config.model_dump()}, sort_keys=False))
-
-
-def load_model_config(directory: str | Path) -> ModelConfig:
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise UserError(f"{path} not found: {directory} is not an Ava model directory",
-                              "point at a directory written by `ava model import-hf` or a training run")
-    try:
-        data = yaml.safe_load(path.read_text())
-        return ModelConfig.model_validate(data["model"])
-    except (yaml.YAMLError, KeyError, TypeError, ValidationError) as exc:
-        raise UserError(f"{path} is not a valid Ava model config: {exc}",
-                              "re-export the model, or repair the model: section of that file") from exc
 
 
 def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32) -> AvaForCausalLM:

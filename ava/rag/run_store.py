@@ -1,7 +1,9 @@
 """The datastore of one training run's data: where it is, and building it from the run's own config.
 
 Shared by `ava rag build-index` and by train.py, which builds the store on
-first use when it is missing, so `use_rag: true` works the first time.
+first use when it is missing, so `use_rag: true` works the first time. It
+takes the training data from `ava.data.setup` and the init_from weights from
+`ava.hf.pretrained`, never from `ava.train`, which imports this package.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from ava.data.setup import TrainingData
     from ava.data.tokenizer import Tokenizer
     from ava.rag.encoder import ChunkEncoder
-    from ava.train.data_setup import TrainingData
 
 
 def training_rows(data: TrainingData) -> np.ndarray:
@@ -46,7 +48,7 @@ def store_dir(index_dir: str | None, cache_dir: str | None, rows: np.ndarray, en
     """
     if index_dir is not None:
         return Path(index_dir).expanduser()
-    from ava.train.data_setup import cache_root
+    from ava.data.setup import cache_root
 
     return cache_root(cache_dir) / "rag" / f"{data_fingerprint(rows)[:12]}-{encoder.fingerprint[:8]}"
 
@@ -93,11 +95,10 @@ def initial_token_embedding(resolved: ResolvedConfig) -> tuple[torch.Tensor, str
 
     cfg = resolved.config
     if cfg.training.init_from is not None:
-        from ava.model.pretrained import load_weights
-        from ava.train.init_from import pretrained_for_run
+        from ava.config.pretrained import locate
+        from ava.hf.pretrained import load_weights
 
-        _, pretrained = pretrained_for_run(resolved, None)
-        assert pretrained is not None
+        pretrained = locate(cfg.training.init_from)  # a missing directory is the user error train.py gives too
         return load_weights(pretrained)["embed_tokens.weight"], f"the token embedding of {pretrained.describe()}"
     from ava.model import AvaForCausalLM
 

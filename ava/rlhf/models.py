@@ -16,20 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ava.config.model_file import CONFIG_FILE, load_model_config, write_model_config
 from ava.config.schema.model import ModelConfig
 from ava.errors import UserError
 from ava.model import AvaForCausalLM
 from ava.model.attention import CausalSelfAttention
 from ava.model.moe import MoEStats
-from ava.model.store import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    load_model_config,
-    load_model_dir,
-    load_state_exactly,
-    save_model_dir,
-    write_model_config,
-)
+from ava.model.store import WEIGHTS_FILE, load_model_dir, load_state_exactly, save_model_dir
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 

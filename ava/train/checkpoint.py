@@ -113,7 +113,10 @@ def save(engine: Any, root: Path, step: int, rank: int, data_state: dict, keep_l
          extra: dict[str, Any] | None = None, at: Callable[[str], None] | None = None) -> Path:
     """Write checkpoint `step` on every rank (collective: every rank must call it).
 
-    `extra` is more client state to restore on resume (the evaluation monitor).
+    `engine` is one DeepSpeed engine, written in the tag's directory, or a
+    mapping {name: engine} (an RLHF stage's actor and critic), each written
+    in a subdirectory of its name. `extra` is more client state to restore
+    on resume (each callback's state).
     `at` is called at each of `ava.train.faults.SAVE_POINTS`: the fault tests
     kill the process there to show that no point leaves a checkpoint that
     resume would trust but could not load.
@@ -129,7 +132,8 @@ def save(engine: Any, root: Path, step: int, rank: int, data_state: dict, keep_l
         (root / tag / COMPLETE).unlink(missing_ok=True)
     try:
         point("before_deepspeed")
-        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        for directory, name, each in _placed(engine, root, tag):
+            each.save_checkpoint(directory, tag=name, save_latest=False)
         point("after_deepspeed")
         torch.save(plain({"step": step, "data": data_state, "rng": rng_state(), **(extra or {})}),
                    root / tag / f"ava_state_rank{rank}.pt")
@@ -257,12 +261,23 @@ def latest_complete(root: Path) -> str | None:
     return complete[-1] if complete else None
 
 
+def _placed(engine: Any, root: Path, tag: str) -> list[tuple[str, str, Any]]:
+    """(directory, tag, engine) for DeepSpeed's save/load: one engine in `root/tag`, several in `root/tag/<name>`."""
+    if isinstance(engine, Mapping):
+        return [(str(root / tag), name, each) for name, each in engine.items()]
+    return [(str(root), tag, engine)]
+
+
 def load(engine: Any, root: Path, tag: str, rank: int) -> dict[str, Any]:
-    """Restore engine, optimizer and scheduler from `tag`, and return this rank's Ava state (step, data, rng)."""
-    path, _ = engine.load_checkpoint(str(root), tag=tag)
-    if path is None:
-        raise UserError(f"DeepSpeed could not load checkpoint {root / tag}",
-                              "check that the directory is complete and was written with this configuration")
+    """Restore engine(s), optimizer and scheduler from `tag`, and return this rank's Ava state (step, data, rng).
+
+    `engine`: one DeepSpeed engine or a mapping {name: engine}, as `save` was given.
+    """
+    for directory, name, each in _placed(engine, root, tag):
+        path, _ = each.load_checkpoint(directory, tag=name)
+        if path is None:
+            raise UserError(f"DeepSpeed could not load checkpoint {Path(directory) / name}",
+                            "check that the directory is complete and was written with this configuration")
     state_file = root / tag / f"ava_state_rank{rank}.pt"
     if not state_file.is_file():
         raise UserError(f"{state_file} is missing: the checkpoint was written by a run with fewer ranks",

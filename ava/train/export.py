@@ -102,7 +102,8 @@ def run_frozen_base(run_dir: Path) -> dict[str, torch.Tensor] | None:
     init = training.get("init_from")
     if not (training.get("lora") or {}).get("enabled") or not init or not Path(init).exists():
         return None
-    from ava.model.pretrained import load_weights, locate
+    from ava.config.pretrained import locate
+    from ava.hf.pretrained import load_weights
 
     return load_weights(locate(init))
 

@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from ava.config.loader import ResolvedConfig
-from ava.model.pretrained import Pretrained, locate
+from ava.config.pretrained import Pretrained, locate
 
 
 def pretrained_for_run(resolved: ResolvedConfig, resume_dir: Path | None) -> tuple[ResolvedConfig, Pretrained | None]:

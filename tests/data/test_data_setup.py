@@ -11,10 +11,10 @@ import pytest
 
 from ava.config.schema.data import DataConfig
 from ava.data.batches import SequenceBatches
+from ava.data.setup import TrainingData, build_training_data
 from ava.data.streaming import StreamingBatches
 from ava.data.tokenizer import ByteTokenizer, FileTokenizer
 from ava.errors import UserError
-from ava.train.data_setup import TrainingData, build_training_data
 from tests.data.corpus import documents, write_csv, write_jsonl, write_text
 
 VOCAB = 512

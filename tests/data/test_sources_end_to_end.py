@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ava.config.schema.data import DataConfig
+from ava.data.setup import build_training_data
 from ava.data.tokenizer import FileTokenizer
-from ava.train.data_setup import build_training_data
 from tests.data.corpus import documents, write_csv, write_jsonl, write_parquet
 
 MODEL_VOCAB = 1024

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from ava.config import ConfigError, ConfigFiles, WorldSize, load_config
+from ava.config.pretrained import locate
 from ava.errors import UserError
+from ava.hf.pretrained import load_weights
 from ava.model import AvaForCausalLM
-from ava.model.pretrained import load_weights, locate
 from ava.model.store import load_state_exactly, save_model_dir
 from ava.train.init_from import pretrained_for_run
 from tests.conftest import REPO
@@ -94,7 +95,7 @@ def test_missing_directory_is_a_warning_when_validating_and_an_error_when_traini
 
 def test_resumed_run_rebuilds_the_recorded_architecture_without_the_pretrained_directory(tmp_path: Path,
                                                                                         gpt2_dir: Path) -> None:
-    from ava.cli.render import render_yaml
+    from ava.config.render import render_yaml
 
     started, _ = _resolve(FINETUNE, "--training.init_from", str(gpt2_dir), "--max_length", "32")
     (tmp_path / "config.yaml").write_text(render_yaml(started, with_origins=True))  # what train.py writes
@@ -115,9 +116,9 @@ def test_unusable_init_from_directory_says_what_to_point_at(tmp_path: Path, make
 def test_init_from_carries_the_checkpoints_enhanced_features_and_refuses_moa_from_plain_attention(tmp_path):
     from pathlib import Path
 
+    from ava.config.pretrained import Pretrained, adopt_architecture
     from ava.config.schema.model import ModelConfig
     from ava.errors import UserError
-    from ava.model.pretrained import Pretrained, adopt_architecture
 
     small = dict(hidden_size=32, num_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
                  max_position_embeddings=64)

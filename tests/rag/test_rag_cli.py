@@ -26,8 +26,8 @@ def _ava(*args: str, cache) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_build_index_writes_the_store_of_the_training_rows_and_refuses_to_overwrite_it(tmp_path):
     from ava.config import ConfigFiles, WorldSize, load_config
+    from ava.data.setup import build_training_data
     from ava.model import AvaForCausalLM
-    from ava.train.data_setup import build_training_data
 
     built = _ava("rag", "build-index", *CONFIG, *SMALL, cache=tmp_path)
     assert built.returncode == 0, built.stderr

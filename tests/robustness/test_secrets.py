@@ -119,7 +119,7 @@ def test_redact_masks_nested_values_and_secret_named_keys_and_keeps_other_values
 
 
 def test_the_rendered_config_masks_a_key_typed_into_it(key_in_env, tmp_path):
-    from ava.cli.render import explain, render_yaml
+    from ava.config.render import explain, render_yaml
 
     layer = tmp_path / "mine.yaml"
     layer.write_text(f"training:\n  run_name: {KEY}\n")

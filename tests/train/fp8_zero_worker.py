@@ -15,7 +15,7 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from ava.config import ConfigFiles, WorldSize, build_deepspeed_config, load_config  # noqa: E402
-from ava.train.data_setup import build_training_data  # noqa: E402
+from ava.data.setup import build_training_data  # noqa: E402
 from ava.train.distributed import init_distributed  # noqa: E402
 from ava.train.loop import train  # noqa: E402
 

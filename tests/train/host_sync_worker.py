@@ -21,7 +21,7 @@ for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
 import torch  # noqa: E402
 
 from ava.config import ConfigFiles, WorldSize, build_deepspeed_config, load_config  # noqa: E402
-from ava.train.data_setup import build_training_data  # noqa: E402
+from ava.data.setup import build_training_data  # noqa: E402
 from ava.train.distributed import init_distributed  # noqa: E402
 from ava.train.loop import train  # noqa: E402
 from ava.train.preemption import PreemptionFlag  # noqa: E402

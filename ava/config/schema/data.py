@@ -63,7 +63,7 @@ class DataConfig(Section):
         None, gt=0, description="Same value as training.batch_size (per-device micro batch).")
     eval_batch_size: int = Field(16, gt=0, description="Per-device batch size for evaluation.")
 
-    # Batches do not come from a torch DataLoader (exact resume needs one producer); ava.train.data_setup
+    # Batches do not come from a torch DataLoader (exact resume needs one producer); ava.data.setup
     # says what each of these settings does.
     dataloader_num_workers: int = Field(
         8, ge=0, description="Streaming: > 0 prepares batches in one background thread; in-memory data: unused.")
@@ -73,7 +73,7 @@ class DataConfig(Section):
     dataloader_prefetch_factor: int | None = Field(
         2, gt=0, description="Streaming: the thread prepares prefetch_factor x num_workers batches ahead.")
     dataloader_persistent_workers: bool = Field(
-        True, description="Unused: the one producer thread needs no keeping alive (see ava.train.data_setup).")
+        True, description="Unused: the one producer thread needs no keeping alive (see ava.data.setup).")
 
     use_weighted_mixing: bool = Field(
         True, description="Sample several sources with probabilities from their weights; false concatenates them.")

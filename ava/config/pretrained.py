@@ -1,4 +1,4 @@
-"""`training.init_from`: the pretrained weights a run starts from, and the architecture they dictate.
+"""`training.init_from`: the pretrained checkpoint a run starts from, and the architecture it dictates.
 
 A user fine-tuning GPT-2 points at a directory, as nanoGPT's `init_from`
 does, and expects the model to *be* that checkpoint: its shape keys
@@ -9,8 +9,13 @@ key the config sets explicitly to a different value is an error naming both
 values, never a silent replacement, because it usually means the wrong
 directory or the wrong config.
 
-Ava model directories (and run directories holding `model/`) load directly;
-a Hugging Face directory (`config.json`) is converted in memory by `ava.hf`.
+Ava model directories (and run directories holding `model/`) are read by
+`ava.config.model_file`; a Hugging Face directory's `config.json` is mapped by
+`ava.config.hf_config`. Only the architecture is read here, never the
+weights, so config loading (`ava.config.init_from`) adopts it without
+importing torch or the model package; the weights are loaded by
+`ava.hf.pretrained.load_weights`, which sits above both the model and the
+Hugging Face conversion.
 """
 
 from __future__ import annotations
@@ -19,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ava.config.hf_config import model_config_from_hf
+from ava.config.model_file import CONFIG_FILE, load_model_config
 from ava.config.schema.model import ModelConfig
 from ava.errors import UserError
-from ava.model.store import CONFIG_FILE
 
 SETTING = "training.init_from"
 
@@ -56,12 +60,8 @@ def locate(path: str | Path) -> Pretrained:
     candidates = [p, p / "model"]
     for directory in candidates:
         if (directory / CONFIG_FILE).is_file():
-            from ava.model.store import load_model_config
-
             return Pretrained(directory, "ava", load_model_config(directory))
     if (p / "config.json").is_file():
-        from ava.hf import model_config_from_hf
-
         return Pretrained(p, "hf", model_config_from_hf(p))
     if not p.exists():
         raise UserError(f"{SETTING}: {p} does not exist",
@@ -71,19 +71,6 @@ def locate(path: str | Path) -> Pretrained:
     raise UserError(f"{SETTING}: {p} holds neither {CONFIG_FILE} (Ava), model/{CONFIG_FILE} (a run) nor "
                           "config.json (Hugging Face)",
                           "point it at the directory that holds the model's config and weights")
-
-
-def load_weights(source: Pretrained) -> dict[str, torch.Tensor]:
-    """The checkpoint's full state dict in Ava's names, fp32."""
-    if source.kind == "hf":
-        from ava.hf import import_hf
-
-        model: Any = import_hf(source.path)
-    else:
-        from ava.model.store import load_model_dir
-
-        model = load_model_dir(source.path)
-    return {k: v.float() for k, v in model.state_dict().items()}
 
 
 def adopt_architecture(config: ModelConfig, source: Pretrained, explicit: set[str],

@@ -1,5 +1,8 @@
 """From the `data:` section to this rank's training and evaluation batches.
 
+Used by train.py and by retrieval (`ava.rag`, which builds its store from the
+training rows), so it sits in the data package, below both.
+
 Where the data comes from (the first that is set wins):
 
 1. `data_dir`: a nanoGPT/Megatron-style `train.bin`/`val.bin` pair of token ids.
