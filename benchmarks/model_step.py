@@ -32,7 +32,7 @@ from ava.config.yaml_loader import load_yaml_file  # noqa: E402
 from ava.hf import export_hf  # noqa: E402
 from ava.model import AvaForCausalLM  # noqa: E402
 from ava.model.summary import summarise_model  # noqa: E402
-from ava.train.host_memory import keep_freed_memory  # noqa: E402
+from ava.train.engine.host_memory import keep_freed_memory  # noqa: E402
 from benchmarks.timing import interleaved, print_table, synchronised, write_json  # noqa: E402
 
 

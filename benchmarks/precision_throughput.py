@@ -5,7 +5,7 @@
         [--config configs/gpu/tiny.yaml] [--hardware_config ...] [--distributed_config ...] [--KEY VALUE ...]
 
 One process, no launcher. Each precision gets its own DeepSpeed engine,
-built as `ava.train.loop.train()` builds it: the same seed and model, then
+built as `ava.train.pretraining.train()` builds it: the same seed and model, then
 `apply_precision`, then `deepspeed.initialize` with the DeepSpeed JSON of the
 config resolved with `--mixed_precision` (and `--fp8_recipe`). A step is what
 train() does per optimizer step with accumulation 1: forward inside the
@@ -84,7 +84,7 @@ class Engine:
         import deepspeed
 
         from ava.model import AvaForCausalLM
-        from ava.train.precision import apply_precision
+        from ava.train.engine.precision import apply_precision
 
         cfg = _resolve(ns, precision, overrides).config
         torch.manual_seed(ns.seed)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
     from deepspeed.utils import logger as ds_logger
 
-    from ava.train.distributed import init_distributed
+    from ava.train.runtime.distributed import init_distributed
 
     ds_logger.setLevel(logging.WARNING)  # one engine per precision: its INFO banner would bury the table
     init_distributed()

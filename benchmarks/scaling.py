@@ -54,7 +54,7 @@ import torch  # noqa: E402
 
 from ava.model import AvaForCausalLM  # noqa: E402
 from ava.model.summary import summarise_model  # noqa: E402
-from ava.train.host_memory import keep_freed_memory  # noqa: E402
+from ava.train.engine.host_memory import keep_freed_memory  # noqa: E402
 from benchmarks.model_step import _model_config, _train_step, loss_forward  # noqa: E402
 from benchmarks.timing import interleaved, print_table, synchronised, write_json  # noqa: E402
 

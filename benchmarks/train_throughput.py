@@ -4,7 +4,7 @@
         [--distributed_config ...] [--steps 42] [--rounds 5] [--skip_cli] [--cli_steps 100] [--json out.json]
         [--KEY VALUE ...]
 
-Part 1, in this process (one rank, gloo on CPU): `ava.train.loop.train()` with
+Part 1, in this process (one rank, gloo on CPU): `ava.train.pretraining.train()` with
 evaluation and saving off but logging at the configured cadence, against a
 bare loop over the same model (same seed), the same DeepSpeed config, LR
 schedule and batches:
@@ -135,16 +135,17 @@ def _steps_overrides(ns: argparse.Namespace, overrides: Sequence[str], steps: in
 
 
 def _ava_segment(resolved: ResolvedConfig, process: Any, batches: Any, start_state: dict) -> Segment:
-    from ava.train.loop import train
+    from ava.train.callbacks.records import Records
+    from ava.train.pretraining import train
 
     records: list[str] = []
     ds_config = build_deepspeed_config(resolved.config)
     batches.load_state_dict(start_state)
     stamped = StampedBatches(batches)
     start = time.perf_counter()
-    # on_log does what train.py's does minus the file and console: serialise the record.
+    # The records go where train.py's go minus the file and console: serialised.
     result = train(resolved.config, ds_config, process, stamped, None,  # type: ignore[arg-type]
-                   lambda record: records.append(json.dumps(record)))
+                   callbacks=[Records(lambda record: records.append(json.dumps(record)))])
     end = time.perf_counter()
     return _segment(start, stamped, ds_config["gradient_accumulation_steps"], end, list(result.losses))
 
@@ -155,7 +156,7 @@ def _bare_segment(resolved: ResolvedConfig, process: Any, batches: Any, start_st
     import torch
 
     from ava.model import AvaForCausalLM
-    from ava.train.lr_schedule import LRSchedule
+    from ava.train.engine.lr_schedule import LRSchedule
 
     cfg = resolved.config
     t = cfg.training
@@ -206,7 +207,7 @@ def compare_loops(ns: argparse.Namespace, overrides: Sequence[str]) -> dict[str,
     from deepspeed.utils import logger as ds_logger
 
     from ava.data.setup import build_training_data
-    from ava.train.distributed import init_distributed
+    from ava.train.runtime.distributed import init_distributed
 
     ds_logger.setLevel(logging.WARNING)  # one engine per segment: its INFO banner would bury the table
     process = init_distributed()

@@ -114,7 +114,7 @@ def worker(ns: argparse.Namespace) -> int:
 
     from ava.config import ConfigFiles, WorldSize, build_deepspeed_config, load_config
     from ava.model import AvaForCausalLM
-    from ava.train.distributed import init_distributed
+    from ava.train.runtime.distributed import init_distributed
 
     files = ConfigFiles(ns.config, str(REPO / "configs/hardware/cpu.yaml"),
                         str(REPO / f"configs/distributed/deepspeed_zero{ns.stage[0]}.yaml"))
@@ -166,7 +166,7 @@ def worker(ns: argparse.Namespace) -> int:
 
 def run_stage(stage: str, config: str, overrides: list[str]) -> list[dict[str, Any]]:
     """Launch the 2-rank job for `stage` and collect every rank's ledger."""
-    from ava.train.rendezvous import free_port
+    from ava.train.runtime.rendezvous import free_port
 
     with tempfile.TemporaryDirectory() as out:
         env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "PYTHONPATH": str(REPO),

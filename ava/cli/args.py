@@ -61,7 +61,7 @@ def resolve_stack(ns: argparse.Namespace, extras: Sequence[str]) -> ResolvedConf
     import os
     import sys
 
-    from ava.train.rendezvous import discover, export
+    from ava.train.runtime.rendezvous import discover, export
 
     launch = discover(os.environ)
     if launch.source == "SLURM srun":  # before the config reads the world size from WORLD_SIZE

@@ -156,7 +156,7 @@ def _entry(command: Callable[[Sequence[str]], int], argv: Sequence[str] | None) 
             _error(exc.render())
         return 2
     except UserError as exc:
-        from ava.train.rendezvous import LaunchError
+        from ava.train.runtime.rendezvous import LaunchError
 
         rank = os.environ.get("RANK", "0")
         if isinstance(exc, LaunchError) or getattr(exc, "every_rank", False):  # each rank meets its own: all say it

@@ -117,14 +117,14 @@ def export_checkpoint_cmd(argv: Sequence[str]) -> int:
 
     import torch
 
-    from ava.train.checkpoint_trust import check_checkpoint
-    from ava.train.export import (
+    from ava.train.checkpoint.export import (
         export_checkpoint,
         resolve_checkpoint,
         run_frozen_base,
         run_lora_scaling,
         run_model_config,
     )
+    from ava.train.checkpoint.trust import check_checkpoint
 
     source = Path(ns.source)
     if not source.is_dir():

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from ava.cli.args import add_stack_arguments, new_parser, resolve_stack
-from ava.cli.train_cmd import output_dir_for, same_on_every_rank
 from ava.config import build_deepspeed_config
 from ava.config.render import render_yaml
 from ava.errors import UserError
 from ava.secrets import redact, secret_values
+from ava.train.run_dir import output_dir_for, same_on_every_rank
 
 
 def main(argv: Sequence[str], prog: str = "train_rlhf.py") -> int:
@@ -51,8 +51,8 @@ def main(argv: Sequence[str], prog: str = "train_rlhf.py") -> int:
 def _run(resolved: Any, ns: Any, config_name: str, main_rank: bool) -> int:
     from ava.rlhf.console import RLHFConsole
     from ava.rlhf.pipeline import prepare_pipeline, run_pipeline
-    from ava.train.distributed import init_distributed, leave_process_group
-    from ava.train.run_info import peak_memory, write_versions
+    from ava.train.runtime.distributed import init_distributed, leave_process_group
+    from ava.train.runtime.run_info import peak_memory, write_versions
 
     started = time.perf_counter()
     cfg = resolved.config

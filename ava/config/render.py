@@ -7,8 +7,8 @@ from typing import Any
 import yaml
 
 from ava.config import keys
-from ava.config.loader import ResolvedConfig
 from ava.config.aliases import ALIAS_GROUPS, BETA_KEYS, BETAS, alias_of
+from ava.config.loader import ResolvedConfig
 from ava.config.provenance import Layer
 from ava.secrets import redact, redact_text, secret_values
 

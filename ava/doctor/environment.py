@@ -11,7 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from ava.train.run_info import library_versions
+from ava.train.runtime.run_info import library_versions
 
 # Launcher and scheduler variables worth showing: a stale one explains many "wrong world size" reports.
 LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_NTASKS",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ava.doctor.environment import launcher_path
-from ava.train.rendezvous import free_port
+from ava.train.runtime.rendezvous import free_port
 
 PROBE = Path(__file__).with_name("zero3_probe.py")
 

@@ -1,7 +1,7 @@
 """The worker `ava doctor` launches on N ranks: two ZeRO-3 training steps of a tiny MoE model, then a report.
 
 Run by the deepspeed launcher (`deepspeed --num_gpus N ava/doctor/zero3_probe.py RESULT_DIR`), it goes
-through the same process-group start as train.py (`ava.train.distributed.init_distributed`, with its
+through the same process-group start as train.py (`ava.train.runtime.distributed.init_distributed`, with its
 rendezvous deadline), so a cluster that can run it can start a real job: NCCL/gloo connect, ZeRO-3
 partitions and gathers parameters, gradients are reduce-scattered and the optimizer steps. Each rank
 writes `RESULT_DIR/rank{N}.json`; the ranks' losses must agree, as ZeRO-3 averages one global batch.
@@ -24,7 +24,7 @@ def main(result_dir: Path) -> None:
     from ava.config.schema.model import ModelConfig
     from ava.model import AvaForCausalLM
     from ava.model.zero3 import mark_moe_zero3_leaves
-    from ava.train.distributed import exit_launched_worker, init_distributed
+    from ava.train.runtime.distributed import exit_launched_worker, init_distributed
 
     process = init_distributed()
     device = torch.device(get_accelerator().device_name(process.local_rank))

@@ -11,6 +11,7 @@ not linear layers, so they take no adapter (the config check says so).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -117,6 +118,49 @@ def lora_base_state(wrapped: dict[str, torch.Tensor], base: dict[str, torch.Tens
 def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Only the adapter tensors of a LoRA-wrapped model's state dict (what `adapter.safetensors` holds)."""
     return {k: v for k, v in state.items() if k.endswith((_A, _B))}
+
+
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def merge_for_export(state: dict[str, torch.Tensor], scaling: float,
+                     frozen_base: dict[str, torch.Tensor] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A LoRA-wrapped model's trained state as (the plain model's merged weights, the adapters alone).
+
+    The one merge every LoRA export goes through (a train.py run's model/, an
+    RLHF stage's model/). Frozen weights have no fp32 master copy, so in a
+    bf16 or fp16 run the state holds them rounded; `frozen_base` (the fp32
+    starting weights, by plain name) replaces each base tensor the state holds
+    unchanged-but-rounded, so the merged model differs from the one it started
+    from only by what training changed.
+    """
+    adapters = adapter_state(state)
+    if frozen_base is not None:
+        state = {**state, **_unrounded(state, frozen_base)}
+    return merge_lora_state(state, scaling), adapters
+
+
+def _unrounded(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fp32 starting tensor for every state tensor that is that tensor rounded to bf16 or fp16 (or equal)."""
+    out = {}
+    for key, value in state.items():
+        original = base.get(key.replace(".base_layer.", "."))
+        if original is None or original.shape != value.shape:
+            continue
+        for low in (torch.bfloat16, torch.float16):
+            if torch.equal(original.to(low).float(), value.float()):
+                out[key] = original.float()
+                break
+    return out
+
+
+def save_adapters(directory: Path, adapters: dict[str, torch.Tensor]) -> None:
+    """The adapters alone beside the merged model (`adapter.safetensors`), for whoever wants them unmerged."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in adapters.items()}, str(directory / ADAPTER_FILE))
 
 
 def apply_training_lora(model: nn.Module, lora: TrainingLoRAConfig) -> float:

@@ -102,7 +102,7 @@ def initial_token_embedding(resolved: ResolvedConfig) -> tuple[torch.Tensor, str
         return load_weights(pretrained)["embed_tokens.weight"], f"the token embedding of {pretrained.describe()}"
     from ava.model import AvaForCausalLM
 
-    torch.manual_seed(cfg.data.shuffle_seed)  # as ava.train.loop does before it builds the model
+    torch.manual_seed(cfg.data.shuffle_seed)  # as ava.train.pretraining.train does before it builds the model
     model = AvaForCausalLM(cfg.model)
     return (model.embed_tokens.weight.detach(),
             f"the model's initial token embedding (seed data.shuffle_seed = {cfg.data.shuffle_seed})")

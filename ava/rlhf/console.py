@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ava.train.console import event_line
+from ava.train.report.console import event_line
 
 # (key, label, format) shown for a step record, in this order, when present.
 _STEP_FIELDS: list[tuple[str, str, str]] = [

@@ -25,8 +25,8 @@ from torch import nn
 from ava.config.deepspeed_json import build_engine_config
 from ava.config.schema import AvaConfig, ModelConfig
 from ava.model import AvaForCausalLM
-from ava.train.precision import PrecisionReport, apply_precision
-from ava.train.router_balance import add_loads, uses_bias_balancing
+from ava.train.engine.precision import PrecisionReport, apply_precision
+from ava.train.engine.router_balance import add_loads, uses_bias_balancing
 
 
 @dataclass

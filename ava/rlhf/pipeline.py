@@ -32,7 +32,7 @@ from ava.rlhf.models import check_model_dir, disable_dropout, load_policy, model
 from ava.rlhf.rewards import Scorer, make_scorer, task_reward
 from ava.rlhf.stage import StageEnv, StageFailed, StageResult
 from ava.rlhf.tasks import Task, make_task
-from ava.train.distributed import ProcessInfo
+from ava.train.runtime.distributed import ProcessInfo
 
 SUMMARY = "summary.json"
 

@@ -24,11 +24,11 @@ from ava.config.schema import AvaConfig
 from ava.data.tokenizer import Tokenizer
 from ava.rlhf.engines import RoleEngine
 from ava.rlhf.tasks import Task
-from ava.train.distributed import ProcessInfo
-from ava.train.gradient_health import HealthMonitor
-from ava.train.lr_schedule import LRSchedule
-from ava.train.router_balance import balance_router_biases
-from ava.train.update_gate import UpdateGate, set_clip, set_lr
+from ava.train.engine.gradient_health import HealthMonitor
+from ava.train.engine.lr_schedule import LRSchedule
+from ava.train.engine.router_balance import balance_router_biases
+from ava.train.engine.update_gate import UpdateGate, set_clip, set_lr
+from ava.train.runtime.distributed import ProcessInfo
 
 
 class StageFailed(Exception):

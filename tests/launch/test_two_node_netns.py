@@ -49,7 +49,7 @@ SHM_PREFIX = "deepspeed_allreduce_buffer"
 SHM_BUILT = "deepspeed_shm_comm_op built successfully"
 LOCK_HINT = ("a launch that never reaches its first step is often waiting on a stale torch-extension lock: "
              "delete ~/.cache/torch_extensions/py*_cpu/deepspeed_shm_comm/lock")
-# The start-up line train.py prints on every rank of a multi-rank run (ava.train.rendezvous).
+# The start-up line train.py prints on every rank of a multi-rank run (ava.train.runtime.rendezvous).
 STARTUP = re.compile(r"^ava: rank (\d+)/(\d+) \(local (\d+)\).*master ([\d.]+):(\d+)", re.MULTILINE)
 
 

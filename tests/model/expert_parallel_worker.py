@@ -176,7 +176,7 @@ def _engine(stage: int, capacity: float | None, optimizer: str, seed: int):
     import deepspeed
 
     from ava.model import AvaForCausalLM
-    from ava.train.expert_parallel import expert_parallel_engine, prepare_expert_parallel
+    from ava.train.engine.expert_parallel import expert_parallel_engine, prepare_expert_parallel
 
     torch.manual_seed(seed)
     model = AvaForCausalLM(model_config(capacity))
@@ -257,6 +257,6 @@ if __name__ == "__main__":
     mode = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]  # the launcher adds --local_rank=N
     {"layers": run_layers, "engine": run_engine}[mode]()
     # As train.py does: release DeepSpeed's /dev/shm buffer and skip the teardown that can abort (-6) at exit.
-    from ava.train.distributed import exit_launched_worker
+    from ava.train.runtime.distributed import exit_launched_worker
 
     exit_launched_worker()

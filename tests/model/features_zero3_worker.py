@@ -96,6 +96,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from ava.train.distributed import exit_launched_worker
+    from ava.train.runtime.distributed import exit_launched_worker
 
     exit_launched_worker()

@@ -22,7 +22,7 @@ from ava.model import AvaForCausalLM
 from ava.model.moe import MoELayer
 from ava.model.moe.expert_parallel import ExpertParallel, _expert_major_order
 from ava.model.moe.experts import GroupedExperts
-from ava.train.expert_parallel import expert_parallel_checkpoint_state
+from ava.train.engine.expert_parallel import expert_parallel_checkpoint_state
 from tests.model import expert_parallel_worker as worker
 from tests.train.run_helpers import free_port, run_env
 

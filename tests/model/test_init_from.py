@@ -13,7 +13,7 @@ from ava.errors import UserError
 from ava.hf.pretrained import load_weights
 from ava.model import AvaForCausalLM
 from ava.model.store import load_state_exactly, save_model_dir
-from ava.train.init_from import pretrained_for_run
+from ava.train.inputs.init_from import pretrained_for_run
 from tests.conftest import REPO
 from tests.recipes.conftest import VOCAB, save_tiny_gpt2
 
@@ -34,7 +34,7 @@ def test_model_built_as_train_py_builds_it_gives_the_logits_of_transformers(gpt2
 
     resolved, source = _resolve(FINETUNE, "--training.init_from", str(gpt2_dir), "--max_length", "32")
     assert source is not None and source.kind == "hf"
-    model = AvaForCausalLM(resolved.config.model)  # what ava.train.loop does with initial_state
+    model = AvaForCausalLM(resolved.config.model)  # what ava.train.pretraining.train does with initial_state
     load_state_exactly(model, load_weights(source), str(gpt2_dir))
     model.eval()
     reference = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()

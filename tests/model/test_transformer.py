@@ -175,7 +175,7 @@ def test_initialisation_uses_initializer_range_and_scales_residual_projections()
 
 
 def test_balance_router_biases_uses_each_layers_summed_load():
-    from ava.train.router_balance import balance_router_biases
+    from ava.train.engine.router_balance import balance_router_biases
 
     model = _model(router_type="aux_loss_free", router_bias_update_rate=0.1)
     out = model(_ids())

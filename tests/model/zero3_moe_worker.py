@@ -53,6 +53,6 @@ def main() -> None:
 if __name__ == "__main__":
     main()
     # As train.py does: release DeepSpeed's /dev/shm buffer and skip the teardown that can abort (-6) at exit.
-    from ava.train.distributed import exit_launched_worker
+    from ava.train.runtime.distributed import exit_launched_worker
 
     exit_launched_worker()

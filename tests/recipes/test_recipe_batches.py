@@ -92,7 +92,7 @@ def test_nanogpt_fine_tune_recipe_is_a_constant_lr_that_saves_only_improvements(
 
 
 def test_promptehr_recipe_warms_up_then_decays_linearly_to_zero() -> None:
-    from ava.train.lr_schedule import LRSchedule
+    from ava.train.engine.lr_schedule import LRSchedule
 
     t = _load("promptehr/promptehr").config.training
     schedule = LRSchedule(peak=t.learning_rate, end=t.lr_end, warmup_steps=t.warmup_steps, total_steps=11000,

@@ -18,7 +18,7 @@ from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedPara
 from ava.config import ConfigFiles, WorldSize, load_config  # noqa: E402
 from ava.model import AvaForCausalLM  # noqa: E402
 from ava.rlhf.engines import build_engine, generation_module  # noqa: E402
-from ava.train.distributed import init_distributed  # noqa: E402
+from ava.train.runtime.distributed import init_distributed  # noqa: E402
 
 FETCHES = {"count": 0}
 _fetch = PartitionedParameterCoordinator.fetch_sub_module
@@ -72,6 +72,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from ava.train.distributed import exit_launched_worker
+    from ava.train.runtime.distributed import exit_launched_worker
 
     exit_launched_worker()

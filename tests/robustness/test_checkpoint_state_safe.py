@@ -19,9 +19,9 @@ import torch
 
 from ava.config.schema.training import GradientHealthConfig
 from ava.errors import UserError
-from ava.train.checkpoint import plain, read_state, rng_state, set_rng_state
-from ava.train.evaluation import EvalMonitor
-from ava.train.gradient_health import HealthMonitor
+from ava.train.callbacks.evaluation import EvalMonitor
+from ava.train.checkpoint.store import plain, read_state, rng_state, set_rng_state
+from ava.train.engine.gradient_health import HealthMonitor
 
 
 def _draws() -> tuple[list[float], list[float], float, list[float]]:

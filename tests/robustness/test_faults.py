@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ava.train.checkpoint import COMPLETE, latest_complete, read_state
-from ava.train.checkpoint_trust import check_checkpoint
-from ava.train.faults import ENV_VAR, SAVE_POINTS
+from ava.train.checkpoint.store import COMPLETE, latest_complete, read_state
+from ava.train.checkpoint.trust import check_checkpoint
+from ava.train.runtime.faults import ENV_VAR, SAVE_POINTS
 from tests.conftest import REPO
 from tests.train.run_helpers import SMALL_RUN, TINY, free_port, run_env, step_losses
 

@@ -130,7 +130,7 @@ def test_the_rendered_config_masks_a_key_typed_into_it(key_in_env, tmp_path):
 
 
 def test_a_failed_runs_summary_json_masks_a_key_quoted_by_its_exception(key_in_env, tmp_path):
-    from ava.cli.train_cmd import _record_failure
+    from ava.train.run_dir import record_failure as _record_failure
 
     _record_failure(tmp_path, RuntimeError(f"401 Unauthorized for api key {KEY}"), 0.0, None)
     text = (tmp_path / "summary.json").read_text()
@@ -138,7 +138,7 @@ def test_a_failed_runs_summary_json_masks_a_key_quoted_by_its_exception(key_in_e
 
 
 def test_the_config_and_run_name_sent_to_wandb_are_masked(key_in_env, tmp_path, monkeypatch):
-    from ava.train.wandb_log import WandbLogger
+    from ava.train.report.wandb_log import WandbLogger
 
     sent: dict = {}
 

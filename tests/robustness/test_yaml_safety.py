@@ -27,14 +27,14 @@ PACKAGE = REPO / "ava"
 TORCH_LOADS: dict[str, list[tuple[bool | None, str]]] = {
     "ava/hf/checkpoint.py": [
         (True, "a downloaded HF pytorch_model.bin: untrusted, so tensors only")],
-    "ava/train/checkpoint.py": [
+    "ava/train/checkpoint/store.py": [
         (True, "Ava's per-rank resume state: tensors and plain values only, so a copied checkpoint runs no code"),
         (True, "the same file as an older Ava wrote it, admitting numpy's array/scalar constructors only")],
-    "ava/train/export.py": [
+    "ava/train/checkpoint/export.py": [
         (False, "DeepSpeed's mp_rank_00_model_states.pt beside ZeRO shards, after checkpoint_trust scanned the "
                 "directory (export-checkpoint) or from the run's own just-written checkpoint (train.py)"),
         (False, "the same file of a ZeRO-0 checkpoint, under the same scan")],
-    "ava/train/expert_parallel.py": [
+    "ava/train/engine/expert_parallel.py": [
         (False, "mp_rank_00_model_states.pt of an expert-parallel checkpoint, after the checkpoint_trust scan"),
         (True, "DeepSpeed's per-expert state files: plain tensor dicts")],
 }

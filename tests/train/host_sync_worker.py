@@ -22,9 +22,9 @@ import torch  # noqa: E402
 
 from ava.config import ConfigFiles, WorldSize, build_deepspeed_config, load_config  # noqa: E402
 from ava.data.setup import build_training_data  # noqa: E402
-from ava.train.distributed import init_distributed  # noqa: E402
-from ava.train.loop import train  # noqa: E402
-from ava.train.preemption import PreemptionFlag  # noqa: E402
+from ava.train.pretraining import train  # noqa: E402
+from ava.train.runtime.distributed import init_distributed  # noqa: E402
+from ava.train.runtime.preemption import PreemptionFlag  # noqa: E402
 
 AVA = str(Path(__file__).resolve().parents[2] / "ava")
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")
@@ -68,7 +68,7 @@ def main() -> None:
     for name in READS:
         setattr(torch.Tensor, name, recording(name, getattr(torch.Tensor, name)))
     with PreemptionFlag() as preemption:
-        result = train(cfg, build_deepspeed_config(cfg), process, batches, None, lambda record: None,
+        result = train(cfg, build_deepspeed_config(cfg), process, batches, None,
                        preemption=preemption)
     print(json.dumps({"steps": result.steps, "reads": reads}))
 

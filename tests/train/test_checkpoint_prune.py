@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ava.train.checkpoint import BEST, COMPLETE, LATEST, prune
+from ava.train.checkpoint.store import BEST, COMPLETE, LATEST, prune
 
 
 def make(root: Path, step: int, complete: bool = True) -> Path:
@@ -32,7 +32,7 @@ def test_a_checkpoint_is_unmarked_before_its_files_are_deleted(tmp_path: Path, m
     (tmp_path / LATEST).write_text("step00000002\n")
     seen: list[bool] = []
 
-    import ava.train.checkpoint as checkpoint
+    import ava.train.checkpoint.store as checkpoint
 
     def interrupted_rmtree(path: Path, ignore_errors: bool = False) -> None:
         seen.append((Path(path) / COMPLETE).exists())

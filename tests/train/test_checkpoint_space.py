@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
-import ava.train.checkpoint as checkpoint
+import ava.train.checkpoint.store as checkpoint
 
 
 def _chained(inner: BaseException) -> RuntimeError:

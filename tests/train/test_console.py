@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from ava.train.console import RunConsole, eval_line, step_line, summary_rows
+from ava.train.report.console import RunConsole, eval_line, step_line, summary_rows
 
 STEP = {"step": 10, "loss": 2.3, "lm_loss": 2.29, "lr": 1e-3, "tokens_per_s": 5000.0, "moe/load_cv": 0.1}
 LAST = {"step": 100, "loss": 2.1, "lr": 1e-4, "tokens_per_s": 6000.0}

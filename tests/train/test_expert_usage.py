@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ava.train.expert_usage import TABLE_HEADER, ExpertUsageReport, OverflowWatch, expert_usage
+from ava.train.report.expert_usage import TABLE_HEADER, ExpertUsageReport, OverflowWatch, expert_usage
 
 
 def _step(step: int, loads: dict[int, list[float]], dropped: dict[int, float] | None = None) -> dict:

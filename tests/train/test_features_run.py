@@ -51,7 +51,7 @@ def test_a_missing_datastore_is_built_on_first_use_and_found_after(tmp_path):
 
     from ava.config.schema.model import ModelConfig
     from ava.data.packing import pack_documents
-    from ava.train.retrieval import RetrievalPlan
+    from ava.train.inputs.retrieval import RetrievalPlan
 
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=300,
                       max_position_embeddings=64, use_cross_attention=True, use_rag=True,
@@ -76,7 +76,7 @@ def test_a_missing_datastore_is_built_on_first_use_and_found_after(tmp_path):
 def test_document_ids_start_after_each_end_of_document_token():
     import torch
 
-    from ava.train.batch_context import BatchContext, documents_from_eos
+    from ava.train.inputs.batch_context import BatchContext, documents_from_eos
 
     tokens = torch.tensor([[5, 6, 9, 7, 9, 9, 8], [9, 1, 2, 3, 4, 5, 6]])
     expected = torch.tensor([[0, 0, 0, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1, 1]])  # the eos (9) ends its own document

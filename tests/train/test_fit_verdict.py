@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from ava.train.fit_verdict import FitVerdict, diagnose_fit
+from ava.train.report.fit_verdict import FitVerdict, diagnose_fit
 
 EVAL_EVERY = 100
 LOG_EVERY = 25

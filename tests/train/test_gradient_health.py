@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ava.config.schema.training import GradientHealthConfig
-from ava.train.faults import FaultPlan, FaultSpecError
-from ava.train.gradient_health import HealthMonitor
+from ava.train.engine.gradient_health import HealthMonitor
+from ava.train.runtime.faults import FaultPlan, FaultSpecError
 
 
 def _monitor(**overrides) -> HealthMonitor:

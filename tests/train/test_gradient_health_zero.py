@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ava.train.lr_schedule import LRSchedule
+from ava.train.engine.lr_schedule import LRSchedule
 from tests.conftest import REPO
 from tests.train.run_helpers import SMALL_RUN, TINY, free_port, run_env
 

@@ -16,7 +16,7 @@ STEPS = """
 import resource, sys, torch
 from ava.config.schema.model import ModelConfig
 from ava.model import AvaForCausalLM
-from ava.train.host_memory import keep_freed_memory
+from ava.train.engine.host_memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 cfg = ModelConfig.model_validate(dict(hidden_size=64, num_layers=1, num_attention_heads=4, intermediate_size=128,

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from ava.train.lost_rank import Peers, is_lost_peer, lost_rank_error
+from ava.train.runtime.lost_rank import Peers, is_lost_peer, lost_rank_error
 
 
 def test_collective_errors_from_a_vanished_peer_are_recognised() -> None:

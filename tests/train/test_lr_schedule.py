@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ava.train.lr_schedule import LRSchedule
+from ava.train.engine.lr_schedule import LRSchedule
 
 
 def test_linear_warmup_then_cosine_decay_to_lr_end():

@@ -1,10 +1,10 @@
 """Between logging steps Ava's training loop never reads a tensor's value: no per-step host sync of its own.
 
-Steps that log read the step's losses once (`_mean_over_ranks(...).tolist()`
+Steps that log read the step's losses once (`mean_over_ranks(...).tolist()` in `ava.train.lm`
 and the MoE statistics); the gradient-health gate reads its verdict every step
 by design (it decides whether the update applies), so it is off here. The
 preemption flag is checked every step, and its read is of the previous
-step's agreement (`ava.train.preemption`), which on a GPU has long arrived.
+step's agreement (`ava.train.runtime.preemption`), which on a GPU has long arrived.
 """
 
 from __future__ import annotations
@@ -44,4 +44,4 @@ def test_steps_that_do_not_log_read_no_tensor_and_logging_steps_read_a_bounded_f
     assert not quiet, f"tensor reads in steps that do not log: {quiet}"
     # A logging step: one read of the step's losses and one transfer (.cpu().tolist()) of every MoE statistic,
     # whatever the number of layers and experts.
-    assert sorted(where.split(":")[0] for where in per_step[6]) == ["loop.py", "metrics.py", "metrics.py"], per_step[6]
+    assert sorted(where.split(":")[0] for where in per_step[6]) == ["lm.py", "metrics.py", "metrics.py"], per_step[6]

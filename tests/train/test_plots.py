@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ava.train.plots import MAX_EXPERT_LINES, expert_loads, read_metrics, write_plots
+from ava.train.report.plots import MAX_EXPERT_LINES, expert_loads, read_metrics, write_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -19,8 +19,8 @@ from ava.config import ConfigError
 from ava.config.schema import AvaConfig
 from ava.model import AvaForCausalLM
 from ava.model.moe.experts import GroupedExperts
-from ava.train import precision
-from ava.train.precision import Fp8Matmul, apply_precision, torchao_config
+from ava.train.engine import precision
+from ava.train.engine.precision import Fp8Matmul, apply_precision, torchao_config
 from tests.conftest import REPO
 
 torchao_float8 = pytest.importorskip("torchao.float8")
@@ -224,7 +224,7 @@ def test_torchao_is_imported_only_for_fp8_and_without_its_import_noise():
 import sys
 from ava.config.schema import AvaConfig
 from ava.model import AvaForCausalLM
-from ava.train.precision import apply_precision
+from ava.train.engine.precision import apply_precision
 config = AvaConfig.model_validate({{"model": {MOE!r}, "training": {{"mixed_precision": "bf16"}}}})
 apply_precision(AvaForCausalLM(config.model), config, device="cpu")
 assert "torchao" not in sys.modules, "bf16 imported torchao"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ava.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from ava.train.runtime.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from tests.conftest import REPO
 from tests.train.run_helpers import SMALL_RUN, TINY, free_port, run_env, step_losses
 

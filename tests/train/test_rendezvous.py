@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ava.train.rendezvous import LaunchError, discover, export, first_host, slurm_master_port
+from ava.train.runtime.rendezvous import LaunchError, discover, export, first_host, slurm_master_port
 from tests.conftest import REPO
 from tests.train.run_helpers import TINY, free_port, run_env
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ava
-from ava.train.run_info import PACKAGES, library_versions, peak_memory, write_versions
+from ava.train.runtime.run_info import PACKAGES, library_versions, peak_memory, write_versions
 from tests.conftest import REPO
 
 
@@ -28,7 +28,7 @@ def test_versions_name_python_ava_and_the_installed_libraries():
 
 
 def test_a_library_that_is_not_installed_is_recorded_as_null(monkeypatch):
-    monkeypatch.setattr("ava.train.run_info.PACKAGES", ("torch", "no-such-package-ava-test"))
+    monkeypatch.setattr("ava.train.runtime.run_info.PACKAGES", ("torch", "no-such-package-ava-test"))
     versions = library_versions()
     assert versions["no-such-package-ava-test"] is None and versions["torch"] == torch.__version__
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ava.model.store import load_model_dir
-from ava.train.export import checkpoint_state_dict
+from ava.train.checkpoint.export import checkpoint_state_dict
 from tests.conftest import REPO
 from tests.train.run_helpers import SMALL_RUN, TINY, run_env
 

@@ -14,7 +14,7 @@ import pytest
 import wandb
 from wandb.proto import wandb_internal_pb2
 
-from ava.train.wandb_log import WandbLogger, metric_name
+from ava.train.report.wandb_log import WandbLogger, metric_name
 
 RECORDS = [
     {"step": 10, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 5000.0, "moe/layer0/load/expert0": 3.0},

@@ -53,9 +53,9 @@ def run_case(stage: int, precision: str) -> dict:
     import deepspeed
 
     from ava.config.schema.training import GradientHealthConfig
-    from ava.train.faults import FaultPlan
-    from ava.train.gradient_health import HealthMonitor
-    from ava.train.update_gate import UpdateGate, clip_in_use, layer_grad_norms, set_clip
+    from ava.train.engine.gradient_health import HealthMonitor
+    from ava.train.engine.update_gate import UpdateGate, clip_in_use, layer_grad_norms, set_clip
+    from ava.train.runtime.faults import FaultPlan
 
     torch.manual_seed(0)
     config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,

@@ -43,7 +43,7 @@ class GroupedExperts(nn.Module):
         self.fp8_matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def use_fp8(self, matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> None:
-        """Run every expert matmul as `matmul(rows, weight)` (an FP8 matmul, see `ava.train.precision`); None: off.
+        """Run every expert matmul as `matmul(rows, weight)` (an FP8 matmul, see `ava.train.engine.precision`); None: off.
 
         The weights stay ordinary stacked parameters, so ZeRO and expert
         parallelism handle them as before; only the forward changes.

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ava.train.gradient_health import HealthMonitor, Verdict
+from ava.train.engine.gradient_health import HealthMonitor, Verdict
 
 
 def set_lr(engine: Any, lr: float) -> None:

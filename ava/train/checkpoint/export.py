@@ -21,7 +21,7 @@ from ava.config.schema.model import ModelConfig
 from ava.errors import UserError
 from ava.model import AvaForCausalLM
 from ava.model.store import load_state_exactly, save_model_dir
-from ava.train import checkpoint
+from ava.train.checkpoint import store as checkpoint
 
 
 def resolve_checkpoint(path: Path, which: str = "latest") -> Path:
@@ -60,7 +60,7 @@ def checkpoint_state_dict(point: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if any(point.glob("layer_*_expert_*_model_states.pt")):  # written with deepspeed.ep_size > 1
-        from ava.train.expert_parallel import expert_parallel_checkpoint_state
+        from ava.train.engine.expert_parallel import expert_parallel_checkpoint_state
 
         return expert_parallel_checkpoint_state(point)
     module_file = point / "mp_rank_00_model_states.pt"
@@ -122,17 +122,15 @@ def export_checkpoint(point: Path, config: ModelConfig, out: Path, hf: bool = Fa
     tensor the checkpoint holds unchanged-but-rounded, so only the adapters'
     update differs from the pretrained model.
     """
-    from ava.model.lora import adapter_state, merge_lora_state
+    from ava.model.lora import adapter_state, merge_for_export, save_adapters
 
     state = checkpoint_state_dict(point)
     adapters = adapter_state(state)
     if adapters:
         if lora_scaling is None:
             raise UserError(f"{point} holds LoRA adapters but the run's LoRA settings are unknown",
-                                  "export from inside the run directory, whose config.yaml has training.lora")
-        if frozen_base is not None:
-            state.update(_unrounded(state, frozen_base))
-        state = merge_lora_state(state, lora_scaling)
+                            "export from inside the run directory, whose config.yaml has training.lora")
+        state, adapters = merge_for_export(state, lora_scaling, frozen_base)
     model = AvaForCausalLM(config)
     load_state_exactly(model, state, str(point))
     if hf:
@@ -141,22 +139,6 @@ def export_checkpoint(point: Path, config: ModelConfig, out: Path, hf: bool = Fa
         return export_hf(model, out, dtype=dtype, overwrite=overwrite)
     save_model_dir(model.to(dtype), out, overwrite=overwrite)
     if adapters:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in adapters.items()}, str(out / "adapter.safetensors"))
+        save_adapters(out, adapters)
         return "an Ava model directory (ava_model.yaml + model.safetensors, LoRA merged; adapter.safetensors)"
     return "an Ava model directory (ava_model.yaml + model.safetensors)"
-
-
-def _unrounded(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The fp32 pretrained tensor for every checkpoint tensor that is that tensor rounded to bf16 or fp16."""
-    out = {}
-    for key, value in state.items():
-        original = base.get(key.replace(".base_layer.", "."))
-        if original is None or original.shape != value.shape:
-            continue
-        for low in (torch.bfloat16, torch.float16):
-            if torch.equal(original.to(low).float(), value.float()):
-                out[key] = original.float()
-                break
-    return out

@@ -2,7 +2,7 @@
 
 Pure bookkeeping on host floats, so every rule can be tested on paper. The
 DeepSpeed side (where the norm comes from, how an update is skipped, how the
-clip value reaches the optimizer) is `ava.train.update_gate`. Every rank
+clip value reaches the optimizer) is `ava.train.engine.update_gate`. Every rank
 feeds the same global gradient norm, so every rank reaches the same verdict.
 
 Rules, per optimizer step:

@@ -1,7 +1,7 @@
 """Process-group setup for DeepSpeed, with or without a launcher.
 
 `deepspeed train.py` and torchrun export RANK/WORLD_SIZE/MASTER_*, `srun`
-exports SLURM's variables (`ava.train.rendezvous` turns them into the same),
+exports SLURM's variables (`ava.train.runtime.rendezvous` turns them into the same),
 and a plain `python train.py` exports nothing: a one-process group on
 localhost. Several ranks first meet in a rendezvous with a deadline, so a
 wrong master or world size fails in seconds. gloo on CPU
@@ -31,7 +31,7 @@ def init_distributed() -> ProcessInfo:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from ava.train.rendezvous import discover, export, rendezvous, timeout_seconds
+    from ava.train.runtime.rendezvous import discover, export, rendezvous, timeout_seconds
 
     env = discover(os.environ)
     if "RANK" not in os.environ:  # no launcher: a group of one

@@ -117,7 +117,7 @@ def save(engine: Any, root: Path, step: int, rank: int, data_state: dict, keep_l
     mapping {name: engine} (an RLHF stage's actor and critic), each written
     in a subdirectory of its name. `extra` is more client state to restore
     on resume (each callback's state).
-    `at` is called at each of `ava.train.faults.SAVE_POINTS`: the fault tests
+    `at` is called at each of `ava.train.runtime.faults.SAVE_POINTS`: the fault tests
     kill the process there to show that no point leaves a checkpoint that
     resume would trust but could not load.
 

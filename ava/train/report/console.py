@@ -112,7 +112,7 @@ class RunConsole:
         """The MoE expert-utilisation table (an `ExpertUsageReport`): how evenly each layer used its experts."""
         if not self.enabled:
             return
-        from ava.train.expert_usage import TABLE_HEADER
+        from ava.train.report.expert_usage import TABLE_HEADER
 
         table = Table(title=f"expert utilisation (from {usage.steps} logged steps)")
         for column in TABLE_HEADER:

@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from ava.train.rendezvous import LaunchError
+from ava.train.runtime.rendezvous import LaunchError
 
 # Fragments of the errors torch.distributed raises when a peer process disappears (gloo and NCCL).
 _LOST_PEER = ("connection reset by peer", "connection closed by peer", "broken pipe", "connection refused",

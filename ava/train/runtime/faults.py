@@ -32,7 +32,7 @@ import torch
 ENV_VAR = "AVA_INJECT_FAULTS"
 NUMERIC_KINDS = ("grad_spike", "nan_loss", "nan_grad")
 KINDS = (*NUMERIC_KINDS, "kill", "kill_in_save", "disk_full")
-# The moments of `ava.train.checkpoint.save`, in order, at which a process can die.
+# The moments of `ava.train.checkpoint.store.save`, in order, at which a process can die.
 SAVE_POINTS = ("before_deepspeed", "after_deepspeed", "after_state", "after_complete", "after_latest",
                "during_prune")
 DEFAULT_SPIKE = 1000.0

@@ -23,7 +23,7 @@ def pretrained_for_run(resolved: ResolvedConfig, resume_dir: Path | None) -> tup
         return resolved, None
     if Path(init).exists() or resume_dir is None:
         return resolved, locate(init)  # a missing directory raises the user error here
-    from ava.train.export import run_model_config
+    from ava.train.checkpoint.export import run_model_config
 
     model = run_model_config(resume_dir)
     data = resolved.to_dict()

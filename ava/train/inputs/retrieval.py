@@ -24,7 +24,7 @@ from ava.rag.chunks import data_fingerprint
 from ava.rag.retriever import Retriever
 from ava.rag.run_store import make_encoder, store_dir
 from ava.rag.store import build_store
-from ava.train.batch_context import BatchContext
+from ava.train.inputs.batch_context import BatchContext
 
 
 @dataclass

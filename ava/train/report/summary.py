@@ -1,0 +1,133 @@
+"""summary.json and the end-of-run report: how the run ended, its losses, the checks a smoke test relies on.
+
+The run's model is exported here too (`model/`: consolidated weights from the
+final checkpoint, or the best one under `save_strategy: best`), since the
+checks include that it was. The train/validation verdict and the MoE
+expert-utilisation report are computed from the whole metrics.jsonl, so a
+resumed run is judged on its full history.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from ava.train.checkpoint.export import export_checkpoint
+from ava.train.checkpoint.store import best_tag
+from ava.train.report.expert_usage import expert_usage
+from ava.train.report.fit_verdict import FitVerdict, diagnose_fit
+from ava.train.report.plots import read_metrics
+from ava.train.runtime.run_info import peak_memory
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged run reports a large number rather than inf."""
+    return math.exp(min(loss, 50.0))
+
+
+def build_summary(result: Any, data: Any, out_dir: Path, started: float, cfg: Any,
+             frozen_base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """summary.json: how the run ended, its losses, and the checks a smoke test relies on."""
+    evaluates = cfg.training.eval_strategy != "no"
+    best = best_tag(out_dir / "checkpoints")
+    # save_strategy best: the model a fine-tuning run hands over is its best one, not its last.
+    exported = out_dir / "checkpoints" / best if best and cfg.training.save_strategy == "best" else result.checkpoint
+    model_dir = None
+    if exported is not None:
+        model_dir = out_dir / "model"
+        export_checkpoint(exported, result.model.config, model_dir, overwrite=True, lora_scaling=result.lora_scaling,
+                          frozen_base=frozen_base)
+    first, final = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
+    sample = None
+    if result.sample is not None:
+        prompt, generated = result.sample
+        sample = {"prompt_ids": prompt, "continuation_ids": generated}
+        tokenizer = getattr(data, "tokenizer", None)
+        if tokenizer is not None:
+            sample.update(prompt=tokenizer.decode(prompt), continuation=tokenizer.decode(generated))
+    skipped_nonfinite = (result.health or {}).get("counts", {}).get("nonfinite_gradient", 0)
+    checks = {
+        "steps_completed": result.steps == result.planned_steps or result.status == "early_stopped",
+        # A NaN loss the health monitor caught (its update skipped) is handled, not a failure.
+        "loss_finite": not result.losses or math.isfinite(result.losses[-1])
+        and sum(not math.isfinite(v) for v in result.losses) <= skipped_nonfinite,
+        "evaluated": result.evaluations > 0 if evaluates and data.eval is not None else None,
+        "checkpoint_saved": result.checkpoint is not None,
+        "checkpoint_reloads_exactly": result.checkpoint_reload_ok,
+        "model_exported": model_dir is not None and (model_dir / "model.safetensors").is_file(),
+    }
+    return {
+        "status": result.status, "steps": result.steps, "planned_steps": result.planned_steps,
+        **({"failure": result.failure} if result.failure else {}),
+        "precision": result.precision.as_dict() if result.precision is not None else None,
+        "gradient_health": result.health,
+        "first_loss": first, "final_loss": final,
+        "eval_loss": result.eval_loss,
+        "eval_perplexity": perplexity(result.eval_loss) if result.eval_loss is not None else None,
+        "best_eval_loss": result.best_eval_loss, "best_step": result.best_step,
+        "best_checkpoint": str(out_dir / "checkpoints" / best) if best else None,
+        "final_checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "model_dir": str(model_dir) if model_dir else None,
+        "exported_checkpoint": str(exported) if exported else None,
+        "init_from": cfg.training.init_from,
+        "parameters": result.parameters.as_dict() if result.parameters is not None else None,
+        "warnings": [*data.warnings, *result.warnings],
+        "tokens": result.tokens, "seconds": time.perf_counter() - started,
+        "tokens_per_s": result.tokens / result.seconds if result.seconds else None, "output_dir": str(out_dir),
+        "first_step_seconds": result.first_step_seconds,
+        "entropy_rate": data.entropy_rate, "sample": sample,
+        **peak_memory(),
+        "checks": checks, "checks_passed": all(v is not False for v in checks.values()),
+    }
+
+
+def add_diagnosis(summary: dict[str, Any], metrics_path: Path, cfg: Any) -> Any:
+    """The train/validation fit verdict and, for MoE, the expert-utilisation report, from the whole metrics history.
+
+    Read from metrics.jsonl rather than this process's records so that a
+    resumed run is judged on its full history.
+    """
+    records = read_metrics(metrics_path)
+    summary["fit"] = diagnose_fit(records).as_dict() if cfg.training.eval_strategy != "no" else None
+    usage = expert_usage(records, cfg.model.expert_capacity_factor) if cfg.model.is_moe else None
+    summary["experts"] = usage.as_dict() if usage is not None else None
+    if usage is not None:
+        summary["warnings"] = summary["warnings"] + list(usage.warnings)
+    return usage
+
+
+def print_diagnosis(summary: dict[str, Any], usage: Any, console: Any) -> None:
+    """The verdict line, the expert table and every warning again, last, where the user looks."""
+    if summary.get("fit"):
+        console.note(FitVerdict(**summary["fit"]).line())
+    if usage is not None:
+        console.expert_table(usage)
+    for warning in summary["warnings"]:
+        console.warn(warning)
+
+
+def print_checks(summary: dict[str, Any]) -> None:
+    labels = {"steps_completed": "all planned steps ran",
+              "loss_finite": "every loss finite (or its update skipped by the gradient-health monitor)",
+              "evaluated": "held-out evaluation ran", "checkpoint_saved": "checkpoint saved",
+              "checkpoint_reloads_exactly": "checkpoint reloads to the same loss",
+              "model_exported": "consolidated weights exported (model/)"}
+    print("run checks:")
+    for key, ok in summary["checks"].items():
+        mark = "skip" if ok is None else ("PASS" if ok else "FAIL")
+        print(f"  {mark:<4}  {labels[key]}")
+    memory = ", ".join(f"{k.removeprefix('memory/')} {v:.2f} GB" for k, v in summary.items()
+                       if k.startswith("memory/"))
+    losses = (f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+              if summary["first_loss"] is not None else "no steps run")
+    print(f"{'PASSED' if summary['checks_passed'] else 'FAILED'}: {summary['status']}, {summary['steps']} steps, "
+          f"{losses}, best eval loss {_number(summary['best_eval_loss'])}, {summary['seconds']:.1f} s "
+          f"({summary['first_step_seconds']:.1f} s to the first step), memory {memory or 'n/a'}")
+    if summary.get("failure"):
+        print(f"run failed: {summary['failure']}")
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
