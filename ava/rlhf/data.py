@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +174,13 @@ class PromptSource:
             out.append(self.fixed[self._order.pop()])
         return out
 
+    def state_dict(self) -> dict[str, list[int]]:
+        """The prompts of the current epoch not yet drawn (a file's); the draws themselves come from the stage's RNG."""
+        return {"order": list(self._order)}
+
+    def load_state_dict(self, state: Mapping[str, list[int]]) -> None:
+        self._order = [int(i) for i in state["order"]]
+
 
 def encode(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
     """`prompt + response + eos` as ids, and how many of them are the prompt."""
@@ -225,19 +232,42 @@ def sft_rows(examples: Sequence[tuple[list[int], int]], max_length: int, pad_id:
     return SFTRows(input_ids, labels, segments, dropped)
 
 
-def rank_batches(n_rows: int, batch: int, rank: int, world: int, seed: int) -> Iterator[list[int]]:
+def rank_batches(n_rows: int, batch: int, rank: int, world: int, seed: int) -> RankBatches:
     """Row indices of this rank's micro batches, forever: an epoch is a fresh shuffle shared by all ranks."""
     per_step = batch * world
     if n_rows < per_step:
         raise UserError(f"{n_rows} training rows are fewer than one step's {batch} x {world} rank(s)",
-                              "provide more examples, or lower the stage's batch_size")
-    epoch = 0
-    while True:
-        order = list(range(n_rows))
-        random.Random(seed * 1000003 + epoch).shuffle(order)
-        for start in range(0, n_rows - per_step + 1, per_step):
-            yield order[start + rank * batch:start + (rank + 1) * batch]
-        epoch += 1
+                        "provide more examples, or lower the stage's batch_size")
+    return RankBatches(n_rows, batch, rank, world, seed)
+
+
+class RankBatches:
+    """An iterator of this rank's row indices that remembers where it is (`state_dict`), for resuming a stage."""
+
+    def __init__(self, n_rows: int, batch: int, rank: int, world: int, seed: int) -> None:
+        self.n_rows, self.batch, self.rank, self.world, self.seed = n_rows, batch, rank, world, seed
+        self.epoch, self.start = 0, 0
+        self._order: list[int] | None = None
+
+    def __iter__(self) -> RankBatches:
+        return self
+
+    def __next__(self) -> list[int]:
+        per_step = self.batch * self.world
+        if self.start > self.n_rows - per_step:
+            self.epoch, self.start, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = list(range(self.n_rows))
+            random.Random(self.seed * 1000003 + self.epoch).shuffle(self._order)
+        first = self.start + self.rank * self.batch
+        self.start += per_step
+        return self._order[first:first + self.batch]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "start": self.start}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.start, self._order = int(state["epoch"]), int(state["start"]), None
 
 
 @dataclass

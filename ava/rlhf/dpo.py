@@ -9,6 +9,7 @@ starting policy, run as a DeepSpeed inference engine.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from ava.rlhf.data import SequenceBatch, encoded_preferences, rank_batches, sequ
 from ava.rlhf.engines import RoleEngine, build_engine
 from ava.rlhf.losses import dpo_loss, masked_mean, masked_sum
 from ava.rlhf.rollout import policy_logprobs
-from ava.rlhf.stage import StageEnv, StageResult, Updater, stage_lr
+from ava.rlhf.stage import StageEnv, StageResult, StageSteps, Updater, fit_stage, stage_lr
 
 EVAL_CHUNK = 32
 
@@ -40,39 +41,63 @@ def run_dpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
                        world_size=world, trainable=False)
     env.note(f"dpo: {len(encoded)} pairs, {batch} pairs x {world} rank(s) per step, {s.loss_type} loss, "
              f"beta {s.beta:g}, lr {lr:g}, ZeRO stages actor {actor.zero_stage} / reference {ref.zero_stage}")
-    updater = Updater(actor, env, lr, s.warmup_steps, s.steps, "dpo")
+    steps = DPOSteps(env, Updater(actor, env, lr, s.warmup_steps, s.steps, "dpo"), ref, encoded, batch)
     average = s.loss_type == "ipo"
-    before = _evaluate(actor, ref, held_encoded, tok.eos_id, average)
-    env.log({"stage": "dpo", "step": 0, **before})
-    batches = rank_batches(len(encoded), batch, env.process.rank, world, env.seed)
-    window: list[dict[str, float]] = []
-    first_loss = final_loss = None
-    for step in range(1, s.steps + 1):
-        pairs = [encoded[i] for i in next(batches)]
-        seqs = sequence_batch([c for c, _ in pairs] + [r for _, r in pairs], tok.eos_id).to(actor.device)
-        logp, _, router_loss = policy_logprobs(actor, seqs.input_ids)
+    result, evaluation = fit_stage(env, steps, s.steps, s.logging_steps,
+                                   lambda: _evaluate(actor, ref, held_encoded, tok.eos_id, average))
+    summary = {"first_loss": steps.first_loss, "final_loss": steps.final_loss,
+               **{f"before/{k}": v for k, v in evaluation.before.items()},
+               **{f"after/{k}": v for k, v in evaluation.after.items()}}
+    return StageResult("dpo", status=result.status, steps=result.steps, seconds=time.perf_counter() - started,
+                       summary=summary, health=steps.health()), actor
+
+
+class DPOSteps(StageSteps):
+    """One DPO step: a batch of preference pairs, the policy's and the reference's sequence log-probs, the loss."""
+
+    stage = "dpo"
+
+    def __init__(self, env: StageEnv, updater: Updater, reference: RoleEngine, encoded: list, batch: int) -> None:
+        super().__init__(env, [updater])
+        self.updater, self.reference, self.encoded, self.batch = updater, reference, encoded, batch
+        self.batches = rank_batches(len(encoded), batch, env.process.rank, env.process.world_size, env.seed)
+        self.window: list[dict[str, float]] = []
+        self.first_loss: float | None = None
+        self.final_loss: float | None = None
+
+    def step(self, step: int, logs: bool) -> dict[str, Any] | None:
+        s, batch = self.env.rlhf.dpo, self.batch
+        average = s.loss_type == "ipo"
+        pairs = [self.encoded[i] for i in next(self.batches)]
+        seqs = sequence_batch([c for c, _ in pairs] + [r for _, r in pairs], self.env.tokenizer.eos_id).to(self.device)
+        logp, _, router_loss = policy_logprobs(self.updater.role, seqs.input_ids)
         with torch.no_grad():
-            ref_logp, _, _ = policy_logprobs(ref, seqs.input_ids)
+            ref_logp, _, _ = policy_logprobs(self.reference, seqs.input_ids)
         pi, rf = _sequence_logps(logp, seqs, average), _sequence_logps(ref_logp, seqs, average)
         losses, chosen_r, rejected_r = dpo_loss(pi[:batch], pi[batch:], rf[:batch], rf[batch:], s.beta, s.loss_type,
                                                 s.label_smoothing)
         loss = losses.mean()
-        updater.step(loss + router_loss if router_loss is not None else loss)
-        window.append({"loss": float(loss), "accuracy": float((chosen_r > rejected_r).float().mean()),
-                       "reward_margin": float((chosen_r - rejected_r).mean()),
-                       "logp_margin": float((pi[:batch] - pi[batch:]).detach().mean())})
-        if step % s.logging_steps == 0 or step == s.steps:
-            stats = env.mean_over_ranks({k: sum(w[k] for w in window) / len(window) for k in window[0]}, actor.device)
-            first_loss = stats["loss"] if first_loss is None else first_loss
-            final_loss = stats["loss"]
-            env.log({"stage": "dpo", "step": step, **stats, "lr": updater.last_lr, "grad_norm": updater.last_grad_norm})
-            window = []
-    after = _evaluate(actor, ref, held_encoded, tok.eos_id, average)
-    env.log({"stage": "dpo", "step": s.steps, **after})
-    summary = {"first_loss": first_loss, "final_loss": final_loss,
-               **{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()}}
-    return StageResult("dpo", steps=s.steps, seconds=time.perf_counter() - started, summary=summary,
-                       health=updater.health.summary() if updater.health else None), actor
+        self.updater.step(loss + router_loss if router_loss is not None else loss)
+        self.window.append({"loss": float(loss), "accuracy": float((chosen_r > rejected_r).float().mean()),
+                            "reward_margin": float((chosen_r - rejected_r).mean()),
+                            "logp_margin": float((pi[:batch] - pi[batch:]).detach().mean())})
+        if not logs:
+            return None
+        window = self.window
+        stats = self.env.mean_over_ranks({k: sum(w[k] for w in window) / len(window) for k in window[0]}, self.device)
+        self.first_loss = stats["loss"] if self.first_loss is None else self.first_loss
+        self.final_loss = stats["loss"]
+        self.window = []
+        return {**stats, "lr": self.updater.last_lr, "grad_norm": self.updater.last_grad_norm}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"batches": self.batches.state_dict(), "window": list(self.window), "first_loss": self.first_loss,
+                "final_loss": self.final_loss}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state["batches"])
+        self.window = [dict(w) for w in state["window"]]
+        self.first_loss, self.final_loss = state["first_loss"], state["final_loss"]
 
 
 def _sequence_logps(logp: torch.Tensor, seqs: SequenceBatch, average: bool) -> torch.Tensor:

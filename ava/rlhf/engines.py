@@ -25,23 +25,22 @@ from torch import nn
 from ava.config.deepspeed_json import build_engine_config
 from ava.config.schema import AvaConfig, ModelConfig
 from ava.model import AvaForCausalLM
-from ava.train.engine.precision import PrecisionReport, apply_precision
+from ava.train.engine.build import Engine
+from ava.train.engine.build import build_engine as build_deepspeed_engine
 from ava.train.engine.router_balance import add_loads, uses_bias_balancing
 
 
 @dataclass
-class RoleEngine:
-    """A model of the stage, wrapped by DeepSpeed: `role` names it in logs and errors."""
+class RoleEngine(Engine):
+    """A model of the stage, wrapped by DeepSpeed (`ava.train.engine.build`): `role` names it in logs and errors."""
 
-    role: str
-    engine: Any  # deepspeed.DeepSpeedEngine
-    zero_stage: int
-    trainable: bool
-    precision: PrecisionReport
-    ds_config: dict
     collects_loads: bool = False  # a trained model with aux_loss_free routing
     # Expert loads of the training forwards since the last optimizer step (see `Updater`).
     pending_loads: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def role(self) -> str:
+        return self.name
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         """The engine's forward; a trained aux_loss_free model keeps its expert loads for the bias update."""
@@ -52,23 +51,11 @@ class RoleEngine:
         return out
 
     @property
-    def module(self) -> nn.Module:
-        return self.engine.module
-
-    @property
     def model_config(self) -> ModelConfig:
         """The model: section of the wrapped model (a policy or a value model)."""
         config = self.engine.module.config
         assert isinstance(config, ModelConfig)
         return config
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device(self.engine.device)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The context each forward runs in (Transformer Engine FP8; nothing otherwise)."""
-        return self.precision.autocast()
 
 
 def build_engine(module: nn.Module, cfg: AvaConfig, role: str, zero_stage: int, *, micro_batch: int,
@@ -78,26 +65,16 @@ def build_engine(module: nn.Module, cfg: AvaConfig, role: str, zero_stage: int, 
     ZeRO stages 1 and 2 partition optimizer state and gradients, which a frozen
     model has none of (DeepSpeed refuses them without an optimizer): a frozen
     model under stage 1 or 2 runs as stage 0, whole on every rank, as it would.
+    The engine is built where pre-training builds its own
+    (`ava.train.engine.build.build_engine`), without torch.compile: a
+    rollout's sequence lengths change every step.
     """
-    import deepspeed
-
     if not trainable and zero_stage in (1, 2):
         zero_stage = 0
-    if zero_stage == 3:
-        from ava.model.zero3 import mark_moe_zero3_leaves
-
-        mark_moe_zero3_leaves(module)
-    precision = apply_precision(module, cfg)
     ds_config = build_engine_config(cfg, zero_stage=zero_stage, micro_batch=micro_batch, world_size=world_size,
                                     learning_rate=learning_rate, inference=not trainable)
-    if trainable:
-        params = [p for p in module.parameters() if p.requires_grad]
-        engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config)
-    else:
-        module.requires_grad_(False)
-        engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config)
-        engine.eval()
-    return RoleEngine(role, engine, zero_stage, trainable, precision, ds_config,
+    built = build_deepspeed_engine(module, cfg, ds_config, name=role, trainable=trainable, compile_setting=False)
+    return RoleEngine(built.name, built.engine, zero_stage, trainable, built.precision, ds_config,
                       collects_loads=trainable and uses_bias_balancing(module))
 
 

@@ -20,7 +20,7 @@ from ava.config.model_file import CONFIG_FILE, load_model_config, write_model_co
 from ava.config.schema.model import ModelConfig
 from ava.errors import UserError
 from ava.model import AvaForCausalLM
-from ava.model.attention import CausalSelfAttention
+from ava.model.attention_interface import AttentionLayer
 from ava.model.moe import MoEStats
 from ava.model.store import WEIGHTS_FILE, load_model_dir, load_state_exactly, save_model_dir
 
@@ -180,7 +180,9 @@ def disable_dropout(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, nn.Dropout) and module.p:
             module.p, count = 0.0, count + 1
-        if isinstance(module, CausalSelfAttention) and module.dropout:  # a probability SDPA applies itself
+        # Attention dropout is a probability each attention kind hands SDPA itself (standard, MoH, MoA, memory).
+        if isinstance(module, AttentionLayer) and isinstance(getattr(module, "dropout", None), float) \
+                and module.dropout:
             module.dropout, count = 0.0, count + 1
     return count
 

@@ -15,6 +15,7 @@ import copy
 import gc
 import json
 import random
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +27,15 @@ from ava.config.schema import AvaConfig
 from ava.data.tokenizer import ByteTokenizer, Tokenizer, check_vocab, load_tokenizer
 from ava.errors import UserError
 from ava.model import AvaForCausalLM
-from ava.model.lora import adapter_state, apply_lora, lora_base_state, merge_lora_state, parameter_report
+from ava.model.lora import ADAPTER_FILE, apply_lora, merge_for_export, parameter_report, save_adapters
 from ava.rlhf.engines import RoleEngine, full_state_dict
 from ava.rlhf.models import check_model_dir, disable_dropout, load_policy, model_dir, save_policy, save_value_model
 from ava.rlhf.rewards import Scorer, make_scorer, task_reward
 from ava.rlhf.stage import StageEnv, StageFailed, StageResult
 from ava.rlhf.tasks import Task, make_task
+from ava.train.checkpoint.store import latest_complete
 from ava.train.runtime.distributed import ProcessInfo
+from ava.train.runtime.preemption import PreemptionFlag
 
 SUMMARY = "summary.json"
 
@@ -59,11 +62,15 @@ def rlhf_tokenizer(cfg: AvaConfig) -> Tokenizer:
     return tokenizer
 
 
-def stage_complete(stage_dir: Path) -> dict[str, Any] | None:
+def _stage_summary(stage_dir: Path) -> dict[str, Any] | None:
     path = stage_dir / SUMMARY
-    if not path.is_file():
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stage_complete(stage_dir: Path) -> dict[str, Any] | None:
+    summary = _stage_summary(stage_dir)
+    if summary is None:
         return None
-    summary = json.loads(path.read_text())
     return summary if summary.get("status") == "completed" and (stage_dir / "model").is_dir() else None
 
 
@@ -93,8 +100,15 @@ def prepare_pipeline(cfg: AvaConfig) -> PipelinePlan:
 
 
 def run_pipeline(plan: PipelinePlan, out_dir: Path, process: ProcessInfo, log: Callable[[dict], None],
-                 note: Callable[[str], None], resume: bool = False) -> PipelineResult:
-    """Run the plan's stages in order under `out_dir`."""
+                 note: Callable[[str], None], resume: bool = False,
+                 preemption: PreemptionFlag | None = None) -> PipelineResult:
+    """Run the plan's stages in order under `out_dir`.
+
+    `resume` skips the stages that completed and continues the first one that
+    did not from its latest in-stage checkpoint, if it wrote one. A stop
+    signal (`preemption`) checkpoints the running stage and ends the pipeline
+    with status "preempted".
+    """
     cfg, tokenizer, task, scorer = plan.config, plan.tokenizer, plan.task, plan.scorer
     r = cfg.rlhf
     assert r is not None
@@ -111,29 +125,76 @@ def run_pipeline(plan: PipelinePlan, out_dir: Path, process: ProcessInfo, log: C
             note(f"{stage}: already completed in {stage_dir} (resume): using its model")
             result.stages.append(done)
         else:
-            env = StageEnv(cfg, process, tokenizer, task, stage_dir, seed, log, note)
+            point = _stage_checkpoint(stage_dir) if resume else None
+            if point is not None:
+                stopped = _stage_summary(stage_dir)
+                if stopped is not None:
+                    _same_settings(stopped, _settings(r, stage), stage, stage_dir)
+                note(f"{stage}: resuming inside the stage from {point}")
+            env = StageEnv(cfg, process, tokenizer, task, stage_dir, seed, log, note, preemption, point)
             start = _start_model(r, stage, policies, latest)
             ppo_reward = _ppo_reward(r, reward_model, out_dir, task, scorer) if stage == "ppo" else None
             try:
                 stage_result, engine, scaling = _run_stage(env, stage, start, scorer, ppo_reward)
             except StageFailed as exc:
                 stage_result, engine, scaling = StageResult(stage, status="failed", failure=str(exc)), None, None
-            if engine is not None:
+            if engine is not None and stage_result.status == "completed":
                 _save(engine, stage_dir / "model", stage, scaling, process, start)
                 stage_result.model_dir = stage_dir / "model"
             summary = _write_summary(stage_result, stage_dir, process, start, _settings(r, stage))
             result.stages.append(summary)
             del engine
             gc.collect()
+            if stage_result.status == "preempted":
+                result.status = "preempted"
+                note(f"{stage} stopped by a signal at step {stage_result.steps}: its checkpoint is in "
+                     f"{stage_dir / 'checkpoints'}; --resume continues inside the stage")
+                break
             if stage_result.status != "completed":
                 result.status = "failed"
                 note(f"{stage} failed: {stage_result.failure}")
                 break
+            if process.rank == 0:  # the stage's model is written: its in-stage checkpoints have done their job
+                shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
         if stage == "reward":
             reward_model = stage_dir / "model"
         else:
             policies[stage] = latest = stage_dir / "model"
     return result
+
+
+def forget_unsaved_records(metrics: Path, out_dir: Path, stages: list[str]) -> None:
+    """Before a resume: drop what the stages to run again logged beyond their checkpoints (they log it again).
+
+    A stage that completed keeps its records; one resumed from an in-stage
+    checkpoint keeps those up to its step (its step-0 evaluation included);
+    one that starts over loses them all. Health events are numbered by
+    update, not step, so a resumed stage keeps its earlier ones.
+    """
+    if not metrics.is_file():
+        return
+    keep_until: dict[str, int] = {}
+    for stage in stages:
+        if stage_complete(out_dir / stage) is None:
+            point = _stage_checkpoint(out_dir / stage)
+            keep_until[stage] = int(point.name.removeprefix("step")) if point is not None else -1
+    kept = []
+    for line in metrics.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        limit = keep_until.get(record.get("stage", ""))
+        if limit is None or (limit >= 0 and ("event" in record or record.get("step", 0) <= limit)):
+            kept.append(line)
+    tmp = metrics.with_name(metrics.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(metrics)
+
+
+def _stage_checkpoint(stage_dir: Path) -> Path | None:
+    """The latest complete in-stage checkpoint of a stage that did not finish, if it wrote one."""
+    tag = latest_complete(stage_dir / "checkpoints")
+    return stage_dir / "checkpoints" / tag if tag is not None else None
 
 
 def _run_stage(env: StageEnv, stage: str, start: Path | None, scorer: Scorer | None, ppo_reward: PPOReward | None
@@ -293,17 +354,11 @@ def _save(engine: RoleEngine, directory: Path, stage: str, lora_scaling: float |
     if stage == "reward":
         save_value_model(state, config, directory)
         return
-    adapter_file = directory / "adapter.safetensors"
+    adapter_file = directory / ADAPTER_FILE
     if lora_scaling is not None:
-        from safetensors.torch import save_file
-
-        directory.mkdir(parents=True, exist_ok=True)
-        adapters = adapter_state(state)
-        save_file({k: v.contiguous() for k, v in adapters.items()}, str(adapter_file))
-        if start is not None:
-            state = {**lora_base_state(state, load_policy(start, "the stage's starting model").state_dict()),
-                     **adapters}
-        state = merge_lora_state(state, lora_scaling)
+        base = load_policy(start, "the stage's starting model").state_dict() if start is not None else None
+        state, adapters = merge_for_export(state, lora_scaling, base)
+        save_adapters(directory, adapters)
     elif adapter_file.exists():
         adapter_file.unlink()  # from an earlier LoRA attempt at this stage: it does not belong to this model
     save_policy(state, config, directory)
@@ -326,9 +381,12 @@ def _same_settings(done: dict[str, Any], now: dict[str, Any], stage: str, stage_
             changed += [f"{section}.{k}: {old.get(k)!r} -> {v!r}" for k, v in values.items() if old.get(k) != v]
         elif old != values:
             changed.append(f"{section}: {old!r} -> {values!r}")
-    raise UserError(f"--resume: the {stage} stage in {stage_dir} completed with other settings "
-                          f"(rlhf.{'; rlhf.'.join(changed)}), so its model is not what this config "
-                          "asks for", "resume with the settings it ran with, or start a new --output_dir")
+    if not changed:  # only keys added since (a newer Ava), at their defaults
+        return
+    what = "completed" if done.get("status") == "completed" else "was checkpointed"
+    raise UserError(f"--resume: the {stage} stage in {stage_dir} {what} with other settings "
+                    f"(rlhf.{'; rlhf.'.join(changed)}), so its model is not what this config asks for",
+                    "resume with the settings it ran with, or start a new --output_dir")
 
 
 def _write_summary(result: StageResult, stage_dir: Path, process: ProcessInfo, start: Path | None,

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ava.model import AvaForCausalLM
-from ava.rlhf.data import prompt_data
+from ava.rlhf.data import PromptSource, prompt_data
 from ava.rlhf.engines import RoleEngine, build_engine
 from ava.rlhf.evaluation import evaluate_prompts
 from ava.rlhf.kl_control import make_kl_controller
@@ -37,8 +38,10 @@ from ava.rlhf.stage import (
     StageEnv,
     StageFailed,
     StageResult,
+    StageSteps,
     Timer,
     Updater,
+    fit_stage,
     reward_curve_summary,
     stage_lr,
 )
@@ -99,34 +102,54 @@ def run_ppo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
     updates = s.steps * s.ppo_epochs * (s.rollout_batch_size // mini)
     actor_up = Updater(actor, env, lr, s.warmup_steps, updates, "ppo")
     critic_up = Updater(critic, env, critic_lr, s.warmup_steps, updates, "ppo")
-    kl_ctl = make_kl_controller(s.kl_controller, s.kl_coef, s.kl_target, s.kl_horizon)
-    moments = RunningMoments()
     reward_name = f"reward model {reward_model}" if rm is not None else scorer.name  # type: ignore[union-attr]
     env.note(f"ppo: {s.rollout_batch_size} prompts x {world} rank(s) per step, {s.ppo_epochs} epoch(s) of "
              f"{s.rollout_batch_size // mini} mini batch(es); reward: {reward_name}; KL {s.kl_estimator} x "
              f"{s.kl_coef:g} ({s.kl_controller}); ZeRO stages actor {actor.zero_stage} / critic {critic.zero_stage} / "
              f"reference {ref.zero_stage}" + (f" / reward {rm.zero_stage}" if rm else ""))
-    before = evaluate_prompts(actor, held, tok, env.rlhf.generation, eval_scorer)
-    env.log({"stage": "ppo", "step": 0, **before})
-    randomness = RolloutRandomness.for_rank(env.seed, env.process.rank, actor.device, "ppo")
-    timer = Timer()
-    temperature = env.rlhf.generation.temperature
-    rewards_per_step: list[float] = []
-    window: list[dict[str, float]] = []
-    for step in range(1, s.steps + 1):
-        prompts = source.batch(s.rollout_batch_size, randomness.prompts)
+    steps = PPOSteps(env, actor_up, critic_up, ref, rm, scorer, source)
+    result, evaluation = fit_stage(env, steps, s.steps, s.logging_steps,
+                                   lambda: evaluate_prompts(actor, held, tok, env.rlhf.generation, eval_scorer))
+    summary = reward_curve_summary(steps.rewards_per_step, steps.timer, evaluation.before, evaluation.after)
+    return StageResult("ppo", status=result.status, steps=result.steps, seconds=time.perf_counter() - started,
+                       summary=summary, health=steps.health()), actor
+
+
+class PPOSteps(StageSteps):
+    """One PPO step: a rollout, its rewards and advantages, then `ppo_epochs` of actor and critic updates."""
+
+    stage = "ppo"
+
+    def __init__(self, env: StageEnv, actor: Updater, critic: Updater, reference: RoleEngine,
+                 reward_model: RoleEngine | None, scorer: Scorer | None, source: PromptSource) -> None:
+        super().__init__(env, [actor, critic])
+        s = env.rlhf.ppo
+        self.actor, self.critic, self.reference, self.reward_model = actor, critic, reference, reward_model
+        self.scorer, self.source = scorer, source
+        self.kl_ctl = make_kl_controller(s.kl_controller, s.kl_coef, s.kl_target, s.kl_horizon)
+        self.moments = RunningMoments()
+        self.randomness = RolloutRandomness.for_rank(env.seed, env.process.rank, actor.role.device, "ppo")
+        self.timer = Timer()
+        self.rewards_per_step: list[float] = []
+        self.window: list[dict[str, float]] = []
+
+    def step(self, step: int, logs: bool) -> dict[str, Any] | None:
+        s, env, timer, randomness = self.env.rlhf.ppo, self.env, self.timer, self.randomness
+        actor, critic, mini = self.actor.role, self.critic.role, s.mini_batch_size
+        temperature = env.rlhf.generation.temperature
+        prompts = self.source.batch(s.rollout_batch_size, randomness.prompts)
         with timer.phase("generation"):
-            rollout = sample_rollout(actor, prompts, tok, env.rlhf.generation, randomness.sampling)
+            rollout = sample_rollout(actor, prompts, env.tokenizer, env.rlhf.generation, randomness.sampling)
         with timer.phase("scoring"), torch.no_grad():
             critic.engine.eval()
             ids, mask = rollout.batch.input_ids, rollout.batch.response_mask
             old_logp, _, _ = policy_logprobs(actor, ids, temperature=temperature)
-            ref_logp, _, _ = policy_logprobs(ref, ids, temperature=temperature)
+            ref_logp, _, _ = policy_logprobs(self.reference, ids, temperature=temperature)
             old_values, _ = token_values(critic, ids)
-            scores = _scores(rollout, rm, scorer)
-            shaped = _shape_scores(env, scores, moments, s.normalize_rewards, s.reward_clip)
+            scores = _scores(rollout, self.reward_model, self.scorer)
+            shaped = _shape_scores(env, scores, self.moments, s.normalize_rewards, s.reward_clip)
             kl = torch.where(mask, kl_penalty(old_logp, ref_logp, s.kl_estimator), torch.zeros_like(old_logp))
-            token_rewards = -kl_ctl.value * kl
+            token_rewards = -self.kl_ctl.value * kl
             last = rollout.batch.last_index - 1  # the position that predicts each response's last token
             token_rewards[torch.arange(len(scores), device=ids.device), last] += shaped
             advantages, returns = gae(token_rewards, old_values, mask, s.gamma, s.lam)
@@ -146,33 +169,49 @@ def run_ppo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
                     pg, clip_frac, approx_kl = ppo_policy_loss(logp, old_logp[chunk], advantages[chunk], m,
                                                                s.clip_range)
                     loss = pg - s.entropy_coef * masked_mean(entropy, m)
-                    actor_up.step(loss + router if router is not None else loss)
+                    self.actor.step(loss + router if router is not None else loss)
                     values, v_router = token_values(critic, ids[chunk])
                     v_loss, v_clip = value_loss(values, old_values[chunk], returns[chunk], m, s.value_clip_range)
-                    critic_up.step(v_loss + v_router if v_router is not None else v_loss)
-                    window.append({"policy_loss": float(pg.detach()), "value_loss": float(v_loss.detach()),
-                                   "clip_fraction": float(clip_frac), "approx_kl": float(approx_kl),
-                                   "value_clip_fraction": float(v_clip),
-                                   "entropy": float(masked_mean(entropy.detach(), m))})
+                    self.critic.step(v_loss + v_router if v_router is not None else v_loss)
+                    self.window.append({"policy_loss": float(pg.detach()), "value_loss": float(v_loss.detach()),
+                                        "clip_fraction": float(clip_frac), "approx_kl": float(approx_kl),
+                                        "value_clip_fraction": float(v_clip),
+                                        "entropy": float(masked_mean(entropy.detach(), m))})
         stats = rollout_stats(rollout, scores, masked_sum(kl, mask, dim=1), env.sum_over_ranks)
-        rewards_per_step.append(stats["reward"])
-        kl_ctl.update(stats["kl"], s.rollout_batch_size * world)
-        if step % s.logging_steps == 0 or step == s.steps:
-            updates_mean = env.mean_over_ranks({k: sum(w[k] for w in window) / len(window) for k in window[0]},
-                                               actor.device)
-            spent = sum(timer.totals.values())
-            env.log({"stage": "ppo", "step": step, **stats, **updates_mean, "kl_coef": kl_ctl.value,
-                     "lr": actor_up.last_lr, "grad_norm": actor_up.last_grad_norm,
-                     "critic_grad_norm": critic_up.last_grad_norm,
-                     "generation_share": timer.totals.get("generation", 0.0) / spent if spent else None})
-            window = []
-    after = evaluate_prompts(actor, held, tok, env.rlhf.generation, eval_scorer)
-    env.log({"stage": "ppo", "step": s.steps, **after})
-    summary = reward_curve_summary(rewards_per_step, timer, before, after)
-    health = {"actor": actor_up.health.summary() if actor_up.health else None,
-              "critic": critic_up.health.summary() if critic_up.health else None}
-    return StageResult("ppo", steps=s.steps, seconds=time.perf_counter() - started, summary=summary,
-                       health=health), actor
+        self.rewards_per_step.append(stats["reward"])
+        self.kl_ctl.update(stats["kl"], s.rollout_batch_size * env.process.world_size)
+        if not logs:
+            return None
+        window = self.window
+        updates_mean = env.mean_over_ranks({k: sum(w[k] for w in window) / len(window) for k in window[0]},
+                                           actor.device)
+        self.window = []
+        spent = sum(timer.totals.values())
+        return {**stats, **updates_mean, "kl_coef": self.kl_ctl.value, "lr": self.actor.last_lr,
+                "grad_norm": self.actor.last_grad_norm, "critic_grad_norm": self.critic.last_grad_norm,
+                "generation_share": timer.totals.get("generation", 0.0) / spent if spent else None}
+
+    def extra_state(self) -> dict[str, Any]:
+        m = self.moments
+        return {"randomness": self.randomness.state_dict(), "source": self.source.state_dict(),
+                "kl": self.kl_ctl.state_dict(), "moments": {"count": m.count, "mean": m.mean, "var": m.var},
+                "timer": self.timer.state_dict(), "rewards_per_step": list(self.rewards_per_step),
+                "window": list(self.window)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.randomness.load_state_dict(state["randomness"])
+        self.source.load_state_dict(state["source"])
+        self.kl_ctl.load_state_dict(state["kl"])
+        moments = state["moments"]
+        self.moments.count, self.moments.mean, self.moments.var = (float(moments["count"]), float(moments["mean"]),
+                                                                   float(moments["var"]))
+        self.timer.load_state_dict(state["timer"])
+        self.rewards_per_step = [float(v) for v in state["rewards_per_step"]]
+        self.window = [dict(w) for w in state["window"]]
+
+    def health(self) -> dict[str, Any] | None:
+        return {"actor": self.actor.health.summary() if self.actor.health else None,
+                "critic": self.critic.health.summary() if self.critic.health else None}
 
 
 def _scores(rollout: Rollout, rm: RoleEngine | None, scorer: Scorer | None) -> torch.Tensor:

@@ -9,6 +9,7 @@ pairs ordered correctly.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ from ava.rlhf.engines import RoleEngine, build_engine
 from ava.rlhf.losses import pairwise_reward_loss
 from ava.rlhf.models import head_std_for, value_model_from_policy
 from ava.rlhf.rollout import sequence_scores
-from ava.rlhf.stage import StageEnv, StageResult, Updater, stage_lr
+from ava.rlhf.stage import StageEnv, StageResult, StageSteps, Updater, fit_stage, stage_lr
 
 EVAL_CHUNK = 32
 
@@ -38,34 +39,55 @@ def run_reward(env: StageEnv, init: AvaForCausalLM) -> tuple[StageResult, RoleEn
                           world_size=env.process.world_size, learning_rate=lr)
     env.note(f"reward: {len(encoded)} pairs, {batch} pairs x {env.process.world_size} rank(s) per step, lr {lr:g}, "
              f"margin {s.margin:g}, ZeRO stage {critic.zero_stage}")
-    updater = Updater(critic, env, lr, s.warmup_steps, s.steps, "reward")
-    before = _evaluate(critic, held_encoded, tok.eos_id)
-    env.log({"stage": "reward", "step": 0, **before})
-    batches = rank_batches(len(encoded), batch, env.process.rank, env.process.world_size, env.seed)
-    device = critic.device
-    window: list[tuple[float, float, float]] = []
-    first_loss = final_loss = None
-    for step in range(1, s.steps + 1):
-        pairs = [encoded[i] for i in next(batches)]
-        seqs = sequence_batch([c for c, _ in pairs] + [r for _, r in pairs], tok.eos_id).to(device)
-        scores, router_loss = sequence_scores(critic, seqs)
-        loss, accuracy, margin = pairwise_reward_loss(scores[:batch], scores[batch:], s.margin or None)
-        updater.step(loss + router_loss if router_loss is not None else loss)
-        window.append((float(loss), float(accuracy), float(margin)))
-        if step % s.logging_steps == 0 or step == s.steps:
-            n = len(window)
-            stats = env.mean_over_ranks({"loss": sum(w[0] for w in window) / n, "accuracy": sum(w[1] for w in window) / n,
-                                         "margin": sum(w[2] for w in window) / n}, device)
-            first_loss = stats["loss"] if first_loss is None else first_loss
-            final_loss = stats["loss"]
-            env.log({"stage": "reward", "step": step, **stats, "lr": updater.last_lr, "grad_norm": updater.last_grad_norm})
-            window = []
-    after = _evaluate(critic, held_encoded, tok.eos_id)
-    env.log({"stage": "reward", "step": s.steps, **after})
-    summary = {"first_loss": first_loss, "final_loss": final_loss,
-               **{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()}}
-    return StageResult("reward", steps=s.steps, seconds=time.perf_counter() - started, summary=summary,
-                       health=updater.health.summary() if updater.health else None), critic
+    steps = RewardSteps(env, Updater(critic, env, lr, s.warmup_steps, s.steps, "reward"), encoded, batch)
+    result, evaluation = fit_stage(env, steps, s.steps, s.logging_steps,
+                                   lambda: _evaluate(critic, held_encoded, tok.eos_id))
+    summary = {"first_loss": steps.first_loss, "final_loss": steps.final_loss,
+               **{f"before/{k}": v for k, v in evaluation.before.items()},
+               **{f"after/{k}": v for k, v in evaluation.after.items()}}
+    return StageResult("reward", status=result.status, steps=result.steps, seconds=time.perf_counter() - started,
+                       summary=summary, health=steps.health()), critic
+
+
+class RewardSteps(StageSteps):
+    """One reward-model step: a batch of chosen/rejected pairs, the Bradley-Terry loss on their scores."""
+
+    stage = "reward"
+
+    def __init__(self, env: StageEnv, updater: Updater, encoded: list, batch: int) -> None:
+        super().__init__(env, [updater])
+        self.updater, self.encoded, self.batch = updater, encoded, batch
+        self.batches = rank_batches(len(encoded), batch, env.process.rank, env.process.world_size, env.seed)
+        self.window: list[tuple[float, float, float]] = []
+        self.first_loss: float | None = None
+        self.final_loss: float | None = None
+
+    def step(self, step: int, logs: bool) -> dict[str, Any] | None:
+        batch, eos = self.batch, self.env.tokenizer.eos_id
+        pairs = [self.encoded[i] for i in next(self.batches)]
+        seqs = sequence_batch([c for c, _ in pairs] + [r for _, r in pairs], eos).to(self.device)
+        scores, router_loss = sequence_scores(self.updater.role, seqs)
+        loss, accuracy, margin = pairwise_reward_loss(scores[:batch], scores[batch:], self.env.rlhf.reward.margin or None)
+        self.updater.step(loss + router_loss if router_loss is not None else loss)
+        self.window.append((float(loss), float(accuracy), float(margin)))
+        if not logs:
+            return None
+        n, window = len(self.window), self.window
+        stats = self.env.mean_over_ranks({"loss": sum(w[0] for w in window) / n, "accuracy": sum(w[1] for w in window) / n,
+                                          "margin": sum(w[2] for w in window) / n}, self.device)
+        self.first_loss = stats["loss"] if self.first_loss is None else self.first_loss
+        self.final_loss = stats["loss"]
+        self.window = []
+        return {**stats, "lr": self.updater.last_lr, "grad_norm": self.updater.last_grad_norm}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"batches": self.batches.state_dict(), "window": [list(w) for w in self.window],
+                "first_loss": self.first_loss, "final_loss": self.final_loss}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state["batches"])
+        self.window = [(float(a), float(b), float(c)) for a, b, c in state["window"]]
+        self.first_loss, self.final_loss = state["first_loss"], state["final_loss"]
 
 
 @torch.no_grad()

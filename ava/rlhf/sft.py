@@ -9,16 +9,17 @@ the examples one at a time, only faster.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
 from ava.model import AvaForCausalLM
 from ava.model.transformer import IGNORE_INDEX
-from ava.rlhf.data import Prompt, encode, rank_batches, sft_data, sft_rows
+from ava.rlhf.data import Prompt, SFTRows, encode, rank_batches, sft_data, sft_rows
 from ava.rlhf.engines import RoleEngine, build_engine
 from ava.rlhf.evaluation import evaluate_prompts
 from ava.rlhf.rewards import Scorer
-from ava.rlhf.stage import StageEnv, StageResult, Updater, stage_lr
+from ava.rlhf.stage import StageEnv, StageResult, StageSteps, Updater, fit_stage, stage_lr
 
 
 def run_sft(env: StageEnv, policy: AvaForCausalLM, scorer: Scorer | None) -> tuple[StageResult, RoleEngine]:
@@ -38,36 +39,63 @@ def run_sft(env: StageEnv, policy: AvaForCausalLM, scorer: Scorer | None) -> tup
     env.note(f"sft: {len(train)} examples in {rows.input_ids.shape[0]} rows of {rows.input_ids.shape[1]} tokens "
              f"({'packed' if s.packing else 'one per row'}), {batch} rows x {env.process.world_size} rank(s) per step, "
              f"lr {lr:g}, ZeRO stage {actor.zero_stage}")
-    updater = Updater(actor, env, lr, s.warmup_steps, s.steps, "sft")
+    steps = SFTSteps(env, Updater(actor, env, lr, s.warmup_steps, s.steps, "sft"), rows, batch)
     held_prompts = [Prompt(p, r) for p, r in held]
-    before = _evaluate(env, actor, held_rows, held_prompts, scorer)
-    env.log({"stage": "sft", "step": 0, **before})
-    batches = rank_batches(rows.input_ids.shape[0], batch, env.process.rank, env.process.world_size, env.seed)
-    device = actor.device
-    losses: list[torch.Tensor] = []
-    window, tokens = time.perf_counter(), 0
-    for step in range(1, s.steps + 1):
-        index = next(batches)
-        ids, labels = rows.input_ids[index].to(device), rows.labels[index].to(device)
-        out = actor.forward(ids, labels=labels, segment_ids=rows.segment_ids[index].to(device))
-        updater.step(out.loss)
-        losses.append(out.lm_loss.detach().float())
-        tokens += int((labels != IGNORE_INDEX).sum()) * env.process.world_size
-        if step % s.logging_steps == 0 or step == s.steps:
-            stats = env.mean_over_ranks({"loss": float(torch.stack(losses[-s.logging_steps:]).mean())}, device)
-            elapsed = time.perf_counter() - window
-            env.log({"stage": "sft", "step": step, **stats, "lr": updater.last_lr, "grad_norm": updater.last_grad_norm,
-                     "response_tokens_per_s": tokens / elapsed if elapsed > 0 else None})
-            window, tokens = time.perf_counter(), 0
-    after = _evaluate(env, actor, held_rows, held_prompts, scorer)
-    env.log({"stage": "sft", "step": s.steps, **after})
-    summary = {"first_loss": float(losses[0]), "final_loss": float(losses[-1]),
+    result, evaluation = fit_stage(env, steps, s.steps, s.logging_steps,
+                                   lambda: _evaluate(env, actor, held_rows, held_prompts, scorer))
+    before, after = evaluation.before, evaluation.after
+    summary = {"first_loss": steps.losses[0] if steps.losses else None,
+               "final_loss": steps.losses[-1] if steps.losses else None,
                **{f"before/{k}": v for k, v in before.items() if k != "eval_samples"},
                **{f"after/{k}": v for k, v in after.items() if k != "eval_samples"},
                "samples": after.get("eval_samples", [])}
-    result = StageResult("sft", steps=s.steps, seconds=time.perf_counter() - started, summary=summary,
-                         health=updater.health.summary() if updater.health else None)
-    return result, actor
+    return StageResult("sft", status=result.status, steps=result.steps, seconds=time.perf_counter() - started,
+                       summary=summary, health=steps.health()), actor
+
+
+class SFTSteps(StageSteps):
+    """One SFT step: a micro batch of (packed) rows, the next-token loss on their response tokens."""
+
+    stage = "sft"
+
+    def __init__(self, env: StageEnv, updater: Updater, rows: SFTRows, batch: int) -> None:
+        super().__init__(env, [updater])
+        self.updater, self.rows = updater, rows
+        self.logging_steps = env.rlhf.sft.logging_steps
+        self.batches = rank_batches(rows.input_ids.shape[0], batch, env.process.rank, env.process.world_size,
+                                    env.seed)
+        self.losses: list[float] = []  # every step's loss on this rank, read on logging steps only
+        self._pending: list[torch.Tensor] = []
+        self._window, self._tokens = time.perf_counter(), 0
+
+    def step(self, step: int, logs: bool) -> dict[str, Any] | None:
+        rows, device, world = self.rows, self.device, self.env.process.world_size
+        index = next(self.batches)
+        ids, labels = rows.input_ids[index].to(device), rows.labels[index].to(device)
+        out = self.updater.role.forward(ids, labels=labels, segment_ids=rows.segment_ids[index].to(device))
+        self.updater.step(out.loss)
+        self._pending.append(out.lm_loss.detach().float())
+        self._tokens += int((labels != IGNORE_INDEX).sum()) * world
+        if not logs:
+            return None
+        self.losses += torch.stack(self._pending).tolist()
+        self._pending = []
+        recent = torch.tensor(self.losses[-self.logging_steps:], dtype=torch.float32)
+        stats = self.env.mean_over_ranks({"loss": float(recent.mean())}, device)
+        elapsed = time.perf_counter() - self._window
+        record = {**stats, "lr": self.updater.last_lr, "grad_norm": self.updater.last_grad_norm,
+                  "response_tokens_per_s": self._tokens / elapsed if elapsed > 0 else None}
+        self._window, self._tokens = time.perf_counter(), 0
+        return record
+
+    def extra_state(self) -> dict[str, Any]:
+        self.losses += torch.stack(self._pending).tolist() if self._pending else []
+        self._pending = []
+        return {"batches": self.batches.state_dict(), "losses": list(self.losses)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state["batches"])
+        self.losses = [float(v) for v in state["losses"]]
 
 
 @torch.no_grad()

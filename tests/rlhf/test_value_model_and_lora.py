@@ -133,6 +133,19 @@ def test_disable_dropout_zeroes_module_and_attention_dropout_and_counts_them():
     assert disable_dropout(model) == 0
 
 
+def test_disable_dropout_reaches_every_attention_kind_not_only_standard_attention():
+    model = _model(num_layers=4, num_attention_heads=4, attention_dropout=0.2, use_moh=True, use_moa=True,
+                   moa={"every_n_layers": 2, "num_experts": 2}, use_episodic_memory=True,
+                   episodic_memory={"layer": 3, "segment_length": 4, "memory_size": 8, "top_k": 2})
+    kinds = {type(block.attn).__name__ for block in model.layers}
+    assert {"MixtureOfHeadsAttention", "MixtureOfAttention", "EpisodicMemoryAttention"} <= kinds
+    disable_dropout(model)
+    assert all(block.attn.dropout == 0.0 for block in model.layers)
+    model.train()
+    with torch.no_grad():  # MoA's and the memory's SDPA dropout too: training mode computes one function
+        torch.testing.assert_close(model(_ids()).logits, model(_ids()).logits, rtol=0, atol=0)
+
+
 # --- LoRA -------------------------------------------------------------------------------------------------------
 
 TARGETS = ["q_proj", "v_proj"]

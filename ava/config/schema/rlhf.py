@@ -50,6 +50,9 @@ class _StageBase(Section):
         None, description="Start from: null = the policy the previous stage produced (or rlhf.policy_path), an "
                           "earlier stage's name (e.g. sft), or an Ava model directory.")
     logging_steps: int = Field(5, gt=0, description="Log (and show) a record every this many steps.")
+    save_steps: int | None = Field(
+        None, gt=0, description="Write an in-stage checkpoint every this many steps, from which --resume continues "
+                                "inside the stage (null: only when a stop signal arrives, e.g. SLURM's SIGTERM).")
 
 
 class _SupervisedStage(_StageBase):
