@@ -116,3 +116,31 @@ def test_sigkilled_run_resumes_with_identical_per_step_losses(stage, tmp_path):
         assert clip == pytest.approx(2.0 - min(1.0, (step - 1) / 20), rel=1e-12), step
     summaries = [json.loads((run / "summary.json").read_text()) for run in (full, broken)]
     assert summaries[0]["best_step"] == summaries[1]["best_step"] and summaries[0]["sample"] == summaries[1]["sample"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_in_the_layout_before_callbacks_still_resumes_exactly(tmp_path):
+    """Ava's state file used to keep the evaluation monitor under "monitor" and the health monitor under
+    "health"; a run checkpointed then resumes with both restored, as if it had never stopped."""
+    import torch
+
+    from ava.train.checkpoint.store import plain, read_state
+
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    done = subprocess.run(_command([sys.executable], full), cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    status = _kill_after_checkpoint(_command([sys.executable], broken), broken, "step00000020")
+    assert status != 0 and not (broken / "summary.json").exists(), "the run finished before it could be killed"
+    state_file = broken / "checkpoints" / "step00000020" / "ava_state_rank0.pt"
+    state = read_state(state_file)
+    callbacks = state.pop("callbacks")
+    state.update(monitor=callbacks["evaluation"], health=callbacks["gradient_health"])
+    torch.save(plain(state), state_file)  # the layout an Ava before callbacks wrote
+
+    resumed = subprocess.run(_command([sys.executable], broken, "--resume"), cwd=REPO, env=_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert _losses(broken) == _losses(full)
+    assert _evals(broken) == _evals(full)  # the best-loss record came back from "monitor"
+    assert _lr_and_clip(broken) == _lr_and_clip(full)  # the cool-down in progress came back from "health"
