@@ -30,6 +30,10 @@ def main(argv: Sequence[str], prog: str = "train_rlhf.py") -> int:
     parser.add_argument("--auto_resume", action="store_true",
                         help="resume the pipeline in --output_dir if one was started there, else start it there "
                              "(for jobs a scheduler may requeue)")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="resume a stage from a checkpoint even though its pickles reference objects beyond "
+                             "tensors and DeepSpeed's optimizer state (they could run code while loading); only for "
+                             "checkpoints you trust")
     from ava.train.runtime.preemption import PreemptionFlag
 
     # First thing: a scheduler's stop signal during start-up must not kill the process outright.
@@ -47,5 +51,5 @@ def main(argv: Sequence[str], prog: str = "train_rlhf.py") -> int:
         from ava.rlhf.runner import run
 
         outcome = run(resolved, output_dir=ns.output_dir, resume=ns.resume, auto_resume=ns.auto_resume,
-                      preemption=preemption)
+                      trust_checkpoint=ns.trust_checkpoint, preemption=preemption)
         return outcome.exit_code

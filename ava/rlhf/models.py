@@ -183,7 +183,8 @@ def disable_dropout(model: nn.Module) -> int:
         # Attention dropout is a probability each attention kind hands SDPA itself (standard, MoH, MoA, memory).
         if isinstance(module, AttentionLayer) and isinstance(getattr(module, "dropout", None), float) \
                 and module.dropout:
-            module.dropout, count = 0.0, count + 1
+            setattr(module, "dropout", 0.0)  # noqa: B010  (a float attribute, which nn.Module's typing hides)
+            count += 1
     return count
 
 

@@ -33,7 +33,8 @@ from ava.rlhf.models import check_model_dir, disable_dropout, load_policy, model
 from ava.rlhf.rewards import Scorer, make_scorer, task_reward
 from ava.rlhf.stage import StageEnv, StageFailed, StageResult
 from ava.rlhf.tasks import Task, make_task
-from ava.train.checkpoint.store import latest_complete
+from ava.train.checkpoint.resume import check_resumable
+from ava.train.checkpoint.store import latest_complete, read_state
 from ava.train.runtime.distributed import ProcessInfo
 from ava.train.runtime.preemption import PreemptionFlag
 
@@ -101,13 +102,14 @@ def prepare_pipeline(cfg: AvaConfig) -> PipelinePlan:
 
 def run_pipeline(plan: PipelinePlan, out_dir: Path, process: ProcessInfo, log: Callable[[dict], None],
                  note: Callable[[str], None], resume: bool = False,
-                 preemption: PreemptionFlag | None = None) -> PipelineResult:
+                 preemption: PreemptionFlag | None = None, trust_checkpoint: bool = False) -> PipelineResult:
     """Run the plan's stages in order under `out_dir`.
 
     `resume` skips the stages that completed and continues the first one that
-    did not from its latest in-stage checkpoint, if it wrote one. A stop
-    signal (`preemption`) checkpoints the running stage and ends the pipeline
-    with status "preempted".
+    did not from its latest in-stage checkpoint, if it wrote one (a stage that
+    failed starts over: continuing would repeat the failure). A stop signal
+    (`preemption`) checkpoints the running stage and ends the pipeline with
+    status "preempted".
     """
     cfg, tokenizer, task, scorer = plan.config, plan.tokenizer, plan.task, plan.scorer
     r = cfg.rlhf
@@ -130,7 +132,11 @@ def run_pipeline(plan: PipelinePlan, out_dir: Path, process: ProcessInfo, log: C
                 stopped = _stage_summary(stage_dir)
                 if stopped is not None:
                     _same_settings(stopped, _settings(r, stage), stage, stage_dir)
+                check_resumable(point, process.world_size, trusted=trust_checkpoint, exact=True)
                 note(f"{stage}: resuming inside the stage from {point}")
+            elif resume and _failed(stage_dir):
+                _clear_checkpoints(stage_dir, process)
+                note(f"{stage}: failed before; starting it over")
             env = StageEnv(cfg, process, tokenizer, task, stage_dir, seed, log, note, preemption, point)
             start = _start_model(r, stage, policies, latest)
             ppo_reward = _ppo_reward(r, reward_model, out_dir, task, scorer) if stage == "ppo" else None
@@ -154,8 +160,7 @@ def run_pipeline(plan: PipelinePlan, out_dir: Path, process: ProcessInfo, log: C
                 result.status = "failed"
                 note(f"{stage} failed: {stage_result.failure}")
                 break
-            if process.rank == 0:  # the stage's model is written: its in-stage checkpoints have done their job
-                shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+            _clear_checkpoints(stage_dir, process)  # the stage's model is written: they have done their job
         if stage == "reward":
             reward_model = stage_dir / "model"
         else:
@@ -168,33 +173,60 @@ def forget_unsaved_records(metrics: Path, out_dir: Path, stages: list[str]) -> N
 
     A stage that completed keeps its records; one resumed from an in-stage
     checkpoint keeps those up to its step (its step-0 evaluation included);
-    one that starts over loses them all. Health events are numbered by
-    update, not step, so a resumed stage keeps its earlier ones.
+    one that starts over loses them all. Health events are numbered by their
+    engine's update, so they are compared with the updates the checkpoint holds.
     """
     if not metrics.is_file():
         return
     keep_until: dict[str, int] = {}
+    updates: dict[tuple[str, str], int] = {}  # (stage, role) -> the updates its checkpoint holds
     for stage in stages:
         if stage_complete(out_dir / stage) is None:
             point = _stage_checkpoint(out_dir / stage)
             keep_until[stage] = int(point.name.removeprefix("step")) if point is not None else -1
+            if point is not None:
+                for saved in read_state(point / "ava_state_rank0.pt")["data"].get("updaters", []):
+                    updates[(stage, saved.get("role", ""))] = int(saved["updates"])
     kept = []
     for line in metrics.read_text().splitlines():
         if not line.strip():
             continue
         record = json.loads(line)
-        limit = keep_until.get(record.get("stage", ""))
-        if limit is None or (limit >= 0 and ("event" in record or record.get("step", 0) <= limit)):
+        stage = record.get("stage", "")
+        limit = keep_until.get(stage)
+        if "event" in record and "update" in record:  # a health event: numbered by its engine's update
+            saved_updates = updates.get((stage, record.get("role", "")), -1 if limit is not None else None)
+            keep = saved_updates is None or record["update"] <= saved_updates
+        else:
+            keep = limit is None or record.get("step", 0) <= limit
+        if keep:
             kept.append(line)
     tmp = metrics.with_name(metrics.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(metrics)
 
 
+def _failed(stage_dir: Path) -> bool:
+    summary = _stage_summary(stage_dir)
+    return summary is not None and summary.get("status") == "failed"
+
+
 def _stage_checkpoint(stage_dir: Path) -> Path | None:
-    """The latest complete in-stage checkpoint of a stage that did not finish, if it wrote one."""
+    """The latest complete in-stage checkpoint of a stage to continue (stopped, or killed), if it wrote one."""
+    if _failed(stage_dir):
+        return None
     tag = latest_complete(stage_dir / "checkpoints")
     return stage_dir / "checkpoints" / tag if tag is not None else None
+
+
+def _clear_checkpoints(stage_dir: Path, process: ProcessInfo) -> None:
+    """Remove a stage's checkpoints (rank 0), once the others have looked at them."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if process.rank == 0:
+        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _run_stage(env: StageEnv, stage: str, start: Path | None, scorer: Scorer | None, ppo_reward: PPOReward | None

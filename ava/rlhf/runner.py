@@ -44,15 +44,18 @@ class PipelineOutcome:
 
 
 def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resume: bool = False,
-        auto_resume: bool = False, preemption: PreemptionFlag | None = None) -> PipelineOutcome:
+        auto_resume: bool = False, trust_checkpoint: bool = False,
+        preemption: PreemptionFlag | None = None) -> PipelineOutcome:
     """Run the RLHF stages `resolved.config.rlhf` lists; see the module docstring.
 
     `auto_resume` resumes when `output_dir` holds a pipeline already (for jobs
-    a scheduler may requeue) and starts one there otherwise.
+    a scheduler may requeue) and starts one there otherwise; `trust_checkpoint`
+    resumes a stage from a checkpoint whose pickles hold more than tensors.
     """
     if preemption is None:
         with PreemptionFlag() as flag:
-            return run(resolved, output_dir=output_dir, resume=resume, auto_resume=auto_resume, preemption=flag)
+            return run(resolved, output_dir=output_dir, resume=resume, auto_resume=auto_resume,
+                       trust_checkpoint=trust_checkpoint, preemption=flag)
     from ava.rlhf.console import RLHFConsole
     from ava.rlhf.pipeline import forget_unsaved_records, prepare_pipeline, run_pipeline
     from ava.train.runtime.distributed import init_distributed, leave_process_group
@@ -86,7 +89,7 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
                      f"precision {cfg.training.mixed_precision}; outputs: {out_dir}")
     try:
         result = run_pipeline(plan, out_dir, process, _sink(metrics, console), console.note, resume=resume,
-                              preemption=preemption)
+                              preemption=preemption, trust_checkpoint=trust_checkpoint)
     finally:
         if metrics is not None:
             metrics.close()

@@ -66,10 +66,13 @@ class SFTSteps(StageSteps):
                                     env.seed)
         self.losses: list[float] = []  # every step's loss on this rank, read on logging steps only
         self._pending: list[torch.Tensor] = []
-        self._window, self._tokens = time.perf_counter(), 0
+        self._window: float | None = None  # starts at this process's first step (after evaluation, any resume)
+        self._tokens = 0
 
     def step(self, step: int, logs: bool) -> dict[str, Any] | None:
         rows, device, world = self.rows, self.device, self.env.process.world_size
+        if self._window is None:
+            self._window = time.perf_counter()
         index = next(self.batches)
         ids, labels = rows.input_ids[index].to(device), rows.labels[index].to(device)
         out = self.updater.role.forward(ids, labels=labels, segment_ids=rows.segment_ids[index].to(device))

@@ -118,15 +118,6 @@ class Updater:
         self.events: list[dict[str, Any]] = []  # health interventions since the stage last took them
 
     @property
-    def updates(self) -> int:
-        return self.optimizer.updates
-
-    @property
-    def lr(self) -> float:
-        """The LR of the next update (the schedule is 0-based, as in pre-training)."""
-        return self.optimizer.next_lr()
-
-    @property
     def last_lr(self) -> float:
         """The LR the last update used (what a log record shows)."""
         return self.optimizer.lr
@@ -150,7 +141,7 @@ class Updater:
         return verdict.apply
 
     def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.optimizer.updates, "lr": self.optimizer.lr, "skipped": self.skipped,
+        return {"role": self.role.role, "updates": self.optimizer.updates, "lr": self.optimizer.lr, "skipped": self.skipped,
                 "last_grad_norm": self.last_grad_norm,
                 "health": self.health.state_dict() if self.health is not None else None}
 
@@ -184,11 +175,20 @@ class StageSteps:
         return self.updaters[0].role.device
 
     def train_step(self, step: int, logs: bool, before_update: Callable[[], None]) -> StepOutput:
-        record = self.step(step, logs)
+        try:
+            record = self.step(step, logs)
+        except StageFailed:  # the health events that explain why go out before the failure does
+            for event in self._take_events():
+                self.env.log(event)
+            raise
+        return StepOutput(record={"stage": self.stage, **record} if record is not None else None,
+                          events=self._take_events())
+
+    def _take_events(self) -> list[dict[str, Any]]:
         events = [e for u in self.updaters for e in u.events]
         for u in self.updaters:
             u.events = []
-        return StepOutput(record={"stage": self.stage, **record} if record is not None else None, events=events)
+        return events
 
     def step(self, step: int, logs: bool) -> dict[str, Any] | None:
         """Run stage step `step`; on logging steps return its record (without "stage" and "step")."""
@@ -258,17 +258,12 @@ def fit_stage(env: StageEnv, module: StageSteps, steps: int, logging_steps: int,
         Checkpointing(save_steps, saves_at_end=False, save_best=False, keep_last=keep_last, verify_reload=False)]
     if env.preemption is not None:
         callbacks.append(Preemption(env.preemption))
-    callbacks.append(Records(env.log))
+    stage = module.stage
+    callbacks.append(Records(lambda record: env.log(record if "stage" in record else {**record, "stage": stage})))
     trainer = Trainer(module, steps, logging_steps=logging_steps, callbacks=callbacks,
                       checkpointer=Checkpointer(env.out_dir / "checkpoints", env.process.rank, keep_last),
                       rank=env.process.rank)
     return trainer.fit(env.resume_from), evaluation
-
-
-def check_finite(name: str, value: float) -> float:
-    if not math.isfinite(value):
-        raise StageFailed(f"{name} is {value}")
-    return value
 
 
 class Timer:

@@ -3,10 +3,10 @@
 `train()` builds the model from the model: section (seeded, so every rank
 starts from the same weights), loads `training.init_from`'s weights, wraps
 LoRA adapters, opens the retrieval store, builds the engine and the shared
-optimizer step, composes the standard callbacks in the order they must run
-(gradient-health rollback, evaluation, checkpointing, preemption; then the
-caller's), and fits. Writing files and printing are the caller's: pass the
-sinks as callbacks (`ava.train.run` does).
+optimizer step, composes the callbacks in the order they must run
+(per-layer gradient norms, gradient-health rollback, evaluation; the
+caller's; checkpointing, preemption), and fits. Writing files and printing
+are the caller's: pass the sinks as callbacks, last (`ava.train.run` does).
 """
 
 from __future__ import annotations
@@ -118,25 +118,25 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         reports_router_loss=config.model.is_moe or config.model.routes_attention, measure_update=measure_layers,
         batch_context=batch_context, faults=faults, rank=process.rank)
     per_epoch = max(1, train_batches.batches_per_epoch // accumulation)
-    standard: list[Callback] = [LayerGradNorms()] if measure_layers else []
+    first: list[Callback] = [LayerGradNorms()] if measure_layers else []
     if health is not None:
-        standard.append(GradientHealth(health, t.gradient_health, accumulation, t.save_steps, t.save_strategy))
+        first.append(GradientHealth(health, t.gradient_health, accumulation, t.save_steps, t.save_strategy))
     if eval_batches is not None:
         every = {"steps": t.eval_steps, "epoch": per_epoch, "no": 0}[t.eval_strategy]
-        standard.append(Evaluation(every, t.early_stopping_patience, t.early_stopping_threshold,
-                                   t.sample_max_new_tokens))
+        first.append(Evaluation(every, t.early_stopping_patience, t.early_stopping_threshold, t.sample_max_new_tokens))
+    last: list[Callback] = []  # after the caller's: a stop they ask for still gets its final checkpoint
     checkpointer = None
     if checkpoint_dir is not None:
         checkpointer = Checkpointer(checkpoint_dir, process.rank, t.keep_last_checkpoints, faults)
         save_every = {"steps": t.save_steps, "epoch": per_epoch, "best": 0, "no": 0}[t.save_strategy]
-        standard.append(Checkpointing(save_every, saves_at_end=t.save_strategy != "best",
-                                      save_best=t.save_best_checkpoint or t.save_strategy == "best",
-                                      keep_last=t.keep_last_checkpoints, verify_reload=verify_checkpoint))
+        last.append(Checkpointing(save_every, saves_at_end=t.save_strategy != "best",
+                                  save_best=t.save_best_checkpoint or t.save_strategy == "best",
+                                  keep_last=t.keep_last_checkpoints, verify_reload=verify_checkpoint))
     if preemption is not None:
-        standard.append(Preemption(preemption))
-    trainer = Trainer(steps_module, steps, logging_steps=t.logging_steps, callbacks=[*standard, *callbacks],
+        last.append(Preemption(preemption))
+    trainer = Trainer(steps_module, steps, logging_steps=t.logging_steps, callbacks=[*first, *callbacks, *last],
                       checkpointer=checkpointer, rank=process.rank, started=started)
-    result = trainer.fit(resume_from)
-    result.model, result.precision, result.parameters = engine.module, engine.precision, parameters
-    result.lora_scaling, result.warnings = lora_scaling, warnings
-    return result
+    r = trainer.result  # known before the first step, so on_train_end sees it too
+    r.model, r.precision, r.parameters, r.lora_scaling, r.warnings = (engine.module, engine.precision, parameters,
+                                                                      lora_scaling, warnings)
+    return trainer.fit(resume_from)

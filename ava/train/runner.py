@@ -154,7 +154,7 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
 
     try:
         with console:
-            result = train(cfg, ds_config, process, data.train, data.eval, callbacks=[*sinks, *callbacks],
+            result = train(cfg, ds_config, process, data.train, data.eval, callbacks=[*callbacks, *sinks],
                            checkpoint_dir=out_dir / "checkpoints", resume_from=point, preemption=preemption,
                            faults=faults, initial_weights=initial_weights, retrieval=_retrieval_plan(cfg, data, pretrained),
                            reporter=console)

@@ -43,8 +43,13 @@ SCRIPT = textwrap.dedent('''
         def on_log(self, trainer, record):
             if "loss" in record:
                 self.steps.append(record["step"])
+                record["steps_seen"] = len(self.steps)  # a key of its own, for the sinks after it
                 if record["step"] == self.stop_at:
                     os.kill(os.getpid(), signal.SIGUSR1)
+
+        def on_step_end(self, trainer, outcome):
+            if mode == "stop" and outcome.step == 7:  # the user's own early stop (after the step-6 evaluation)
+                trainer.stop("early_stopped", {"step": 7, "event": "early_stop", "reason": "my rule"})
 
         def state_dict(self):
             return {"steps": list(self.steps)}
@@ -64,7 +69,7 @@ SCRIPT = textwrap.dedent('''
     counter = StepCounter(stop_at=5 if mode == "first" else None)
     outcome = run(resolved, output_dir=out, resume=mode == "resume", callbacks=[counter])
     print(json.dumps({"status": outcome.status, "exit_code": outcome.exit_code, "steps": counter.steps,
-                      "restored": counter.restored, "summary_status": (outcome.summary or {}).get("status")}))
+                      "restored": counter.restored, "summary": outcome.summary}))
 ''')
 
 
@@ -91,5 +96,18 @@ def test_a_users_callback_sees_every_step_keeps_its_state_in_the_checkpoint_and_
     resumed = _run(script, "resume", out)
     assert resumed["restored"] == {"steps": [1, 2, 3, 4, 5, 6]}  # given back before the first resumed step
     assert resumed["steps"] == list(range(1, 13))  # then steps 7-12, each once
-    assert resumed["status"] == "completed" and resumed["summary_status"] == "completed"
+    assert resumed["status"] == "completed" and resumed["summary"]["status"] == "completed"
     assert resumed["exit_code"] == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # What the callback added to each record reached metrics.jsonl (the sinks come after the caller's callbacks).
+    assert [r["steps_seen"] for r in records if "loss" in r] == list(range(1, 13))
+
+
+def test_a_stop_a_users_callback_asks_for_still_gets_the_final_checkpoint_and_export(tmp_path):
+    script, out = tmp_path / "my_training.py", tmp_path / "run"
+    script.write_text(SCRIPT)
+    stopped = _run(script, "stop", out)
+    summary = stopped["summary"]
+    assert stopped["status"] == "early_stopped" and stopped["steps"] == list(range(1, 8))
+    assert summary["final_checkpoint"].endswith("step00000007") and summary["checks_passed"], summary["checks"]
+    assert summary["checks"]["checkpoint_reloads_exactly"] is True and summary["checks"]["model_exported"] is True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ava.train.callbacks.evaluation import EvalMonitor
-from ava.train.report.summary import perplexity
+from ava.train.report.perplexity import perplexity
 
 
 def test_improvement_must_beat_the_best_by_more_than_the_threshold():

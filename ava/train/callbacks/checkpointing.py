@@ -30,28 +30,25 @@ class Checkpointing(Callback):
         self.save_every, self.saves_at_end, self.save_best = save_every, saves_at_end, save_best
         self.keep_last, self.verify_reload = keep_last, verify_reload
         self._best_due = False  # this step's evaluation is the best so far: its checkpoint becomes `best`
+        self._best_at: int | None = None
 
     def on_evaluate(self, trainer: Trainer, result: Any) -> None:
         self._best_due = self.save_best and result.improved
 
     def on_step_end(self, trainer: Trainer, outcome: StepOutcome) -> None:
-        step = outcome.step
+        step, best, self._best_due = outcome.step, self._best_due, False
         periodic = bool(self.save_every) and step % self.save_every == 0 and outcome.update_applied
         final = self.saves_at_end and (step == trainer.planned_steps or trainer.stopping)
-        if periodic or final or self._best_due:
+        self._best_at = step if best else None
+        if periodic or final or best:
             trainer.save()
-        if self._best_due and trainer.checkpointer is not None and trainer.checkpointer.saved_step == step:
-            self._mark_best(trainer, step)  # saved at this step already (e.g. by a previous request)
 
     def on_save(self, trainer: Trainer, path: Any) -> None:
-        if self._best_due:
-            self._mark_best(trainer, trainer.step)
-
-    def _mark_best(self, trainer: Trainer, step: int) -> None:
-        self._best_due = False
-        if trainer.rank == 0:
-            checkpoint.mark_best(trainer.checkpointer.root, step)
-            checkpoint.prune(trainer.checkpointer.root, self.keep_last)  # the previous best is no longer protected
+        if self._best_at == trainer.step:
+            self._best_at = None
+            if trainer.rank == 0:
+                checkpoint.mark_best(trainer.checkpointer.root, trainer.step)
+                checkpoint.prune(trainer.checkpointer.root, self.keep_last)  # the previous best is unprotected now
 
     def on_train_end(self, trainer: Trainer) -> None:
         point, saver = trainer.result.checkpoint, trainer.checkpointer

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ava.train.report.summary import perplexity
+from ava.train.report.perplexity import perplexity
 from ava.train.trainer.callback import Callback
 from ava.train.trainer.trainer import mean_over_ranks
 
@@ -106,7 +106,8 @@ class Evaluation(Callback):
         step = outcome.step
         if not self.every or (step % self.every and step != trainer.planned_steps):
             return
-        loss = trainer.module.evaluate()  # type: ignore[attr-defined]
+        with trainer.not_training():
+            loss = trainer.module.evaluate()  # type: ignore[attr-defined]
         trainer.result.eval_loss = loss
         trainer.result.evaluations += 1
         improved = self.monitor.update(step, loss)

@@ -53,12 +53,20 @@ def resume_point(out_dir: Path, ds_config: dict, ranks: int, *, resume: bool, re
             raise UserError("the batch configuration differs from the checkpoint's (" + "; ".join(changed)
                             + "), so the resumed run would not continue the same training",
                             "resume with the original batch settings and number of ranks, or pass --force_resume")
+    check_resumable(point, ranks, trusted=trusted)
+    return point
+
+
+def check_resumable(point: Path, ranks: int, *, trusted: bool = False, exact: bool = False) -> None:
+    """Refuse checkpoint `point` before anything loads it: a rank's state missing (or, `exact`, one too many),
+    pickles that could run code (unless `trusted`), a state file that cannot be read."""
     missing = [f"ava_state_rank{r}.pt" for r in range(ranks) if not (point / f"ava_state_rank{r}.pt").is_file()]
-    if missing:
-        written = len(list(point.glob("ava_state_rank*.pt")))
+    written = len(list(point.glob("ava_state_rank*.pt")))
+    if missing or (exact and written != ranks):
+        what = (f"lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}" if missing
+                else "was written by more ranks")
         raise UserError(
-            f"{point} lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}: it holds the state of "
-            f"{written} rank(s), and this run has {ranks}",
+            f"{point} {what}: it holds the state of {written} rank(s), and this run has {ranks}",
             "resume with the number of ranks the checkpoint was written with; if it had that many, the checkpoint "
             "is damaged: start again from an earlier one (--resume_from CHECKPOINT --output_dir NEW_DIR)")
     from ava.train.checkpoint.trust import check_checkpoint
@@ -66,7 +74,6 @@ def resume_point(out_dir: Path, ds_config: dict, ranks: int, *, resume: bool, re
     check_checkpoint(point, trusted=trusted)
     for rank in range(ranks):  # small files, read safely: a damaged one is found before anything is written
         checkpoint.read_state(point / f"ava_state_rank{rank}.pt")
-    return point
 
 
 def refuse_other_model(point: Path, model: Any) -> None:

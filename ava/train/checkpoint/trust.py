@@ -43,7 +43,7 @@ def unexpected_globals(point: Path) -> dict[Path, list[str]]:
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
     found: dict[Path, list[str]] = {}
-    for file in sorted(point.glob("*.pt")):
+    for file in sorted(point.rglob("*.pt")):  # an RLHF stage keeps one subdirectory per trained engine
         if file.name.startswith("ava_state_rank"):  # Ava's own state: read with weights_only (checkpoint.read_state)
             continue
         try:
@@ -68,7 +68,7 @@ def check_checkpoint(point: Path, trusted: bool) -> None:
     """Refuse checkpoint directory `point` when a file is corrupt or could run code, unless `trusted` (for the latter)."""
     found = unexpected_globals(point)
     if found and not trusted:
-        listed = "; ".join(f"{file.name}: {', '.join(names[:5])}" + (" ..." if len(names) > 5 else "")
+        listed = "; ".join(f"{file.relative_to(point)}: {', '.join(names[:5])}" + (" ..." if len(names) > 5 else "")
                            for file, names in found.items())
         raise UserError(
             f"checkpoint {point} holds pickled objects beyond tensors and DeepSpeed's optimizer state ({listed}); "

@@ -18,13 +18,9 @@ from ava.train.checkpoint.export import export_checkpoint
 from ava.train.checkpoint.store import best_tag
 from ava.train.report.expert_usage import expert_usage
 from ava.train.report.fit_verdict import FitVerdict, diagnose_fit
+from ava.train.report.perplexity import perplexity
 from ava.train.report.plots import read_metrics
 from ava.train.runtime.run_info import peak_memory
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss), capped so a diverged run reports a large number rather than inf."""
-    return math.exp(min(loss, 50.0))
 
 
 def build_summary(result: Any, data: Any, out_dir: Path, started: float, cfg: Any,

@@ -5,13 +5,22 @@ order the callbacks were given, at these points of a run:
 
     on_train_start(trainer)             the engine is built and any checkpoint restored; before step 1
     before_update(trainer, step)        after the step's last backward, before its optimizer step
+                                        (pre-training; an RLHF step takes many updates and skips it)
     on_log(trainer, record)             every record the run logs: a step (on logging steps), an
                                         evaluation, an event; a callback may add keys for those after it
     on_step_end(trainer, outcome)       after each optimizer step; a callback may `outcome.discard()` it
-                                        (a rollback), and the callbacks after it then do not see it
-    on_evaluate(trainer, result)        after each held-out evaluation
+                                        (a rollback), and the callbacks after it then do not see it;
+                                        `trainer.save()` asks for a checkpoint of this step, written once
+                                        every callback has handled it, `trainer.stop(status)` ends the run
+    on_evaluate(trainer, result)        after each scheduled held-out evaluation of a pre-training run
     on_save(trainer, path)              after each checkpoint is complete on every rank
     on_train_end(trainer)               after the last step (also when the run stopped early)
+
+In a run from `ava.train.run`, the order is: per-layer gradient norms,
+gradient-health rollback, evaluation, the caller's callbacks, checkpointing,
+preemption, then the sinks (metrics.jsonl, console, W&B), which therefore
+write what the caller's callbacks add to a record, and a stop the caller's
+callback asks for still gets the final checkpoint.
 
 A callback with state a resumed run must continue returns it from
 `state_dict()` (tensors and plain values only: checkpoints are read with
@@ -75,17 +84,13 @@ class CallbackList:
 
     def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
         self.callbacks = list(callbacks)
-        names = [c.name for c in self.callbacks if c.state_dict() is not None]
+        names = [c.name for c in self.callbacks if type(c).state_dict is not Callback.state_dict]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"callbacks with state must have unique names; repeated: {', '.join(repeated)}")
 
     def __iter__(self) -> Iterator[Callback]:
         return iter(self.callbacks)
-
-    def find(self, kind: type[Callback]) -> Callback | None:
-        """The first callback of type `kind`, if any."""
-        return next((c for c in self.callbacks if isinstance(c, kind)), None)
 
     def on_train_start(self, trainer: Trainer) -> None:
         for c in self.callbacks:

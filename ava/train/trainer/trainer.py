@@ -16,8 +16,9 @@ micro batches (`ava.train.lm`), or an RLHF stage's rollout and updates
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -173,6 +174,7 @@ class Trainer:
         self.result = TrainResult(steps=0, planned_steps=planned_steps)
         self._stop_event: dict[str, Any] | None = None
         self._save_due = False
+        self._not_training = 0.0  # seconds of evaluation and checkpointing since the last step record
 
     def logs(self, step: int) -> bool:
         """Whether `step` writes a step record."""
@@ -183,7 +185,12 @@ class Trainer:
         self.callbacks.on_log(self, record)
 
     def stop(self, status: str, event: dict[str, Any] | None = None, failure: str | None = None) -> None:
-        """End the run after this step with `status`; `event` is logged then. The gravest status wins."""
+        """End the run after this step with `status`; `event` is logged then. The gravest status wins.
+
+        `status`: "early_stopped", "preempted" or "failed" (or "completed": stop here, nothing wrong).
+        """
+        if status not in _STOP_PRIORITY:
+            raise ValueError(f"unknown stop status {status!r}: one of {', '.join(_STOP_PRIORITY)}")
         self.stopping = True
         if _STOP_PRIORITY[status] >= _STOP_PRIORITY[self.result.status]:
             self.result.status, self._stop_event = status, event
@@ -193,9 +200,19 @@ class Trainer:
         """Checkpoint this step once every callback has handled it (collective), unless the run keeps none."""
         self._save_due = self.checkpointer is not None
 
+    @contextlib.contextmanager
+    def not_training(self) -> Iterator[None]:
+        """Time spent inside (an evaluation, say) is left out of the next step record's tokens/s."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._not_training += time.perf_counter() - began
+
     def _write_checkpoint(self) -> None:
         self._save_due = False
-        path = self.checkpointer.save(self)
+        with self.not_training():
+            path = self.checkpointer.save(self)
         if path is not None:  # None: this step is saved already
             self.result.checkpoint = path
             self.callbacks.on_save(self, path)
@@ -219,17 +236,17 @@ class Trainer:
             self.resumed = True
             self.result.checkpoint = resume_from  # a resumed run that saves nothing new still has its checkpoint
         self.callbacks.on_train_start(self)
-        window_seconds, window_tokens = 0.0, 0
+        if self.stopping and self._stop_event is not None:
+            self.log(self._stop_event)
+        # Wall-clock windows: on a GPU a step's kernels finish after its host code returns, so only the time
+        # between records (less evaluation and checkpoints) counts what the steps really took.
+        window_start, window_tokens = time.perf_counter(), 0
         while self.step < self.planned_steps and not self.stopping:
-            begun = time.perf_counter()
             self.step += 1
             step = self.step
-            logs = self.logs(step)
-            out = self.module.train_step(step, logs, partial(self.callbacks.before_update, self, step))
+            out = self.module.train_step(step, self.logs(step), partial(self.callbacks.before_update, self, step))
             if out.loss is not None:
                 self.history.append(step, out.loss, out.lm_loss)
-            # Only the step itself counts as training time: logging, evaluation and checkpoints do not.
-            window_seconds += time.perf_counter() - begun
             window_tokens += self.module.tokens_per_step
             self.result.steps = step
             if step == self.start_step + 1:
@@ -237,8 +254,9 @@ class Trainer:
             for event in out.events:
                 self.log(event)
             if out.record is not None:
-                self.log({"step": step, **self._speed(window_tokens, window_seconds), **out.record})
-                window_seconds, window_tokens = 0.0, 0
+                seconds = time.perf_counter() - window_start - self._not_training
+                self.log({"step": step, **self._speed(window_tokens, seconds), **out.record})
+                window_start, window_tokens, self._not_training = time.perf_counter(), 0, 0.0
             self.callbacks.on_step_end(self, StepOutcome(step, out))
             if self._save_due:
                 self._write_checkpoint()
