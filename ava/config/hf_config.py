@@ -27,15 +27,15 @@ def read_hf_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not directory.is_dir():
         raise UserError(f"{directory} is not a directory", "pass the folder that holds config.json "
-                              "and the *.safetensors files of the Hugging Face model")
+                        "and the *.safetensors files of the Hugging Face model")
     if not path.is_file():
         raise UserError(f"{path} not found: {directory} is not a Hugging Face model directory",
-                              "pass the folder that holds config.json (a local copy; Ava does not download)")
+                        "pass the folder that holds config.json (a local copy; Ava does not download)")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})",
-                              "repair or re-download config.json") from exc
+                        "repair or re-download config.json") from exc
     if not isinstance(config, dict):
         raise UserError(f"{path} holds a {type(config).__name__}, not a JSON object", "repair config.json")
     return config
@@ -46,14 +46,14 @@ def gpt2_config_from_hf(hf: dict) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
     if act not in GPT2_ACTIVATIONS:
         raise UserError(f"config.json uses activation_function `{act}`, which Ava's GPT-2 import does not "
-                              f"support", f"use one of {', '.join(GPT2_ACTIVATIONS)}")
+                        f"support", f"use one of {', '.join(GPT2_ACTIVATIONS)}")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if hf.get(flag):
             raise UserError(f"config.json sets {flag}, which changes attention in a way Ava does not "
-                                  "implement", f"use a checkpoint with {flag} false")
+                            "implement", f"use a checkpoint with {flag} false")
     if hf.get("scale_attn_weights") is False:
         raise UserError("config.json sets scale_attn_weights false (unscaled attention)",
-                              "use a checkpoint with scaled attention")
+                        "use a checkpoint with scaled attention")
     hidden = hf["n_embd"]
     return ModelConfig(
         hidden_size=hidden, num_layers=hf["n_layer"], num_attention_heads=hf["n_head"], num_key_value_heads=None,
@@ -72,7 +72,7 @@ def _rope_theta(hf: dict) -> float:
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
         raise UserError(f"config.json uses rope scaling `{kind}`, which Ava does not implement; "
-                              "its logits would differ from the original", "use a checkpoint without rope scaling")
+                        "its logits would differ from the original", "use a checkpoint without rope scaling")
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
@@ -81,18 +81,18 @@ def llama_config_from_hf(hf: dict) -> ModelConfig:
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, hidden // heads):
         raise UserError(f"config.json sets head_dim = {hf['head_dim']}, but Ava's heads have "
-                              f"hidden_size / num_attention_heads = {hidden // heads} dimensions",
-                              "use a checkpoint whose head_dim is hidden_size / num_attention_heads")
+                        f"hidden_size / num_attention_heads = {hidden // heads} dimensions",
+                        "use a checkpoint whose head_dim is hidden_size / num_attention_heads")
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"config.json uses hidden_act `{hf['hidden_act']}`; Ava's SwiGLU uses silu",
-                              "use a checkpoint with hidden_act silu")
+                        "use a checkpoint with hidden_act silu")
     if hf.get("attention_bias") != hf.get("mlp_bias", hf.get("attention_bias")):
         raise UserError("config.json sets attention_bias and mlp_bias differently; Ava has one use_bias",
-                              "use a checkpoint where both are equal")
+                        "use a checkpoint where both are equal")
     window = hf.get("sliding_window")
     if window is not None and window < hf["max_position_embeddings"]:
         raise UserError(f"config.json uses sliding-window attention ({window} tokens), which Ava does "
-                              "not implement", "use a checkpoint with sliding_window null")
+                        "not implement", "use a checkpoint with sliding_window null")
     moe = hf.get("model_type") == "mixtral"
     return ModelConfig(
         hidden_size=hidden, num_layers=hf["num_hidden_layers"], num_attention_heads=heads,
@@ -120,7 +120,7 @@ def hf_family(hf_config: dict, source: Path) -> str:
     model_type = str(hf_config.get("model_type"))
     if model_type not in CONFIG_MAPPINGS:
         raise UserError(f"{source / 'config.json'} has model_type `{model_type}`; Ava converts "
-                              f"{', '.join(sorted(CONFIG_MAPPINGS))}", "convert a model of one of those families")
+                        f"{', '.join(sorted(CONFIG_MAPPINGS))}", "convert a model of one of those families")
     return model_type
 
 

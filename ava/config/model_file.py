@@ -32,10 +32,10 @@ def load_model_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{path} not found: {directory} is not an Ava model directory",
-                              "point at a directory written by `ava model import-hf` or a training run")
+                        "point at a directory written by `ava model import-hf` or a training run")
     try:
         data = yaml.safe_load(path.read_text())
         return ModelConfig.model_validate(data["model"])
     except (yaml.YAMLError, KeyError, TypeError, ValidationError) as exc:
         raise UserError(f"{path} is not a valid Ava model config: {exc}",
-                              "re-export the model, or repair the model: section of that file") from exc
+                        "re-export the model, or repair the model: section of that file") from exc

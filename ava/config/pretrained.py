@@ -65,12 +65,12 @@ def locate(path: str | Path) -> Pretrained:
         return Pretrained(p, "hf", model_config_from_hf(p))
     if not p.exists():
         raise UserError(f"{SETTING}: {p} does not exist",
-                              "point it at a local model directory: an Ava model (ava_model.yaml + "
-                              "model.safetensors), a training run directory, or a Hugging Face GPT-2/Llama/Mixtral "
-                              "directory (config.json + weights); hub names cannot be downloaded here")
+                        "point it at a local model directory: an Ava model (ava_model.yaml + "
+                        "model.safetensors), a training run directory, or a Hugging Face GPT-2/Llama/Mixtral "
+                        "directory (config.json + weights); hub names cannot be downloaded here")
     raise UserError(f"{SETTING}: {p} holds neither {CONFIG_FILE} (Ava), model/{CONFIG_FILE} (a run) nor "
-                          "config.json (Hugging Face)",
-                          "point it at the directory that holds the model's config and weights")
+                    "config.json (Hugging Face)",
+                    "point it at the directory that holds the model's config and weights")
 
 
 def adopt_architecture(config: ModelConfig, source: Pretrained, explicit: set[str],
@@ -86,8 +86,8 @@ def adopt_architecture(config: ModelConfig, source: Pretrained, explicit: set[st
         shown = "; ".join(f"model.{n} = {getattr(config, n)!r} ({where.get(n, 'config')}) but the checkpoint has "
                           f"{getattr(source.config, n)!r}" for n in conflicts)
         raise UserError(f"{SETTING}: the config's model shape differs from {source.describe()}: {shown}",
-                              "remove those keys from the model: section (the checkpoint decides the architecture "
-                              "when init_from is set), or point init_from at the checkpoint you meant")
+                        "remove those keys from the model: section (the checkpoint decides the architecture "
+                        "when init_from is set), or point init_from at the checkpoint you meant")
     shape: dict[str, Any] = {name: getattr(source.config, name) for name in SHAPE_KEYS}
     for feature in FEATURES:  # what the checkpoint was trained with carries over unless the config says otherwise
         switch = f"use_{feature}"

@@ -36,7 +36,7 @@ def mixing_probabilities(weights: Sequence[float], temperature: float) -> list[f
         raise UserError(f"data.mixing_temperature = {temperature} must be positive", "use a value > 0, e.g. 1.0")
     if not weights or any(not w > 0 for w in weights):
         raise UserError(f"mixing weights {list(weights)} must all be positive",
-                              "give each source a positive weight, or remove empty sources")
+                        "give each source a positive weight, or remove empty sources")
     logs = [math.log(w) / temperature for w in weights]
     top = max(logs)
     scaled = [math.exp(v - top) for v in logs]
@@ -56,7 +56,7 @@ def chosen_weights(explicit: Sequence[float | None], sizes: Sequence[float], key
     if len(given) < len(keys):
         missing = [key for key, w in zip(keys, explicit, strict=True) if w is None]
         raise UserError(f"{', '.join(k + '.weight' for k in given)} set but {', '.join(missing)} has none",
-                              "give every source a weight, or none (then sources are weighed by their size)")
+                        "give every source a weight, or none (then sources are weighed by their size)")
     return [float(w) for w in explicit if w is not None]
 
 

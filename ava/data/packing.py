@@ -94,7 +94,7 @@ def _encoded(documents: Iterable[str | None], encode: Callable[[Sequence[str]], 
             continue
         if not isinstance(text, str):
             raise UserError(f"document {index} of the stream is a {type(text).__name__}, not text",
-                                  "point data.sources[i].text_field at a column that holds only text")
+                            "point data.sources[i].text_field at a column that holds only text")
         indices.append(index)
         texts.append(text)
         if len(texts) == chunk:

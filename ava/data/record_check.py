@@ -194,7 +194,7 @@ def _verdict(file: Path, text_field: str, cache_dir: Path) -> FileVerdict:
                 examples.append((number, why))
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as error:
         raise UserError(f"{file} could not be read: {error}",
-                              "check the file is complete (a truncated download or copy?) and readable") from None
+                        "check the file is complete (a truncated download or copy?) and readable") from None
     verdict = FileVerdict(file, good, bad, tuple(examples), missing)
     try:  # only a cache: a read-only or full cache directory costs a re-read next time, nothing more
         _write_atomic(cached, json.dumps({"good": good, "bad": bad, "examples": examples,
@@ -220,8 +220,8 @@ def _clean_copy(file: Path, text_field: str, cache_dir: Path) -> Path:
     except OSError as error:
         tmp.unlink(missing_ok=True)
         raise UserError(f"could not write the cleaned copy of {file} to {target.parent}: {error.strerror}",
-                              "give data.cache_dir (or $AVA_CACHE_DIR) a writable directory with room for it"
-                              ) from None
+                        "give data.cache_dir (or $AVA_CACHE_DIR) a writable directory with room for it"
+                        ) from None
     return target
 
 

@@ -118,7 +118,7 @@ def build_training_data(data: DataConfig, model_vocab: int, micro_batch: int, ev
     if data.builtin_dataset == "markov":
         if data.markov_vocab_size > model_vocab:
             raise UserError(f"data.markov_vocab_size = {data.markov_vocab_size} exceeds model.vocab_size = "
-                                  f"{model_vocab}", "lower markov_vocab_size or raise model.vocab_size")
+                            f"{model_vocab}", "lower markov_vocab_size or raise model.vocab_size")
         corpus = MarkovCorpus(data.markov_vocab_size, seed=data.shuffle_seed, concentration=MARKOV_CONCENTRATION)
         tokens = corpus.sample(needed_tokens, seed=data.shuffle_seed + 1)
         entropy = corpus.entropy_rate()
@@ -140,13 +140,13 @@ def _token_files(data: DataConfig, model_vocab: int, micro_batch: int, eval_batc
     if not directory.is_dir():
         raise UserError(f"data.data_dir = {directory} " + ("is a file, not a directory" if directory.exists()
                                                                    else "does not exist"),
-                              "point data.data_dir at the directory holding train.bin and val.bin, or set "
-                              "data_dir: null for data.sources or the built-in data")
+                        "point data.data_dir at the directory holding train.bin and val.bin, or set "
+                        "data_dir: null for data.sources or the built-in data")
     for name in ("train.bin", "val.bin"):
         if not (directory / name).is_file():
             raise UserError(f"data.data_dir = {directory} has no {name}",
-                                  "put train.bin and val.bin (uint16 token ids, nanoGPT layout) there, or set "
-                                  "data_dir: null for data.sources or the built-in data")
+                            "put train.bin and val.bin (uint16 token ids, nanoGPT layout) there, or set "
+                            "data_dir: null for data.sources or the built-in data")
     train_tokens = open_token_file(directory / "train.bin", model_vocab)
     val_tokens = open_token_file(directory / "val.bin", model_vocab)
     train = np.asarray(train_tokens[: train_tokens.size // length * length], dtype=np.int64).reshape(-1, length)
@@ -205,11 +205,11 @@ def _tokenizer(data: DataConfig, model_vocab: int, corpus: Any,
     if data.tokenizer_name == BPE:
         if data.bpe_vocab_size is not None and data.bpe_vocab_size > model_vocab:
             raise UserError(f"data.bpe_vocab_size = {data.bpe_vocab_size} exceeds model.vocab_size = {model_vocab}",
-                                  f"set data.bpe_vocab_size <= {model_vocab}, or raise model.vocab_size")
+                            f"set data.bpe_vocab_size <= {model_vocab}, or raise model.vocab_size")
         vocab = data.bpe_vocab_size or model_vocab
         if vocab < 257:
             raise UserError(f"model.vocab_size = {model_vocab} is too small for a byte-level BPE "
-                                  "(256 bytes + the end-of-text token)", "set model.vocab_size >= 257")
+                            "(256 bytes + the end-of-text token)", "set model.vocab_size >= 257")
         directory = cache_root(data.cache_dir) / "tokenizers"
         bpe = cached_bpe(directory, corpus, vocab, data.bpe_training_bytes, documents)
         check_vocab(bpe, model_vocab, f"the BPE trained for data.tokenizer_name: bpe ({bpe.path})")
@@ -233,15 +233,15 @@ def _sources(data: DataConfig, model_vocab: int, micro_batch: int, eval_batch: i
     if data.streaming:
         if max_steps is None:
             raise UserError("data.streaming: true reads data.sources as a stream whose length is unknown, "
-                                  "so the run needs training.max_steps, and none was given",
-                                  "set training.max_steps, or data.streaming: false to load the sources into memory")
+                            "so the run needs training.max_steps, and none was given",
+                            "set training.max_steps, or data.streaming: false to load the sources into memory")
         if data.max_train_examples >= 0:
             raise UserError(f"data.max_train_examples = {data.max_train_examples} cannot cap a stream, "
-                                  "whose sequences are made on the fly",
-                                  "cap the documents read with data.max_samples, or set data.streaming: false")
+                            "whose sequences are made on the fly",
+                            "cap the documents read with data.max_samples, or set data.streaming: false")
         if data.max_eval_examples < 0:
             raise UserError("data.max_eval_examples = -1 (all) has no meaning for a stream",
-                                  "give the number of held-out sequences, e.g. 1000 (0 holds nothing out)")
+                            "give the number of held-out sequences, e.g. 1000 (0 holds nothing out)")
     sources = [resolve_source(f"data.sources[{i}]", s.path, s.format, s.text_field, s.sample_by, s.weight)
                for i, s in enumerate(data.sources)]
     weighted = data.use_weighted_mixing and len(sources) > 1
@@ -249,8 +249,8 @@ def _sources(data: DataConfig, model_vocab: int, micro_batch: int, eval_batch: i
         for source in sources:
             if source.weight is not None:
                 raise UserError(f"{source.key}.weight is set but data.use_weighted_mixing is false, so sources "
-                                      "are concatenated and weights mean nothing",
-                                      f"set data.use_weighted_mixing: true, or remove {source.key}.weight")
+                                "are concatenated and weights mean nothing",
+                                f"set data.use_weighted_mixing: true, or remove {source.key}.weight")
     if weighted and data.streaming:
         _weights(sources, None)  # refuse missing weights before any file is opened
     skipped: list[str] = []

@@ -69,13 +69,13 @@ def resolve_source(key: str, path: str, format: str | None, text_field: str, sam
     if format is not None:
         if format not in BUILDERS:
             raise UserError(f"{key}.format = {format!r} is not a known format",
-                                  f"use one of {', '.join(BUILDERS)}, or leave it out to infer it from the extension")
+                            f"use one of {', '.join(BUILDERS)}, or leave it out to infer it from the extension")
         builder = BUILDERS[format]
     else:
         builder = _infer_builder(key, path, files)
     if builder == "text" and text_field != TEXT_COLUMN:
         raise UserError(f"{key}.text_field = {text_field!r}, but a text source has only the column 'text'",
-                              f"remove {key}.text_field, or give the files' real format in {key}.format")
+                        f"remove {key}.text_field, or give the files' real format in {key}.format")
     return Source(key, path, tuple(files), builder, text_field, sample_by, weight)
 
 
@@ -85,20 +85,20 @@ def _files(key: str, path: str) -> list[Path]:
         files = sorted(Path(p) for p in glob.glob(str(expanded), recursive=True) if Path(p).is_file())
         if not files:
             raise UserError(f"{key}.path = {path!r} matches no files",
-                                  "check the pattern (** needs a directory part, e.g. data/**/*.jsonl) "
-                                  "and that the files exist on this machine")
+                            "check the pattern (** needs a directory part, e.g. data/**/*.jsonl) "
+                            "and that the files exist on this machine")
         return files
     if expanded.is_dir():
         files = sorted(f for f in expanded.rglob("*")
                        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(expanded).parts))
         if not files:
             raise UserError(f"{key}.path = {path!r} is a directory with no files",
-                                  "point it at the directory that holds the data files")
+                            "point it at the directory that holds the data files")
         return files
     if expanded.is_file():
         return [expanded]
     raise UserError(f"{key}.path = {path!r} does not exist",
-                          "give an existing file, directory or glob (relative paths are from the directory you run in)")
+                    "give an existing file, directory or glob (relative paths are from the directory you run in)")
 
 
 def format_of(file: Path) -> str | None:
@@ -122,7 +122,7 @@ def _infer_builder(key: str, path: str, files: list[Path]) -> str:
     if len(formats) > 1:
         examples = "; ".join(f"{name}: {group[0].name}" for name, group in formats.items())
         raise UserError(f"{key}.path = {path!r} holds files of several formats ({examples})",
-                              "make one source per format, each with a glob such as dir/*.jsonl")
+                        "make one source per format, each with a glob such as dir/*.jsonl")
     return next(iter(formats))
 
 
@@ -137,17 +137,17 @@ def load_source(source: Source, cache_dir: Path, streaming: bool) -> Dataset | I
     options = {"sample_by": source.sample_by} if source.builder == "text" else {}
     if all(f.stat().st_size == 0 for f in source.files):  # readers fail on these with an empty message
         raise UserError(f"{source.key}.path = {source.path!r} holds no documents (its files are empty)",
-                              "point it at non-empty files, or remove the source")
+                        "point it at non-empty files, or remove the source")
     try:
         dataset = load_dataset(source.builder, data_files=[str(f) for f in source.files], split="train",
                                streaming=streaming, cache_dir=str(cache_dir), **options)
         first = next(iter(dataset), None)
     except Exception as error:  # datasets and its readers raise many types; the cause is the file either way
         raise UserError(f"{source.key}.path = {source.path!r} could not be read as {source.builder}: {error}",
-                              f"check the files are valid {source.builder}, or set {source.key}.format") from error
+                        f"check the files are valid {source.builder}, or set {source.key}.format") from error
     if first is None:
         raise UserError(f"{source.key}.path = {source.path!r} holds no documents",
-                              "point it at non-empty files, or remove the source")
+                        "point it at non-empty files, or remove the source")
     if source.text_field not in first:
         raise UserError(
             f"{source.key}.text_field = {source.text_field!r} is not a column of {source.path!r} "

@@ -41,9 +41,9 @@ def export_target(model: AvaForCausalLM) -> str:
                 if getattr(cfg, name)]
     if features:
         raise UserError(f"this model uses {', '.join(features)}, which Llama, Mixtral and GPT-2 do not have: "
-                              "an exported model would silently lose those weights",
-                              "keep the Ava model directory (ava_model.yaml + model.safetensors), which holds "
-                              "everything; export only models without the enhanced features")
+                        "an exported model would silently lose those weights",
+                        "keep the Ava model directory (ava_model.yaml + model.safetensors), which holds "
+                        "everything; export only models without the enhanced features")
     candidates = {"mixtral" if cfg.is_moe else "llama": llama, "gpt2": gpt2}
     reasons = []
     for name, family in candidates.items():
@@ -52,7 +52,7 @@ def export_target(model: AvaForCausalLM) -> str:
             return name
         reasons.append(f"{name}: {'; '.join(blockers)}")
     raise UserError("this model has no exact Hugging Face equivalent (" + " | ".join(reasons) + ")",
-                          "export only models shaped like Llama, Mixtral or GPT-2")
+                    "export only models shaped like Llama, Mixtral or GPT-2")
 
 
 def export_hf(model: AvaForCausalLM, directory: str | Path, dtype: torch.dtype | None = None,

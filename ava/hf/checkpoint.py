@@ -33,11 +33,11 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
             return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as exc:
             raise UserError(f"{directory / 'pytorch_model.bin'} cannot be read safely ({exc})",
-                                  "re-save the model with safetensors (save_pretrained's default)") from exc
+                            "re-save the model with safetensors (save_pretrained's default)") from exc
     else:
         raise UserError(f"no weights in {directory}: expected model.safetensors, "
-                              "model.safetensors.index.json or pytorch_model.bin",
-                              "copy the weight files next to config.json")
+                        "model.safetensors.index.json or pytorch_model.bin",
+                        "copy the weight files next to config.json")
     state: dict[str, torch.Tensor] = {}
     for file in files:
         if not file.is_file():
@@ -46,7 +46,7 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
             state.update(load_file(str(file)))
         except Exception as exc:
             raise UserError(f"{file} cannot be read ({exc}); it is truncated or corrupt",
-                                  "re-copy the file") from exc
+                            "re-copy the file") from exc
     return state
 
 
@@ -56,7 +56,7 @@ def write_hf_dir(directory: Path, config: dict, state: dict[str, torch.Tensor], 
 
     if (directory / "model.safetensors").exists() and not overwrite:
         raise UserError(f"{directory / 'model.safetensors'} already exists; Ava never overwrites "
-                              "a checkpoint silently", "choose a new output directory, or pass --overwrite")
+                        "a checkpoint silently", "choose a new output directory, or pass --overwrite")
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(directory / "model.safetensors.tmp"), metadata={"format": "pt"})
@@ -68,5 +68,5 @@ def take(state: dict[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
     """Remove and return one tensor, with a clear error when the checkpoint lacks it."""
     if key not in state:
         raise UserError(f"{source} has no tensor `{key}`; the weights do not match config.json",
-                              "check that config.json belongs to these weights")
+                        "check that config.json belongs to these weights")
     return state.pop(key)

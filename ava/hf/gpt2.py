@@ -44,7 +44,7 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, source: s
             out[ava + f"{dst}.bias"] = take(s, hf + f"{src}.bias", source)
     if s:
         raise UserError(f"{source} has tensors Ava would ignore: {sorted(s)[:5]}",
-                              "check that config.json belongs to these weights")
+                        "check that config.json belongs to these weights")
     return out
 
 

@@ -45,7 +45,7 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, source: s
     leftover = [k for k in s if not k.endswith("rotary_emb.inv_freq")]
     if leftover:
         raise UserError(f"{source} has tensors Ava would ignore: {leftover[:5]}; converting would "
-                              "silently change the model", "check that config.json belongs to these weights")
+                        "silently change the model", "check that config.json belongs to these weights")
     return out
 
 

@@ -77,15 +77,15 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as exc:
         raise UserError("LoRA needs the `peft` package, which is not installed",
-                              "pip install peft (or re-run scripts/setup.sh, which installs it)") from exc
+                        "pip install peft (or re-run scripts/setup.sh, which installs it)") from exc
     try:
         config = LoraConfig(r=rank, lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
                             lora_dropout=dropout, target_modules=list(target_modules))
         inject_adapter_in_model(config, model)
     except ValueError as exc:  # peft: "Target modules ... not found in the base model"
         raise UserError(f"LoRA target modules {target_modules} do not match the model: {exc}",
-                              "choose lora.target_modules (training.lora or rlhf.lora) among q_proj, k_proj, "
-                              "v_proj, o_proj and, for a dense FFN, gate_proj, up_proj, down_proj") from exc
+                        "choose lora.target_modules (training.lora or rlhf.lora) among q_proj, k_proj, "
+                        "v_proj, o_proj and, for a dense FFN, gate_proj, up_proj, down_proj") from exc
     return alpha / rank
 
 

@@ -26,7 +26,7 @@ def save_model_dir(model: AvaForCausalLM, directory: str | Path, overwrite: bool
     out = Path(directory)
     if (out / WEIGHTS_FILE).exists() and not overwrite:
         raise UserError(f"{out / WEIGHTS_FILE} already exists; Ava never overwrites a model silently",
-                              "choose a new output directory, or pass --overwrite")
+                        "choose a new output directory, or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -50,7 +50,7 @@ def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32) ->
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise UserError(f"{path} cannot be read ({exc}); the file is truncated or corrupt",
-                              "restore it from the run's checkpoints or re-export it") from exc
+                        "restore it from the run's checkpoints or re-export it") from exc
     model = AvaForCausalLM(config)
     load_state_exactly(model, state, str(path))
     return model.to(dtype)
@@ -83,6 +83,6 @@ def load_state_exactly(model: AvaForCausalLM, state: dict[str, torch.Tensor], so
         parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {extra[:5]}" if extra else "",
                  f"shape mismatches {shapes[:5]}" if shapes else ""]
         raise UserError(f"the weights in {source} do not match the model config: "
-                              + "; ".join(p for p in parts if p),
-                              "load them with the model config they were saved with")
+                        + "; ".join(p for p in parts if p),
+                        "load them with the model config they were saved with")
     model.load_state_dict(state, strict=False)  # completeness was checked above; tied head is absent

@@ -23,7 +23,7 @@ def cut_chunks(rows: np.ndarray, chunk_size: int) -> np.ndarray:
     """(num_chunks, chunk_size) tokens of the flattened (N, L) rows; L must be a multiple of chunk_size."""
     if rows.ndim != 2:
         raise UserError(f"training rows have shape {tuple(rows.shape)}, expected (num_sequences, max_length)",
-                              "pass the packed training sequences (ava.data.packing.pack_documents)")
+                        "pass the packed training sequences (ava.data.packing.pack_documents)")
     if chunk_size < 1:
         raise UserError(f"rag.chunk_size = {chunk_size} must be positive", "set rag.chunk_size, e.g. 64")
     length = int(rows.shape[1])
@@ -35,7 +35,7 @@ def cut_chunks(rows: np.ndarray, chunk_size: int) -> np.ndarray:
             f"data.max_length to a multiple of {chunk_size}")
     if rows.size < chunk_size:
         raise UserError(f"the training data has {rows.size} tokens, fewer than one chunk of {chunk_size}",
-                              "use more training data or a smaller rag.chunk_size")
+                        "use more training data or a smaller rag.chunk_size")
     if rows.size and (int(rows.min()) < 0 or int(rows.max()) > np.iinfo(np.int32).max):
         raise UserError("the training rows hold token ids outside [0, 2^31)", "check the tokenizer / token files")
     return np.ascontiguousarray(rows, dtype=np.int32).reshape(-1, chunk_size)

@@ -78,7 +78,7 @@ class EmbeddingEncoder:
         """From the model's (V, D) token embedding: projected by a seeded Gaussian (D, dim) / sqrt(dim) when D > dim."""
         if table.ndim != 2:
             raise UserError(f"the token embedding has shape {tuple(table.shape)}, expected (vocab, hidden)",
-                                  "pass the model's embed_tokens.weight")
+                            "pass the model's embed_tokens.weight")
         if encoder_dim < 1:
             raise UserError(f"rag.encoder_dim = {encoder_dim} must be positive", "set rag.encoder_dim, e.g. 256")
         source = table.detach().cpu().float()
@@ -97,8 +97,8 @@ class EmbeddingEncoder:
         ids = torch.from_numpy(np.asarray(chunks, dtype=np.int64))
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.table.shape[0]):
             raise UserError(f"a chunk holds token id {int(ids.max()) if int(ids.min()) >= 0 else int(ids.min())}, "
-                                  f"outside the encoder's vocabulary of {self.table.shape[0]}",
-                                  "query with the tokenizer the store was built with, or rebuild the store")
+                            f"outside the encoder's vocabulary of {self.table.shape[0]}",
+                            "query with the tokenizer the store was built with, or rebuild the store")
         out = np.empty((ids.shape[0], self.dim), dtype=np.float32)
         for start in range(0, ids.shape[0], _BLOCK):
             mean = torch.nn.functional.embedding_bag(ids[start:start + _BLOCK], self.table, mode="mean")
@@ -120,8 +120,8 @@ class HFEncoder:
         directory = Path(path).expanduser()
         if not (directory / "config.json").is_file():
             raise UserError(f"rag.encoder = {path}: no Hugging Face model there (no config.json)",
-                                  "point rag.encoder at a local directory saved with save_pretrained (model and "
-                                  "tokenizer), or use rag.encoder: embedding")
+                            "point rag.encoder at a local directory saved with save_pretrained (model and "
+                            "tokenizer), or use rag.encoder: embedding")
         from transformers import AutoModel, AutoTokenizer
 
         try:
@@ -129,7 +129,7 @@ class HFEncoder:
             self.model = AutoModel.from_pretrained(directory, local_files_only=True).eval()
         except (OSError, ValueError) as exc:
             raise UserError(f"rag.encoder = {path} could not be loaded: {exc}",
-                                  "save both the model and its tokenizer there with save_pretrained") from exc
+                            "save both the model and its tokenizer there with save_pretrained") from exc
         self.path = directory.resolve()
         self.decode = decode
         self.max_tokens = min(max_tokens, int(getattr(self.model.config, "max_position_embeddings", max_tokens)))
@@ -171,13 +171,13 @@ def load_encoder(directory: Path, entry: dict[str, Any], decode: Decode | None, 
         return EmbeddingEncoder(table, str(entry["fingerprint"]), int(entry["source_dim"]))
     if decode is None:
         raise UserError(f"the store in {directory} encodes chunks with the Hugging Face encoder {entry.get('path')}, "
-                              "which reads text, and no tokenizer was given to turn token ids into text",
-                              "pass decode= (the data tokenizer's decode) to Retriever.open")
+                        "which reads text, and no tokenizer was given to turn token ids into text",
+                        "pass decode= (the data tokenizer's decode) to Retriever.open")
     encoder = HFEncoder(str(entry["path"]), decode)
     if encoder.fingerprint != entry.get("fingerprint"):
         raise UserError(f"the Hugging Face encoder in {entry['path']} has changed since the store in {directory} "
-                              "was built, so queries would not match the stored vectors",
-                              f"rebuild the store with `ava rag build-index ... --force`, or restore {entry['path']}")
+                        "was built, so queries would not match the stored vectors",
+                        f"rebuild the store with `ava rag build-index ... --force`, or restore {entry['path']}")
     return encoder
 
 

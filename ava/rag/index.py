@@ -43,7 +43,7 @@ def import_faiss(why: str) -> Any:
         import faiss
     except ImportError as exc:
         raise UserError(f"{why} needs faiss, which is not installed",
-                              "pip install faiss-cpu (or pip install -e .[rag]), or set rag.search: exact") from exc
+                        "pip install faiss-cpu (or pip install -e .[rag]), or set rag.search: exact") from exc
     return faiss
 
 

@@ -54,10 +54,10 @@ class Retriever:
                 index = read_faiss(path, int(search["nlist"]), nprobe)
             except RuntimeError as exc:  # faiss reports an unreadable file as a RuntimeError
                 raise UserError(f"retrieval store file {path} is unusable: faiss cannot read it "
-                                      f"({str(exc).strip().splitlines()[-1]})", rebuild_fix(store.directory)) from exc
+                                f"({str(exc).strip().splitlines()[-1]})", rebuild_fix(store.directory)) from exc
             if index.size != int(store.manifest["num_chunks"]):
                 raise UserError(f"retrieval store file {path} is unusable: it holds {index.size} vectors, the "
-                                      f"manifest says {store.manifest['num_chunks']}", rebuild_fix(store.directory))
+                                f"manifest says {store.manifest['num_chunks']}", rebuild_fix(store.directory))
         else:
             assert store.vectors is not None
             index = ExactIndex(store.vectors)
@@ -74,13 +74,13 @@ class Retriever:
         m, where = self.store.manifest, self.store.directory
         if chunk_size is not None and chunk_size != m["chunk_size"]:
             raise UserError(f"the retrieval store in {where} was built with another chunk_size "
-                                  f"({m['chunk_size']}, not {chunk_size})", rebuild_fix(where))
+                            f"({m['chunk_size']}, not {chunk_size})", rebuild_fix(where))
         fingerprints = {"data": (data_fingerprint, m["data_fingerprint"]),
                         "encoder": (encoder_fingerprint, m["encoder"]["fingerprint"])}
         for what, (want, have) in fingerprints.items():
             if want is not None and want != have:
                 raise UserError(f"the retrieval store in {where} was built with another {what} (fingerprint "
-                                      f"{str(have)[:12]}, not {want[:12]})", rebuild_fix(where))
+                                f"{str(have)[:12]}, not {want[:12]})", rebuild_fix(where))
 
     def neighbours(self, tokens: torch.Tensor, k: int, exclude_own_document: bool = True) -> torch.Tensor:
         """(B, S // c, k, 2c) int64 neighbour tokens of each chunk of `tokens` (B, S); -1 where missing.
@@ -96,7 +96,7 @@ class Retriever:
         """
         if tokens.ndim != 2:
             raise UserError(f"retrieval queries have shape {tuple(tokens.shape)}, expected (batch, sequence)",
-                                  "pass the (batch, sequence) token ids")
+                            "pass the (batch, sequence) token ids")
         if k < 1:
             raise UserError(f"rag.num_neighbours = {k} must be at least 1", "set rag.num_neighbours, e.g. 2")
         c = self.chunk_size

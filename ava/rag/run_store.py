@@ -33,9 +33,9 @@ def training_rows(data: TrainingData) -> np.ndarray:
 
     if not isinstance(data.train, SequenceBatches):
         raise UserError("data.streaming: true reads the training data as a stream, which is never held in "
-                              "memory, so there is no fixed set of training rows to build a retrieval store from",
-                              "set data.streaming: false (load data.sources into memory), or train from token files "
-                              "(data.data_dir)")
+                        "memory, so there is no fixed set of training rows to build a retrieval store from",
+                        "set data.streaming: false (load data.sources into memory), or train from token files "
+                        "(data.data_dir)")
     return data.train.sequences
 
 
@@ -84,8 +84,8 @@ def make_encoder(rag: RAGConfig, embedding: torch.Tensor | None,
         return EmbeddingEncoder.from_embedding(embedding, rag.encoder_dim)
     if decode is None:
         raise UserError(f"rag.encoder = {rag.encoder} reads text, but this data has no tokenizer to turn "
-                              "its token ids back into text (token files, the Markov corpus)",
-                              "use rag.encoder: embedding, or data.sources / the built-in text corpus")
+                        "its token ids back into text (token files, the Markov corpus)",
+                        "use rag.encoder: embedding, or data.sources / the built-in text corpus")
     return HFEncoder(rag.encoder, decode)
 
 

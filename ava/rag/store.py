@@ -127,16 +127,16 @@ def build_store(rows: np.ndarray, eos_id: int | None, encoder: ChunkEncoder, out
 def refuse_existing(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file, not a directory for a retrieval store",
-                              "choose another --output (rag.index_dir)")
+                        "choose another --output (rag.index_dir)")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     is_store = (out_dir / MANIFEST).is_file()
     if not is_store:
         raise UserError(f"{out_dir} is not empty and holds no retrieval store ({MANIFEST}), so it is left alone, "
-                              "even with --force", "choose an empty or new directory for --output (rag.index_dir)")
+                        "even with --force", "choose an empty or new directory for --output (rag.index_dir)")
     if not force:
         raise UserError(f"{out_dir} already holds a retrieval store; a build never overwrites one",
-                              "pass --force to rebuild it, or --output another directory")
+                        "pass --force to rebuild it, or --output another directory")
 
 
 def _put_in_place(building: Path, out_dir: Path) -> None:
@@ -193,8 +193,8 @@ def read_store(directory: str | Path, verify: bool = False) -> StoreFiles:
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise UserError(f"there is no retrieval store at {directory}",
-                              "build it with `ava rag build-index --config ...` (the training run's config), "
-                              "or point rag.index_dir at an existing store")
+                        "build it with `ava rag build-index --config ...` (the training run's config), "
+                        "or point rag.index_dir at an existing store")
     manifest = _read_manifest(directory)
     files = manifest.get("files")
     if not isinstance(files, dict):
@@ -231,7 +231,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
         raise UserError(f"{directory} has no {MANIFEST}: it is not a retrieval store, or its build was interrupted",
-                              rebuild_fix(directory))
+                        rebuild_fix(directory))
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -240,7 +240,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise _corrupt(path, f"it is not an {FORMAT} manifest")
     if manifest.get("version") != VERSION:
         raise UserError(f"{path}: the store has format version {manifest.get('version')}, this Ava reads "
-                              f"version {VERSION}", rebuild_fix(directory))
+                        f"version {VERSION}", rebuild_fix(directory))
     missing = [k for k in ("num_chunks", "chunk_size", "encoder", "search", "data_fingerprint") if k not in manifest]
     if missing:
         raise _corrupt(path, f"it lacks {', '.join(missing)}")

@@ -33,8 +33,8 @@ def read_jsonl(path: str | Path, fields: Sequence[str], setting: str, optional: 
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{setting}: {p} does not exist",
-                              f"point {setting} at a jsonl file with keys {', '.join(fields)}, or set it to null "
-                              "to generate data from rlhf.task")
+                        f"point {setting} at a jsonl file with keys {', '.join(fields)}, or set it to null "
+                        "to generate data from rlhf.task")
     rows = []
     with p.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -44,15 +44,15 @@ def read_jsonl(path: str | Path, fields: Sequence[str], setting: str, optional: 
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{setting}: {p} line {number} is not valid JSON ({exc.msg})",
-                                      "write one JSON object per line") from None
+                                "write one JSON object per line") from None
             missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
             if missing:
                 raise UserError(f"{setting}: {p} line {number} has no text field(s) {', '.join(missing)}",
-                                      f"give every line string values for {', '.join(fields)}")
+                                f"give every line string values for {', '.join(fields)}")
             bad = [k for k in optional if row.get(k) is not None and not isinstance(row[k], str)]
             if bad:
                 raise UserError(f"{setting}: {p} line {number}: {', '.join(bad)} must be text",
-                                      "write it as a JSON string, or leave it out")
+                                "write it as a JSON string, or leave it out")
             rows.append(row)
     if not rows:
         raise UserError(f"{setting}: {p} holds no examples", "add at least one JSON object per line")
@@ -63,7 +63,7 @@ def split_holdout(items: list, holdout: int, setting: str) -> tuple[list, list]:
     """The last `holdout` items are held out for evaluation; at least one item must remain for training."""
     if holdout >= len(items):
         raise UserError(f"{setting}: {len(items)} examples cannot spare {holdout} for evaluation",
-                              "provide more examples, or lower eval_examples")
+                        "provide more examples, or lower eval_examples")
     return (items[:-holdout], items[-holdout:]) if holdout else (items, [])
 
 
@@ -83,7 +83,7 @@ def sft_data(path: str | None, task: Task | None, num: int, holdout: int, seed: 
                  for i, e in enumerate(examples)]
     else:
         raise UserError(f"{setting} is not set and there is no task to generate examples from",
-                              f"set {setting} to a jsonl file of prompt/response objects, or set rlhf.task")
+                        f"set {setting} to a jsonl file of prompt/response objects, or set rlhf.task")
     return split_holdout(pairs, holdout, setting)
 
 
@@ -97,7 +97,7 @@ def preference_data(path: str | None, task: Task | None, num: int, holdout: int,
         triples = preference_pairs(task, num + holdout, seed)
     else:
         raise UserError(f"{setting} is not set and there is no task to generate pairs from",
-                              f"set {setting} to a jsonl file of prompt/chosen/rejected objects, or set rlhf.task")
+                        f"set {setting} to a jsonl file of prompt/chosen/rejected objects, or set rlhf.task")
     return split_holdout(triples, holdout, setting)
 
 
@@ -128,7 +128,7 @@ def encoded_preferences(tokenizer: Tokenizer, stage_cfg: Any, task: Task | None,
     kept_train, kept_held = fitting(train), fitting(held)
     if not kept_train:
         raise UserError(f"{setting}: every preference pair is longer than data.max_length = {max_length} tokens",
-                              "raise data.max_length (up to model.max_position_embeddings), or shorten the pairs")
+                        "raise data.max_length (up to model.max_position_embeddings), or shorten the pairs")
     return EncodedPreferences(kept_train, kept_held, len(train) + len(held) - len(kept_train) - len(kept_held))
 
 
@@ -145,11 +145,11 @@ def prompt_data(path: str | None, task: Task | None, holdout: int, seed: int, se
         train, held = split_holdout([Prompt(r["prompt"], r.get("answer")) for r in rows], holdout, setting)
         if len(train) < world:
             raise UserError(f"{setting}: {len(train)} training prompts cannot be shared by {world} ranks",
-                                  "provide at least one training prompt per rank, or lower eval_prompts")
+                            "provide at least one training prompt per rank, or lower eval_prompts")
         return PromptSource(fixed=train[rank::world]), held
     if task is None:
         raise UserError(f"{setting} is not set and there is no task to generate prompts from",
-                              f"set {setting} to a jsonl file of {{\"prompt\": ...}} objects, or set rlhf.task")
+                        f"set {setting} to a jsonl file of {{\"prompt\": ...}} objects, or set rlhf.task")
     rng = random.Random(seed + 7919)  # held-out prompts: their own stream, never the training draws
     held = [Prompt(e.prompt, e.answer) for e in (task.sample(rng) for _ in range(holdout))]
     return PromptSource(task=task), held
@@ -187,7 +187,7 @@ def encode(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[list[int],
     p = tokenizer.encode(prompt)
     if not p:
         raise UserError(f"an empty prompt (response {response[:40]!r}): the first response token would have "
-                              "nothing to be predicted from", "give every example a non-empty prompt")
+                        "nothing to be predicted from", "give every example a non-empty prompt")
     return p + tokenizer.encode(response) + [tokenizer.eos_id], len(p)
 
 

@@ -76,11 +76,11 @@ def model_dir(path: str | Path, setting: str) -> Path:
         return p / "model"
     if not p.exists():
         raise UserError(f"{setting}: {p} does not exist",
-                              "point it at an Ava model directory (ava_model.yaml + model.safetensors), a training "
-                              "run directory, or an RLHF stage directory")
+                        "point it at an Ava model directory (ava_model.yaml + model.safetensors), a training "
+                        "run directory, or an RLHF stage directory")
     raise UserError(f"{setting}: {p} is not an Ava model directory (no {CONFIG_FILE}, nor model/{CONFIG_FILE})",
-                          "point it at a run's model/ directory, or convert a Hugging Face model first with "
-                          "`ava model import-hf SRC --out DIR`")
+                    "point it at a run's model/ directory, or convert a Hugging Face model first with "
+                    "`ava model import-hf SRC --out DIR`")
 
 
 def is_value_model(directory: Path) -> bool:
@@ -90,10 +90,10 @@ def is_value_model(directory: Path) -> bool:
 def _require_kind(directory: Path, setting: str, value: bool) -> None:
     if value and not is_value_model(directory):
         raise UserError(f"{setting}: {directory} has no {VALUE_HEAD_FILE}, so it is not a reward model",
-                              "train one with the reward stage (rlhf.stages: [reward]) and point at its model/")
+                        "train one with the reward stage (rlhf.stages: [reward]) and point at its model/")
     if not value and is_value_model(directory):
         raise UserError(f"{setting}: {directory} holds a reward model (a scalar head), not a policy",
-                              "point it at the policy: the sft/ (or dpo/, ppo/, grpo/) stage's model, or a training run")
+                        "point it at the policy: the sft/ (or dpo/, ppo/, grpo/) stage's model, or a training run")
 
 
 def check_model_dir(path: str | Path, setting: str, value: bool = False) -> Path:
@@ -120,13 +120,13 @@ def check_model_dir(path: str | Path, setting: str, value: bool = False) -> Path
                      or not config.tie_word_embeddings}
     except Exception as exc:  # a missing, truncated or corrupt file: safetensors' own error types
         raise UserError(f"{setting}: {directory / WEIGHTS_FILE} cannot be read ({exc})",
-                              "restore the model directory, or re-export it") from exc
+                        "restore the model directory, or re-export it") from exc
     if found != expected:
         missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
         shapes = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
         raise UserError(f"{setting}: the weights in {directory} do not match its {CONFIG_FILE} (missing "
-                              f"{missing[:3]}, unexpected {extra[:3]}, other shapes {shapes[:3]})",
-                              "keep ava_model.yaml beside the weights it was written with")
+                        f"{missing[:3]}, unexpected {extra[:3]}, other shapes {shapes[:3]})",
+                        "keep ava_model.yaml beside the weights it was written with")
     return directory
 
 
@@ -150,7 +150,7 @@ def load_value_model(path: str | Path, setting: str) -> AvaValueModel:
         model.value_head.load_state_dict(head, strict=True)
     except (RuntimeError, OSError) as exc:  # safetensors header errors and missing/mismatched tensors
         raise UserError(f"{setting}: the weights in {directory} cannot be loaded: {exc}",
-                              "re-run the reward stage, or restore the directory from its run") from exc
+                        "re-run the reward stage, or restore the directory from its run") from exc
     return model
 
 

@@ -54,9 +54,9 @@ def rlhf_tokenizer(cfg: AvaConfig) -> Tokenizer:
         tokenizer: Tokenizer = ByteTokenizer()
     elif name == "bpe":
         raise UserError("data.tokenizer_name: bpe trains a tokenizer on a pre-training corpus; RLHF must use "
-                              "the tokenizer the policy was trained with",
-                              "set data.tokenizer_name to that tokenizer.json (Ava caches trained ones under "
-                              "~/.cache/ava), or null for bytes")
+                        "the tokenizer the policy was trained with",
+                        "set data.tokenizer_name to that tokenizer.json (Ava caches trained ones under "
+                        "~/.cache/ava), or null for bytes")
     else:
         tokenizer = load_tokenizer(name)
     check_vocab(tokenizer, cfg.model.vocab_size, "data.tokenizer_name")
@@ -298,15 +298,15 @@ def _check_prompts(cfg: AvaConfig, stage: str, tokenizer: Tokenizer, task: Task)
         if length + new > limit:
             where = f"{path} line {number}: a {length}-token prompt" if path else f"a {length}-token '{task.name}' prompt"
             raise UserError(f"rlhf.generation.max_new_tokens = {new} after {where} exceeds "
-                                  f"model.max_position_embeddings = {limit}",
-                                  f"set rlhf.generation.max_new_tokens <= {limit - length}, or shorten the prompts")
+                            f"model.max_position_embeddings = {limit}",
+                            f"set rlhf.generation.max_new_tokens <= {limit - length}, or shorten the prompts")
     if path is not None and _scored_by_task(r, stage):
         unanswered = [n for n, row in enumerate(rows, 1) if row.get("answer") is None]
         if unanswered:
             raise UserError(f"{setting}: {path} line {unanswered[0]} (and {len(unanswered) - 1} more) has no "
-                                  f"\"answer\", but the rewards come from the '{task.name}' task's scorer, which "
-                                  "compares with it", "add an \"answer\" to every prompt, or set rlhf.reward_function "
-                                  "(or a reward model) to score without one")
+                            f"\"answer\", but the rewards come from the '{task.name}' task's scorer, which "
+                            "compares with it", "add an \"answer\" to every prompt, or set rlhf.reward_function "
+                            "(or a reward model) to score without one")
 
 
 def _scored_by_task(r: Any, stage: str) -> bool:

@@ -93,13 +93,13 @@ def task_reward(task: Task) -> RewardFunction:
         answers = info.get("answers")
         if not isinstance(answers, Sequence) or len(answers) != len(prompts):
             raise UserError(f"the '{task.name}' task reward needs one answer per prompt; got answers={answers!r}",
-                                  "pass answers=[...] with the reference answer of each prompt")
+                            "pass answers=[...] with the reference answer of each prompt")
         scores = []
         for i, (prompt, answer, response) in enumerate(zip(prompts, answers, responses, strict=False)):
             if answer is None:
                 raise UserError(f"the '{task.name}' task reward has no answer for prompt {i} ({prompt!r})",
-                                      "use prompts made by the task (they carry answers), or set "
-                                      f"{SETTING} to a reward that needs no reference answer")
+                                "use prompts made by the task (they carry answers), or set "
+                                f"{SETTING} to a reward that needs no reference answer")
             scores.append(task.score(prompt, str(answer), response))
         return scores
 
@@ -139,8 +139,8 @@ def score_responses(fn: RewardFunction, prompts: Sequence[str], responses: Seque
         raise  # already says what to fix (e.g. a built-in task reward missing an answer)
     except Exception as err:
         raise UserError(f"reward function {name!r} raised {type(err).__name__}: {err}",
-                              f"fix {name} so it returns one number per response for these inputs "
-                              f"(first prompt {_shown(prompts[0] if prompts else None)})") from err
+                        f"fix {name} so it returns one number per response for these inputs "
+                        f"(first prompt {_shown(prompts[0] if prompts else None)})") from err
     expected = f"return a list of {len(prompts)} finite numbers, one per response"
     values = _as_list(result)
     if values is None:
@@ -149,15 +149,15 @@ def score_responses(fn: RewardFunction, prompts: Sequence[str], responses: Seque
         raise UserError(f"reward function {name!r} returned {got}: {_shown(result)}", f"make {name} {expected}")
     if len(values) != len(prompts):
         raise UserError(f"reward function {name!r} returned {len(values)} values for {len(prompts)} responses",
-                              f"make {name} {expected}")
+                        f"make {name} {expected}")
     scores = []
     for i, value in enumerate(values):
         if not isinstance(value, numbers.Real):
             raise UserError(f"reward function {name!r} returned {_shown(value)} ({type(value).__name__}) "
-                                  f"at index {i}, not a number", f"make {name} {expected}")
+                            f"at index {i}, not a number", f"make {name} {expected}")
         if not math.isfinite(float(value)):
             raise UserError(f"reward function {name!r} returned {value} at index {i}",
-                                  f"make {name} {expected}: guard divisions and logs against NaN and inf")
+                            f"make {name} {expected}: guard divisions and logs against NaN and inf")
         scores.append(float(value))
     return scores
 

@@ -59,7 +59,7 @@ class Task(ABC):
     def __init__(self, length: int = 6) -> None:
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise UserError(f"RLHF task '{self.name}': answer length {length!r} is not a positive whole number",
-                                  "give the task length as an integer >= 1, e.g. 6")
+                            "give the task length as an integer >= 1, e.g. 6")
         self.length = length
 
     @abstractmethod

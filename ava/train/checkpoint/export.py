@@ -38,7 +38,7 @@ def resolve_checkpoint(path: Path, which: str = "latest") -> Path:
         what = "best checkpoint (the run never evaluated, or save_best_checkpoint is off)" if which == "best" \
             else "complete checkpoint"
         raise UserError(f"{path} holds no {what}",
-                              "point at a run directory or a checkpoints/stepNNNNNNNN directory written to the end")
+                        "point at a run directory or a checkpoints/stepNNNNNNNN directory written to the end")
     return root / tag
 
 
@@ -47,12 +47,12 @@ def run_model_config(run_dir: Path) -> ModelConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise UserError(f"{path} not found, so the model's shape is unknown",
-                              "export from inside a run directory written by train.py (it holds config.yaml)")
+                        "export from inside a run directory written by train.py (it holds config.yaml)")
     try:
         return ModelConfig.model_validate(yaml.safe_load(path.read_text())["model"])
     except (yaml.YAMLError, KeyError, TypeError, ValidationError) as exc:
         raise UserError(f"{path} has no valid model: section ({exc})",
-                              "restore the run's config.yaml; it is written at the start of every run") from exc
+                        "restore the run's config.yaml; it is written at the start of every run") from exc
 
 
 def checkpoint_state_dict(point: Path) -> dict[str, torch.Tensor]:
@@ -76,7 +76,7 @@ def checkpoint_state_dict(point: Path) -> dict[str, torch.Tensor]:
         return state
     if not module_file.is_file():
         raise UserError(f"{point} has neither ZeRO shards nor {module_file.name}: not a DeepSpeed checkpoint",
-                              "point at a checkpoints/stepNNNNNNNN directory written by train.py")
+                        "point at a checkpoints/stepNNNNNNNN directory written by train.py")
     module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
     return {k: v.float() for k, v in module.items()}
 

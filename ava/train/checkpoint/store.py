@@ -281,7 +281,7 @@ def load(engine: Any, root: Path, tag: str, rank: int) -> dict[str, Any]:
     state_file = root / tag / f"ava_state_rank{rank}.pt"
     if not state_file.is_file():
         raise UserError(f"{state_file} is missing: the checkpoint was written by a run with fewer ranks",
-                              "resume with the number of ranks the checkpoint was written with")
+                        "resume with the number of ranks the checkpoint was written with")
     state = read_state(state_file)
     set_rng_state(state["rng"])
     return state
@@ -308,10 +308,10 @@ def read_state(path: Path) -> dict[str, Any]:
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged file fails in many ways (EOFError, OSError, KeyError, UnpicklingError...)
         raise UserError(f"{path} cannot be read as Ava checkpoint state ({_reason(exc)}): the checkpoint is "
-                              "corrupt, or the file was not written by Ava", RESUME_EARLIER) from None
+                        "corrupt, or the file was not written by Ava", RESUME_EARLIER) from None
     if not isinstance(state, dict) or not {"step", "data", "rng"} <= state.keys():
         raise UserError(f"{path} is not Ava checkpoint state: it lacks the step, data position and RNG states",
-                              RESUME_EARLIER)
+                        RESUME_EARLIER)
     return state
 
 

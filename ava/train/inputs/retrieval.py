@@ -66,14 +66,14 @@ class RetrievalPlan:
             torch.distributed.broadcast_object_list(verdict, src=0)
             if verdict[0] and failure is None:
                 raise UserError(f"rank 0 could not build the retrieval store in {directory}: {verdict[0]}",
-                                      "see rank 0's message above; building it ahead of time with `ava rag "
-                                      "build-index` and the same config shows the problem on its own")
+                                "see rank 0's message above; building it ahead of time with `ava rag "
+                                "build-index` and the same config shows the problem on its own")
         if failure is not None:
             raise failure
         if not (directory / "manifest.json").is_file():
             raise UserError(f"the retrieval store rank 0 built in {directory} is not visible on this node",
-                                  "put data.cache_dir (or model.rag.index_dir) on a filesystem every node shares, "
-                                  "or run `ava rag build-index` with the same config on every node first")
+                            "put data.cache_dir (or model.rag.index_dir) on a filesystem every node shares, "
+                            "or run `ava rag build-index` with the same config on every node first")
         retriever = Retriever.open(directory, decode=self.decode, nprobe=rag.nprobe)
         retriever.check(chunk_size=rag.chunk_size, data_fingerprint=data_fingerprint(self.rows),
                         encoder_fingerprint=encoder.fingerprint)
