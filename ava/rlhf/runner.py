@@ -12,7 +12,6 @@ a scheduler to requeue).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -88,7 +87,7 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
         console.note(f"RLHF pipeline: {' -> '.join(cfg.rlhf.stages)}; {process.world_size} rank(s); "
                      f"precision {cfg.training.mixed_precision}; outputs: {out_dir}")
     try:
-        result = run_pipeline(plan, out_dir, process, _sink(metrics, console), console.note, resume=resume,
+        result = run_pipeline(plan, out_dir, process, _sink(metrics, out_dir, console), console.note, resume=resume,
                               preemption=preemption, trust_checkpoint=trust_checkpoint)
     finally:
         if metrics is not None:
@@ -111,12 +110,16 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
     return outcome
 
 
-def _sink(metrics: Any, console: Any) -> Callable[[dict], None]:
-    """Where every record goes: metrics.jsonl (rank 0) and the console."""
+def _sink(metrics: Any, out_dir: Path, console: Any) -> Callable[[dict], None]:
+    """Where every record goes: metrics.jsonl (rank 0; a full disk is a user error, as in train.py) and the console."""
+    from ava.train.callbacks.metrics_file import MetricsFile
+
+    file = MetricsFile(metrics, out_dir / "metrics.jsonl",
+                       lambda: f"continue with --output_dir {out_dir} --resume") if metrics is not None else None
+
     def log(record: dict) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+        if file is not None:
+            file.write(record)
         console.log(record)
 
     return log

@@ -31,6 +31,10 @@ class MetricsFile(Callback):
     def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if "loss" in record:
             record.update(peak_memory())
+        self.write(record)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (also for writers outside a Trainer: the RLHF pipeline's notes and stages)."""
         try:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
