@@ -46,6 +46,10 @@ class TrainingConfig(Section):
 
     learning_rate: float = Field(4.2e-4, gt=0, description="Peak learning rate (after warmup).")
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")
+    weight_decay_exclude: list[Literal["norms", "biases", "embeddings"]] = Field(
+        ["norms", "biases"], description="Parameters left out of weight decay: norms (norm weights and other 1-D "
+        "gains and gates), biases, embeddings (token/position tables). The default decays the matrices only, as "
+        "nanoGPT, Hugging Face and Megatron do; [] decays everything.")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")

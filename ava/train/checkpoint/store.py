@@ -274,7 +274,17 @@ def load(engine: Any, root: Path, tag: str, rank: int) -> dict[str, Any]:
     `engine`: one DeepSpeed engine or a mapping {name: engine}, as `save` was given.
     """
     for directory, name, each in _placed(engine, root, tag):
-        path, _ = each.load_checkpoint(directory, tag=name)
+        try:
+            path, _ = each.load_checkpoint(directory, tag=name)
+        except ValueError as exc:
+            if "number of parameter groups" not in str(exc):
+                raise
+            raise UserError(
+                f"checkpoint {Path(directory) / name} holds an optimizer with another number of parameter groups "
+                "than this run builds: the groups follow training.weight_decay_exclude, and a checkpoint written "
+                "before that setting existed (or with it set to []) has a single group",
+                "resume with the setting the checkpoint was written with, e.g. --training.weight_decay_exclude=[] "
+                "(decay every parameter, as Ava did before the setting existed)") from exc
         if path is None:
             raise UserError(f"DeepSpeed could not load checkpoint {Path(directory) / name}",
                             "check that the directory is complete and was written with this configuration")

@@ -4,7 +4,8 @@ In order: ZeRO-3 leaf marks for routed modules (MoE, MoA, MoH routers: a
 leaf is gathered whole, since a router reads its experts' weights directly),
 the precision policy (fp8 converts matmuls in place), expert parallelism
 (each rank keeps its own experts; before `deepspeed.initialize`), the engine
-itself, then the process-wide host-memory setting and torch.compile, which
+itself (whose optimizer leaves norms and biases undecayed: see
+`ava.train.engine.param_groups`), then the process-wide host-memory setting and torch.compile, which
 need the engine's device. A frozen model (an RLHF reference or reward model)
 gets an engine without an optimizer, in eval mode.
 """
@@ -23,6 +24,7 @@ from ava.config.schema import AvaConfig
 from ava.model.compile import ZERO3_COMPILE_WARNING, CompileSetting, compile_pays
 from ava.train.engine.expert_parallel import expert_parallel_engine, prepare_expert_parallel
 from ava.train.engine.host_memory import keep_freed_memory
+from ava.train.engine.param_groups import decay_groups, describe
 from ava.train.engine.precision import PrecisionReport, apply_precision
 
 HOST_MEMORY_NOTE = ("host memory: freed blocks are kept for reuse (glibc malloc thresholds raised), so steps do not "
@@ -78,7 +80,10 @@ def build_engine(module: nn.Module, cfg: AvaConfig, ds_config: dict, *, name: st
     for line in precision.notes:
         say(line)
     if trainable:
-        parameters = prepare_expert_parallel(module, cfg.deepspeed.ep_size)
+        t = cfg.training
+        say(describe(module, t.weight_decay, t.weight_decay_exclude))
+        parameters = prepare_expert_parallel(
+            module, cfg.deepspeed.ep_size, lambda m: decay_groups(m, t.weight_decay, t.weight_decay_exclude))
         with expert_parallel_engine(module):
             engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=parameters, config=ds_config)
     else:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,8 @@ def _distributed_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer) and m.expert_parallel is not None]
 
 
-def prepare_expert_parallel(model: nn.Module, ep_size: int) -> list[Any]:
+def prepare_expert_parallel(model: nn.Module, ep_size: int,
+                            groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None) -> list[Any]:
     """Spread `model`'s experts over expert-parallel groups of `ep_size` ranks; returns what to optimize.
 
     Call after `deepspeed.init_distributed` and before `deepspeed.initialize`,
@@ -70,11 +71,13 @@ def prepare_expert_parallel(model: nn.Module, ep_size: int) -> list[Any]:
     pass the result as `model_parameters`. Each rank keeps its own experts
     (the slice of the whole model's, so initialisation does not depend on
     `ep_size`). With `ep_size` 1 nothing changes and the trainable parameters
-    are returned as they are.
+    are returned as they are.  `groups(model)` makes the optimizer's parameter
+    groups (weight decay); it is called after the experts are spread, since
+    spreading replaces their parameters.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if ep_size == 1:
-        return params
+        return groups(model) if groups is not None else params
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
     from deepspeed.utils import groups
 
@@ -93,7 +96,8 @@ def prepare_expert_parallel(model: nn.Module, ep_size: int) -> list[Any]:
             p.allreduce = False  # type: ignore[attr-defined]  # DeepSpeed's mark of an expert parameter
             p.group_name = name  # type: ignore[attr-defined]  # which expert-data-parallel group reduces it
     params = [p for p in model.parameters() if p.requires_grad]  # the expert parameters are new objects
-    return split_params_into_different_moe_groups_for_optimizer({"name": "ava", "params": params})
+    return split_params_into_different_moe_groups_for_optimizer(
+        groups(model) if groups is not None else {"name": "ava", "params": params})
 
 
 @contextlib.contextmanager
