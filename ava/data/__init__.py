@@ -1,5 +1,6 @@
 """The data pipeline: tokenizers (with a BPE trained on the corpus), built-in corpora, local sources
-read with `datasets`, mixing, packing, token files, and batches held in memory or streamed.
+read with `datasets`, mixing, packing, token files, and batches held in memory, streamed or cut as
+random windows.
 
 Each module does one job and takes what it needs as arguments; none but
 `setup` reads the run's configuration, so each can be tested alone. `setup`

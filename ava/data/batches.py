@@ -9,6 +9,7 @@ more would hang the others in their next collective).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping
 from typing import Protocol
 
@@ -19,7 +20,8 @@ from ava.errors import UserError
 
 
 class Batches(Protocol):
-    """What the training loop needs from its batches; `SequenceBatches` and `StreamingBatches` both provide it."""
+    """What the training loop needs from its batches; `SequenceBatches`, `StreamingBatches` and `RandomWindows`
+    provide it."""
 
     @property
     def batches_per_epoch(self) -> int: ...
@@ -80,6 +82,7 @@ class SequenceBatches:
         self._pin_memory = pin_memory  # page-locked batches copy to a GPU faster; needs CUDA
         self._epoch = 0
         self._batch_index = 0  # batches of the current epoch this rank has already yielded
+        self._fingerprint: str | None = None
 
     @property
     def sequences(self) -> np.ndarray:
@@ -103,6 +106,30 @@ class SequenceBatches:
         if needed > order.size:  # drop_last=False: complete the last global batch from the start
             order = np.concatenate([order, order[: needed - order.size]])
         return order
+
+    @property
+    def covered(self) -> int:
+        """Sequences one epoch yields over all ranks (what an evaluation over every batch averages)."""
+        return self.batches_per_epoch * self._micro_batch * self._world_size
+
+    def fingerprint(self) -> str:
+        """A blake2b digest (hex) of the sequences epoch 0 covers, by index, and their shape.
+
+        For held-out batches (whose order never changes) this names the set an
+        evaluation measured: two evaluations are comparable only when their
+        fingerprints agree. It changes with the held-out data itself and with
+        anything that changes which rows an epoch covers (the eval batch size,
+        the number of ranks, the seed when the rows do not divide evenly).
+        """
+        if self._fingerprint is None:
+            chosen = np.sort(self.epoch_order(0)[: self.covered])
+            digest = hashlib.blake2b(digest_size=16)
+            digest.update(np.asarray([chosen.size, self._sequences.shape[1]], dtype=np.int64).tobytes())
+            for start in range(0, chosen.size, 4096):  # bounded memory for a large val.bin
+                rows = self._sequences[chosen[start:start + 4096]]
+                digest.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def state_dict(self) -> dict[str, int]:
         """Position in the data: the epoch, and how many of its batches this rank has yielded."""

@@ -4,9 +4,10 @@
 starts from the same weights), loads `training.init_from`'s weights, wraps
 LoRA adapters, opens the retrieval store, builds the engine and the shared
 optimizer step, composes the callbacks in the order they must run
-(per-layer gradient norms, gradient-health rollback, evaluation; the
-caller's; checkpointing, preemption), and fits. Writing files and printing
-are the caller's: pass the sinks as callbacks, last (`ava.train.run` does).
+(the LR decay horizon, per-layer gradient norms, gradient-health rollback,
+evaluation; the caller's; checkpointing, preemption), and fits. Writing files
+and printing are the caller's: pass the sinks as callbacks, last
+(`ava.train.run` does).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ava.train.callbacks.checkpointing import Checkpointing
 from ava.train.callbacks.evaluation import Evaluation
 from ava.train.callbacks.gradient_health import GradientHealth
 from ava.train.callbacks.layer_grad_norms import LayerGradNorms
+from ava.train.callbacks.lr_horizon import LRHorizon
 from ava.train.callbacks.preemption import Preemption
 from ava.train.checkpoint.checkpointer import Checkpointer
 from ava.train.engine.build import build_engine
@@ -118,12 +120,16 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         reports_router_loss=config.model.is_moe or config.model.routes_attention, measure_update=measure_layers,
         batch_context=batch_context, faults=faults, rank=process.rank)
     per_epoch = max(1, train_batches.batches_per_epoch // accumulation)
-    first: list[Callback] = [LayerGradNorms()] if measure_layers else []
+    # The decay horizon travels in checkpoints: a resume with another max_steps keeps it (no LR jump).
+    first: list[Callback] = [LRHorizon(optimizer, lambda horizon: lr_schedule(t, horizon))]
+    if measure_layers:
+        first.append(LayerGradNorms())
     if health is not None:
         first.append(GradientHealth(health, t.gradient_health, accumulation, t.save_steps, t.save_strategy))
     if eval_batches is not None:
         every = {"steps": t.eval_steps, "epoch": per_epoch, "no": 0}[t.eval_strategy]
-        first.append(Evaluation(every, t.early_stopping_patience, t.early_stopping_threshold, t.sample_max_new_tokens))
+        first.append(Evaluation(every, t.early_stopping_patience, t.early_stopping_threshold, t.sample_max_new_tokens,
+                                held_out=eval_batches.fingerprint()))
     last: list[Callback] = []  # after the caller's: a stop they ask for still gets its final checkpoint
     checkpointer = None
     if checkpoint_dir is not None:

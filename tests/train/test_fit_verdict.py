@@ -174,3 +174,26 @@ def test_moe_router_loss_is_left_out_of_the_training_side_of_the_gap() -> None:
         records += [{"step": step, "loss": lm + 0.3, "lm_loss": lm}, {"step": step, "eval_loss": val}]
     verdict = diagnose_fit(records)
     assert verdict.train_loss == 6.0 and verdict.gap == pytest.approx(0.05)
+
+
+def _on_sets(records: list[dict], sets: dict[int, str]) -> list[dict]:
+    """The records with each evaluation's `held_out` fingerprint set from `sets` (by step)."""
+    return [{**r, "held_out": sets[r["step"]]} if "eval_loss" in r and r["step"] in sets else r for r in records]
+
+
+def test_evaluations_on_different_held_out_sets_get_no_verdict_and_say_where_the_set_changed() -> None:
+    # The overfitting curve, but the last two evaluations were made on another held-out set (a resume with
+    # other data settings): their rise says nothing about the model, so no verdict compares them.
+    records = _on_sets(_run(OVERFITTING), {100: "a" * 32, 200: "a" * 32, 300: "b" * 32, 400: "b" * 32})
+    fit = diagnose_fit(records)
+    assert fit.verdict == "undetermined"
+    assert "2 different held-out sets (aaaaaaaaaaaa at steps 100-200, bbbbbbbbbbbb at steps 300-400)" in fit.reason
+    assert "cannot be compared" in fit.reason and "resume with the settings the run started with" in fit.reason
+    assert fit.eval_loss == pytest.approx(7.14)  # the numbers of the last evaluation are still reported
+
+
+def test_evaluations_on_one_held_out_set_or_unnamed_ones_are_judged_as_before() -> None:
+    same = _on_sets(_run(OVERFITTING), {100: "a" * 32, 200: "a" * 32, 300: "a" * 32, 400: "a" * 32})
+    assert diagnose_fit(same).verdict == "overfitting"
+    older = _on_sets(_run(OVERFITTING), {300: "a" * 32, 400: "a" * 32})  # records from before fingerprints
+    assert diagnose_fit(older).verdict == "overfitting"

@@ -48,3 +48,20 @@ def test_impossible_schedules_are_refused():
         LRSchedule(peak=1.0, end=0.0, warmup_steps=20, total_steps=10)
     with pytest.raises(ValueError, match="unknown schedule shape"):
         LRSchedule(peak=1.0, end=0.0, warmup_steps=1, total_steps=10, decay="step")
+
+
+def test_keeping_a_shorter_horizon_on_resume_is_explained_with_the_numbers():
+    from ava.train.engine.lr_schedule import horizon_note
+
+    kept = LRSchedule(peak=1e-3, end=1e-4, warmup_steps=10, total_steps=30)
+    derived = LRSchedule(peak=1e-3, end=1e-4, warmup_steps=10, total_steps=40)
+    note = horizon_note(kept, derived, resumed_at=30, planned=40)
+    assert note is not None
+    assert "keeps the checkpoint's decay over 30 steps, not the 40 now planned" in note
+    assert f"step 31 trains at 0.0001 (a schedule re-derived over 40 steps would give {derived.lr(30):.3g})" in note
+    assert "from step 31 to step 40 it stays at lr_end 0.0001" in note
+    longer = horizon_note(derived, kept, resumed_at=20, planned=30)
+    assert longer is not None and f"ends at step 30 with the LR at {derived.lr(29):.3g}, before the decay" in longer
+    assert horizon_note(kept, kept, resumed_at=30, planned=30) is None
+    constant = LRSchedule(peak=1e-3, end=0.0, warmup_steps=2, total_steps=30, decay="constant")
+    assert horizon_note(constant, LRSchedule(1e-3, 0.0, 2, 40, decay="constant"), 30, 40) is None  # same rates

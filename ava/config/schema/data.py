@@ -41,7 +41,8 @@ class DataConfig(Section):
         "weight, sample_by}); empty uses the built-in dataset.")
     tokenizer_name: str | None = Field(
         None, description="Local tokenizer.json path; 'bpe' trains a byte-level BPE on the corpus (cached); "
-        "null uses the built-in byte tokenizer.")
+        "null uses the training.init_from model's tokenizer.json if it has one, else the built-in byte "
+        "tokenizer. With data_dir: the tokenizer that made the token files, saved with the model.")
     bpe_vocab_size: int | None = Field(
         None, ge=257, description="Vocabulary of the trained BPE (tokenizer_name: bpe); null uses model.vocab_size.")
     bpe_training_bytes: int = Field(
@@ -52,8 +53,16 @@ class DataConfig(Section):
     builtin_dataset: Literal["python_stdlib", "markov"] = Field(
         "python_stdlib", description="Which built-in corpus is used when data_dir and sources are unset.")
     markov_vocab_size: int = Field(64, gt=1, description="Tokens of the built-in Markov corpus.")
+    builtin_tokens: int = Field(
+        1_000_000, gt=0, description="Size of the built-in corpus in tokens, held-out sequences included (the "
+        "first tokens of the stdlib, or a Markov sample this long). Fixed, so the data and the held-out set "
+        "do not change with training.max_steps; the stdlib holds about 11M byte tokens.")
 
     max_length: int = Field(1024, gt=0, description="Tokens per training sequence.")
+    sampling: Literal["packed", "random_windows"] = Field(
+        "packed", description="packed: each epoch visits the packed rows in a seeded order; random_windows: "
+        "each batch takes windows of max_length tokens at random offsets of the training token stream "
+        "(nanoGPT/Megatron style; token files and in-memory data, not streams).")
     max_train_examples: int = Field(-1, ge=-1, description="Cap on training examples; -1 means all.")
     max_eval_examples: int = Field(1000, ge=-1, description="Cap on evaluation examples; -1 means all.")
     padding_side: Literal["left", "right"] = Field("right", description="Side padding goes on.")

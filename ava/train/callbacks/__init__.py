@@ -3,5 +3,6 @@
 Control: `Evaluation` (held-out loss, early stopping, the final sample),
 `Checkpointing` (periodic, best, final, reload check), `GradientHealth`
 (rollback), `Preemption` (stop signal -> checkpoint -> requeue),
-`LayerGradNorms`. Sinks: `MetricsFile`, `Console`, `Wandb`, `Records` (a function).
+`LayerGradNorms`, `LRHorizon` (the LR decay horizon across a resume).
+Sinks: `MetricsFile`, `Console`, `Wandb`, `Records` (a function).
 """

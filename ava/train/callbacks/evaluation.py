@@ -6,6 +6,13 @@ have passed without improvement, and stops early at exactly the step the
 uninterrupted run would have. Each evaluation record also carries the
 train/validation gap: the mean training LM loss since the previous
 evaluation (or the (re)start) against the held-out loss, like for like.
+
+Each evaluation record names the held-out set it measured (`held_out`, the
+fingerprint of the evaluation batches), and so does the state in every
+checkpoint: losses on different sets cannot be compared, so a run resumed on
+another held-out set (other data settings) restarts its best-loss record and
+early-stopping count, with an event saying so, and the end-of-run fit verdict
+refuses to compare across the change (`ava.train.report.fit_verdict`).
 """
 
 from __future__ import annotations
@@ -81,19 +88,32 @@ class Evaluation(Callback):
     name = "evaluation"
     legacy_state_keys = ("monitor",)
 
-    def __init__(self, every: int, patience: int | None, threshold: float, sample_tokens: int = 0) -> None:
-        self.every, self.sample_tokens = every, sample_tokens
+    def __init__(self, every: int, patience: int | None, threshold: float, sample_tokens: int = 0,
+                 held_out: str | None = None) -> None:
+        self.every, self.sample_tokens, self.held_out = every, sample_tokens, held_out
         self.monitor = EvalMonitor(patience, threshold)
         self._since = 0  # the loss-history mark of the previous evaluation (or the (re)start)
+        self._restored_held_out: str | None = None  # the held-out fingerprint of the checkpoint resumed from
 
     def state_dict(self) -> dict[str, Any]:
-        return self.monitor.state_dict()
+        state = self.monitor.state_dict()
+        return {**state, "held_out": self.held_out} if self.held_out is not None else state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.monitor.load_state_dict(state)
+        self._restored_held_out = state.get("held_out")
 
     def on_train_start(self, trainer: Trainer) -> None:
         self._since = trainer.history.mark()
+        before, now = self._restored_held_out, self.held_out
+        if trainer.resumed and before is not None and now is not None and before != now:
+            m = self.monitor
+            best = f"{m.best_loss:.4f} at step {m.best_step}" if m.best_step is not None else "none yet"
+            trainer.log({"step": trainer.step, "event": "held_out_changed", "reason": (
+                f"the held-out set differs from the checkpoint's (fingerprint {before[:12]} -> {now[:12]}: other "
+                f"data settings), so its best evaluation loss ({best}) is not comparable: the best-loss record "
+                "and early stopping start again, and the fit verdict will not compare across the change")})
+            m.best_loss, m.best_step, m.evals_without_improvement = math.inf, None, 0
         if trainer.resumed and (trainer.step >= trainer.planned_steps or self.monitor.should_stop):
             # Training had ended (all steps, or early stopping) before the process stopped, e.g. killed while
             # exporting: finish from the final checkpoint instead of training on or reporting it unevaluated.
@@ -113,6 +133,8 @@ class Evaluation(Callback):
         improved = self.monitor.update(step, loss)
         record = {"step": step, "eval_loss": loss, "eval_perplexity": perplexity(loss),
                   "best_eval_loss": self.monitor.best_loss}
+        if self.held_out is not None:
+            record["held_out"] = self.held_out
         recent = trainer.history.lm_losses_since(self._since)
         if recent:  # the train/validation gap, over the steps since the previous evaluation (or the (re)start)
             train_loss = float(mean_over_ranks(torch.stack(recent).mean()))

@@ -6,7 +6,10 @@ checkpoint; `--auto_resume` resumes when there is a checkpoint and starts
 fresh otherwise (for jobs a scheduler may requeue). Refused, each with the
 fix: a changed batch configuration (the data order and LR schedule would
 differ), a checkpoint of another number of ranks, a model of another shape,
-a damaged or untrusted state file.
+a damaged or untrusted state file. A changed `max_steps` is not refused: the
+data and the held-out set do not depend on it (`ava.data.setup`), and the LR
+schedule keeps the decay horizon the checkpoint recorded
+(`ava.train.callbacks.lr_horizon`).
 """
 
 from __future__ import annotations

@@ -3,6 +3,13 @@
 One pure function of the step, so it can be checked on paper, plotted before a
 run, and resumed exactly (the step alone determines the rate: no scheduler
 state can drift). `LRSchedule.multiplier` plugs into torch's LambdaLR.
+
+On a resume that changes the run's length (`max_steps`, or `num_epochs`),
+the schedule keeps the decay horizon the run started with, which its
+checkpoint records (`ava.train.callbacks.lr_horizon`): the LR then goes on
+exactly as before the stop instead of jumping at the resume step, and a longer
+run trains on at `lr_end` once that horizon has passed. `horizon_note` says
+so, with the numbers, when it makes a difference.
 """
 
 from __future__ import annotations
@@ -52,3 +59,21 @@ class LRSchedule:
     def multiplier(self, step: int) -> float:
         """lr(step) / peak: the factor torch.optim.lr_scheduler.LambdaLR expects."""
         return self.lr(step) / self.peak
+
+
+def horizon_note(kept: LRSchedule, derived: LRSchedule, resumed_at: int, planned: int) -> str | None:
+    """What keeping the checkpoint's schedule `kept` instead of `derived` (this run's length) means, in words.
+
+    `resumed_at` is the step of the checkpoint, `planned` the step the run now
+    ends at. None when both give the same rates (a constant decay after the
+    same warmup).
+    """
+    if kept == derived or (kept.decay == derived.decay == "constant" and kept.warmup_steps == derived.warmup_steps):
+        return None
+    after = (f"from step {kept.total_steps + 1} to step {planned} it stays at lr_end {kept.end:.3g}"
+             if planned > kept.total_steps else
+             f"the run now ends at step {planned} with the LR at {kept.lr(planned - 1):.3g}, before the decay ends")
+    return (f"the LR schedule keeps the checkpoint's decay over {kept.total_steps} steps, not the {planned} now "
+            f"planned, so the LR does not jump at the resume: step {resumed_at + 1} trains at "
+            f"{kept.lr(resumed_at):.3g} (a schedule re-derived over {planned} steps would give "
+            f"{derived.lr(resumed_at):.3g}), and {after}. To decay over {planned} steps, start a new run")

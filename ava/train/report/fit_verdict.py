@@ -22,6 +22,13 @@ out. A step logged twice (resume, rollback) counts once: the last record wins.
 
 The rules, in order:
 
+- undetermined: the evaluations were made on different held-out sets. Each
+  evaluation record names its set (`held_out`, a fingerprint of the rows
+  evaluated; `ava.data.batches.SequenceBatches.fingerprint`), and a run
+  resumed with other data settings can evaluate on another one; a loss that
+  falls across the change may only mean easier rows, so no verdict compares
+  them, and the reason says where the set changed. (Records without the key,
+  from an older Ava, are taken to share their neighbours' set.)
 - undetermined: fewer than `min_evaluations` evaluations with a finite loss.
   Two points cannot tell a trend from noise.
 - overfitting: the last evaluation loss is above the best by more than
@@ -88,6 +95,10 @@ def diagnose_fit(records: Iterable[dict], min_evaluations: int = 3) -> FitVerdic
     # lm_loss is what evaluation measures; the total `loss` adds an MoE model's router losses.
     train = _finite_by_step(records, "lm_loss") or _finite_by_step(records, "loss")
     points = _points(evals, train, dict(_finite_by_step(records, "train_loss")))
+    changed = _held_out_changes(records, [p.step for p in points])
+    if changed is not None:
+        last = points[-1]
+        return FitVerdict("undetermined", changed, last.train_loss, last.eval_loss, last.eval_loss - last.train_loss)
     if len(points) < max(min_evaluations, 1):
         return _undetermined(len(evals), points, min_evaluations, bool(train))
     first, last = points[0], points[-1]
@@ -116,6 +127,31 @@ def diagnose_fit(records: Iterable[dict], min_evaluations: int = 3) -> FitVerdic
         f"validation loss {_n(first.eval_loss)} to {_n(last.eval_loss)} and training loss "
         f"{_n(first.train_loss)} to {_n(last.train_loss)} between steps {first.step} and {last.step}; "
         f"gap {_n(gap)} at the last evaluation (best validation loss {_n(best.eval_loss)} at step {best.step})."))
+
+
+def _held_out_changes(records: list[dict], steps: list[int]) -> str | None:
+    """Why the evaluations at `steps` cannot be compared (they span held-out sets), or None when they can."""
+    named: dict[int, str] = {}
+    for record in records:  # the last record wins a repeated step, as for the losses
+        if type(record.get("step")) is int and "eval_loss" in record and isinstance(record.get("held_out"), str):
+            named[record["step"]] = record["held_out"]
+    runs: list[tuple[str, int, int]] = []  # (fingerprint, first step, last step), in step order
+    for step in steps:
+        held_out = named.get(step)
+        if held_out is None:
+            continue
+        if runs and runs[-1][0] == held_out:
+            runs[-1] = (held_out, runs[-1][1], step)
+        else:
+            runs.append((held_out, step, step))
+    if len({held_out for held_out, _, _ in runs}) < 2:
+        return None
+    spans = ", ".join(f"{h[:12]} at step{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}" for h, a, b in runs)
+    return (f"the evaluations were made on {len({h for h, _, _ in runs})} different held-out sets ({spans}), "
+            "so their losses cannot be compared and there is no train/validation verdict. The held-out set "
+            "changes when a resume changes the data settings (the data, data.max_eval_examples, "
+            "data.eval_batch_size, data.shuffle_seed): resume with the settings the run started with, or judge "
+            "a run evaluated on one set throughout.")
 
 
 def _finite_by_step(records: list[dict], key: str) -> list[tuple[int, float]]:
