@@ -38,6 +38,7 @@ commands:
   model export-hf SRC   write an Ava model as a HF checkpoint (from_pretrained loads it)
   model export-checkpoint RUN
                         consolidate a training checkpoint (any ZeRO stage) to safetensors / HF
+  generate PATH         continue a prompt with a trained model (a run, model, checkpoint or HF directory)
   rag build-index       build the retrieval datastore (RETRO chunks, embeddings, index) of a config's training data
   launch slurm          render the SLURM batch script for a config (--submit: submit it with sbatch)
   doctor                check this machine: versions, accelerator, precisions, and a 2-rank ZeRO-3 start
@@ -79,6 +80,8 @@ def _dispatch(args: list[str]) -> int:
         return _command("rlhf_cmd").main(rest, prog="ava rlhf")
     if command == "doctor":
         return _command("doctor_cmd").main(rest)
+    if command == "generate":
+        return _command("generate_cmd").main(rest)
     groups = ("config", "model", "rag", "launch")
     if command in groups:
         table: Mapping[str, Callable[[Sequence[str]], int]] = _command(f"{command}_cmd").COMMANDS
@@ -88,7 +91,7 @@ def _dispatch(args: list[str]) -> int:
         if rest[0] not in table:
             return _unknown(f"{command} {rest[0]}", [f"{command} {c}" for c in table])
         return table[rest[0]](rest[1:])
-    return _unknown(command, ["train", "rlhf", *groups, "doctor"])
+    return _unknown(command, ["train", "rlhf", *groups, "generate", "doctor"])
 
 
 def _out_of_space(exc: OSError) -> bool:

@@ -1,14 +1,24 @@
-"""`ava model summary | import-hf | export-hf`."""
+"""`ava model summary | import-hf | export-hf | export-checkpoint`.
+
+Every import and export carries the model's tokenizer and special ids along
+(`ava.data.model_tokens`, `ava.hf.tokenizer`): import-hf copies the Hugging
+Face directory's tokenizer.json and ids into the Ava model directory, and the
+exports write them beside the weights.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ava.cli.args import add_stack_arguments, new_parser, stack_from
 from ava.config import load_config
 from ava.errors import UserError
+
+if TYPE_CHECKING:
+    from ava.data.model_tokens import ModelTokens
 
 
 def _human(n: float) -> str:
@@ -65,14 +75,26 @@ def import_hf_cmd(argv: Sequence[str]) -> int:
     parser.add_argument("--out", required=True, help="Ava model directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
     ns = parser.parse_args(argv)
+    from pathlib import Path
+
     from ava.hf import import_hf
+    from ava.hf.tokenizer import read_hf_tokens
     from ava.model.store import save_model_dir
     from ava.model.summary import summarise_model
 
     model = import_hf(ns.source)
+    try:
+        tokens = read_hf_tokens(Path(ns.source))
+    except UserError as exc:  # the weights are still worth having: say what stayed behind
+        tokens = None
+        print(f"warning: the tokenizer was not brought along: {exc.message} ({exc.fix})", file=sys.stderr)
     save_model_dir(model, ns.out, overwrite=ns.overwrite)
+    if tokens is not None:
+        tokens.save(ns.out)
     s = summarise_model(model, model.config.max_position_embeddings)
     print(f"wrote {ns.out}: {_human(s.total)} parameters; its model: section is in {ns.out}/ava_model.yaml")
+    print(f"tokenizer: {tokens.describe()}" if tokens is not None
+          else f"tokenizer: none ({ns.source} holds no tokenizer.json and no special token ids)")
     return 0
 
 
@@ -86,17 +108,26 @@ def export_hf_cmd(argv: Sequence[str]) -> int:
     ns = parser.parse_args(argv)
     import torch
 
+    from ava.data.model_tokens import read_model_tokens
     from ava.hf import export_hf
     from ava.model.store import load_model_dir
 
     model = load_model_dir(ns.source)
-    family = export_hf(model, ns.out, dtype=getattr(torch, ns.dtype), overwrite=ns.overwrite)
+    tokens = read_model_tokens(ns.source)
+    family = export_hf(model, ns.out, dtype=getattr(torch, ns.dtype), overwrite=ns.overwrite, tokens=tokens)
     if model.config.is_moe and model.config.expert_capacity_factor:
         print(f"note: the model was trained with expert_capacity_factor {model.config.expert_capacity_factor}; "
               "Mixtral routes without a capacity limit, so its outputs differ where Ava dropped tokens",
               file=sys.stderr)
-    print(f"wrote {ns.out} as {family}")
+    print(f"wrote {ns.out} as {family}; {_tokens_line(tokens)}")
     return 0
+
+
+def _tokens_line(tokens: ModelTokens | None) -> str:
+    """What an export says about the tokenizer it wrote (or could not)."""
+    if tokens is None:
+        return "no tokenizer: the source holds no tokenizer.json or special_tokens.json, so eos/bos/pad are null"
+    return f"tokenizer: {tokens.describe()}"
 
 
 def export_checkpoint_cmd(argv: Sequence[str]) -> int:
@@ -123,6 +154,7 @@ def export_checkpoint_cmd(argv: Sequence[str]) -> int:
         run_frozen_base,
         run_lora_scaling,
         run_model_config,
+        run_tokens,
     )
     from ava.train.checkpoint.trust import check_checkpoint
 
@@ -132,10 +164,12 @@ def export_checkpoint_cmd(argv: Sequence[str]) -> int:
     point = resolve_checkpoint(source, "best" if ns.best else "latest")
     run_dir = point.parent.parent
     check_checkpoint(point, trusted=ns.trust_checkpoint)
+    tokens = run_tokens(run_dir)
     written = export_checkpoint(point, run_model_config(run_dir), Path(ns.out), hf=ns.hf,
                                 dtype=getattr(torch, ns.dtype), overwrite=ns.overwrite,
-                                lora_scaling=run_lora_scaling(run_dir), frozen_base=run_frozen_base(run_dir))
-    print(f"wrote {ns.out} from {point} as {written}")
+                                lora_scaling=run_lora_scaling(run_dir), frozen_base=run_frozen_base(run_dir),
+                                tokens=tokens)
+    print(f"wrote {ns.out} from {point} as {written}; {_tokens_line(tokens)}")
     return 0
 
 

@@ -8,6 +8,7 @@ before any token reaches the model.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -67,6 +68,11 @@ class FileTokenizer:
         self.path = path
 
     @property
+    def hf_tokenizer(self) -> HFTokenizer:
+        """The underlying `tokenizers.Tokenizer`, for saving it beside a model."""
+        return self._tokenizer
+
+    @property
     def vocab_size(self) -> int:
         """Size including added tokens: the embedding must have a row for every id."""
         return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
@@ -83,8 +89,13 @@ class FileTokenizer:
         return [list(e.ids) for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
 
-def load_tokenizer(path: str | Path) -> FileTokenizer:
-    """Load a `tokenizer.json` (or a directory holding one); its end-of-document token must be known."""
+def load_tokenizer(path: str | Path, eos_id: int | None = None) -> FileTokenizer:
+    """Load a `tokenizer.json` (or a directory holding one); its end-of-document token must be known.
+
+    `eos_id` is that token's id when something recorded it (a model directory's
+    `special_tokens.json`, a Hugging Face config.json); otherwise it is found
+    by its usual names.
+    """
     from tokenizers import Tokenizer as HFTokenizer  # imported here: only file tokenizers need the library
 
     path = Path(path)
@@ -100,6 +111,8 @@ def load_tokenizer(path: str | Path) -> FileTokenizer:
         raise UserError(
             f"tokenizer file {path} could not be read as a tokenizer.json: {error}",
             "regenerate it with tokenizers' Tokenizer.save(), or set data.tokenizer_name to null") from error
+    if eos_id is not None:
+        return FileTokenizer(hf, eos_id, path)
     for name in _EOS_NAMES:
         eos = hf.token_to_id(name)
         if eos is not None:
@@ -107,6 +120,97 @@ def load_tokenizer(path: str | Path) -> FileTokenizer:
     raise UserError(
         f"tokenizer file {path} has none of the end-of-document tokens {', '.join(_EOS_NAMES)}",
         "add one of them as a special token, so that packed documents can be told apart")
+
+
+TOKENIZER_FILE = "tokenizer.json"  # the name a model directory (and Hugging Face) gives its tokenizer
+# Beside it in an Ava model directory: the special ids and where the tokenizer came from (`ava.data.model_tokens`).
+SPECIAL_TOKENS_FILE = "special_tokens.json"
+BYTE_EOS_TOKEN = "<|endoftext|>"  # the byte tokenizer's id 256, spelled as a token in its tokenizer.json
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte, which byte-level `tokenizers` models spell bytes with."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = dict(zip(printable, printable, strict=True))
+    extra = 0
+    for byte in range(256):
+        if byte not in chars:
+            chars[byte] = 256 + extra
+            extra += 1
+    return {byte: chr(code) for byte, code in chars.items()}
+
+
+def byte_tokenizer_json() -> HFTokenizer:
+    """The byte tokenizer as a `tokenizers.Tokenizer`: byte b is id b, `<|endoftext|>` is 256.
+
+    A byte-level BPE with no merges, so any library that reads a
+    `tokenizer.json` (Hugging Face's `AutoTokenizer` included) encodes text to
+    exactly the ids `ByteTokenizer` gives, and a model trained on bytes can be
+    handed on with a tokenizer file like any other.  The one difference: this
+    file turns the literal text `<|endoftext|>` into id 256, where
+    `ByteTokenizer` spells it out in bytes.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    stand_in = _bytes_to_unicode()
+    tokenizer = HFTokenizer(models.BPE(vocab={stand_in[b]: b for b in range(256)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([BYTE_EOS_TOKEN])
+    return tokenizer
+
+
+def _is_byte_tokenizer(tokenizer: HFTokenizer) -> bool:
+    stand_in = _bytes_to_unicode()
+    expected = {stand_in[b]: b for b in range(256)} | {BYTE_EOS_TOKEN: ByteTokenizer.eos_id}
+    return bool(tokenizer.get_vocab(with_added_tokens=True) == expected)
+
+
+def as_hf_tokenizer(tokenizer: Tokenizer) -> HFTokenizer:
+    """`tokenizer` as a `tokenizers.Tokenizer`: what gets saved, and what names its special tokens."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return byte_tokenizer_json()
+    if isinstance(tokenizer, FileTokenizer):
+        return tokenizer.hf_tokenizer
+    raise TypeError(f"cannot save a {type(tokenizer).__name__}: only the byte tokenizer and tokenizer.json files")
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> Path:
+    """Write `tokenizer` as `directory/tokenizer.json` (atomically); returns the file.
+
+    Bytes and trained BPEs alike, so a model directory always says how its ids
+    become text.
+    """
+    out = Path(directory) / TOKENIZER_FILE
+    hf = as_hf_tokenizer(tokenizer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    hf.save(str(partial))
+    partial.replace(out)
+    return out
+
+
+def load_saved_tokenizer(directory: str | Path) -> Tokenizer | None:
+    """The tokenizer saved in a model directory by `save_tokenizer`, or None when it holds none.
+
+    The byte tokenizer's file comes back as `ByteTokenizer`, so ids decode
+    exactly as they did in training.
+    """
+    path = Path(directory) / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    loaded = load_tokenizer(path, _recorded_eos(Path(directory) / SPECIAL_TOKENS_FILE))
+    return ByteTokenizer() if _is_byte_tokenizer(loaded.hf_tokenizer) else loaded
+
+
+def _recorded_eos(path: Path) -> int | None:
+    """The eos id a `special_tokens.json` records (a Hugging Face import's may bear no usual name), else None."""
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return eos if isinstance(eos, int) else None
 
 
 def encode_many(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:

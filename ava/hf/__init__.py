@@ -1,8 +1,9 @@
 """Hugging Face interchange: import Llama, Mixtral and GPT-2 checkpoints, export Ava models to them.
 
-This package sits above both `ava.config` and `ava.model`: it reads a
-checkpoint's config.json through `ava.config.hf_config` (the key mapping,
-which config loading also needs, without torch) and builds the model here.
+This package sits above `ava.config`, `ava.data` (a model's tokenizer:
+`ava.hf.tokenizer`) and `ava.model`: it reads a checkpoint's config.json
+through `ava.config.hf_config` (the key mapping, which config loading also
+needs, without torch) and builds the model here.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from types import ModuleType
 import torch
 
 from ava.config.hf_config import hf_family, model_config_from_hf, read_hf_config
+from ava.data.model_tokens import ModelTokens
 from ava.errors import UserError
 from ava.hf import gpt2, llama
 from ava.hf.checkpoint import read_hf_weights, write_hf_dir
+from ava.hf.tokenizer import token_ids, write_hf_tokens
 from ava.model.store import load_state_exactly
 from ava.model.transformer import AvaForCausalLM
 
@@ -56,12 +59,19 @@ def export_target(model: AvaForCausalLM) -> str:
 
 
 def export_hf(model: AvaForCausalLM, directory: str | Path, dtype: torch.dtype | None = None,
-              overwrite: bool = False) -> str:
-    """Write `model` as a Hugging Face checkpoint that `from_pretrained` loads; returns the family used."""
+              overwrite: bool = False, tokens: ModelTokens | None = None) -> str:
+    """Write `model` as a Hugging Face checkpoint that `from_pretrained` loads; returns the family used.
+
+    `tokens` (the model's tokenizer and special ids) go into config.json,
+    generation_config.json and the tokenizer files `AutoTokenizer` loads; an
+    unknown id is written as null rather than left to the family's default.
+    """
     target = export_target(model)
     family = FAMILIES[target]
     dtype = dtype or model.embed_tokens.weight.dtype
     state = {k: v.to(dtype) for k, v in model.state_dict().items()}
-    write_hf_dir(Path(directory), family.config_to_hf(model.config, dtype),
+    out = Path(directory)
+    write_hf_dir(out, family.config_to_hf(model.config, dtype) | token_ids(tokens),
                  family.state_to_hf(state, model.config), overwrite)
+    write_hf_tokens(tokens, out, model.config.max_position_embeddings)
     return target

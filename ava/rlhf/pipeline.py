@@ -1,7 +1,8 @@
 """Run the configured RLHF stages in order, each from the right starting model, and keep what each produces.
 
-Each stage writes `<output_dir>/<stage>/model/` (an Ava model directory; the
-reward stage adds its scalar head) and `<stage>/summary.json`. A policy stage
+Each stage writes `<output_dir>/<stage>/model/` (an Ava model directory with
+the tokenizer it read, `tokenizer.json` + `special_tokens.json`; the reward
+stage adds its scalar head) and `<stage>/summary.json`. A policy stage
 starts from `init_from` -- an earlier stage's policy or a model directory --
 or else from the policy the previous policy stage produced, or
 `rlhf.policy_path`, or a freshly initialised model. A stage whose summary says
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from ava.config.schema import AvaConfig
+from ava.data.model_tokens import ModelTokens, read_model_tokens
 from ava.data.tokenizer import ByteTokenizer, Tokenizer, check_vocab, load_tokenizer
 from ava.errors import UserError
 from ava.model import AvaForCausalLM
@@ -48,10 +50,19 @@ class PipelineResult:
 
 
 def rlhf_tokenizer(cfg: AvaConfig) -> Tokenizer:
-    """The tokenizer the policy reads: bytes (null) or a `tokenizer.json`; never trained here."""
+    """The tokenizer the policy reads: a `tokenizer.json`, else the one `rlhf.policy_path` holds, else bytes.
+
+    Never trained here. A policy written by Ava (or imported with
+    `ava model import-hf`) carries its tokenizer, so null takes that one: the
+    byte tokenizer would fit inside a BPE model's vocabulary and feed it
+    ids it never learned.
+    """
     name = cfg.data.tokenizer_name
-    if name is None:
-        tokenizer: Tokenizer = ByteTokenizer()
+    policy = _policy_tokenizer(cfg.rlhf.policy_path) if name is None and cfg.rlhf is not None else None
+    if policy is not None:
+        tokenizer: Tokenizer = policy
+    elif name is None:
+        tokenizer = ByteTokenizer()
     elif name == "bpe":
         raise UserError("data.tokenizer_name: bpe trains a tokenizer on a pre-training corpus; RLHF must use "
                         "the tokenizer the policy was trained with",
@@ -61,6 +72,14 @@ def rlhf_tokenizer(cfg: AvaConfig) -> Tokenizer:
         tokenizer = load_tokenizer(name)
     check_vocab(tokenizer, cfg.model.vocab_size, "data.tokenizer_name")
     return tokenizer
+
+
+def _policy_tokenizer(policy_path: str | None) -> Tokenizer | None:
+    """The tokenizer saved beside the starting policy, or None when it has none (or there is no policy_path)."""
+    if policy_path is None or not Path(policy_path).exists():
+        return None  # a missing policy_path is reported, with its fix, where the policy is loaded
+    tokens = read_model_tokens(model_dir(policy_path, "rlhf.policy_path"))
+    return tokens.tokenizer if tokens is not None else None
 
 
 def _stage_summary(stage_dir: Path) -> dict[str, Any] | None:
@@ -145,7 +164,7 @@ def run_pipeline(plan: PipelinePlan, out_dir: Path, process: ProcessInfo, log: C
             except StageFailed as exc:
                 stage_result, engine, scaling = StageResult(stage, status="failed", failure=str(exc)), None, None
             if engine is not None and stage_result.status == "completed":
-                _save(engine, stage_dir / "model", stage, scaling, process, start)
+                _save(engine, stage_dir / "model", stage, scaling, process, start, ModelTokens.of(tokenizer))
                 stage_result.model_dir = stage_dir / "model"
             summary = _write_summary(stage_result, stage_dir, process, start, _settings(r, stage))
             result.stages.append(summary)
@@ -371,8 +390,8 @@ def _ppo_reward(r: Any, given: Path | None, out_dir: Path, task: Task, scorer: S
 
 
 def _save(engine: RoleEngine, directory: Path, stage: str, lora_scaling: float | None, process: ProcessInfo,
-          start: Path | None) -> None:
-    """Consolidate the trained weights (collective) and write them on rank 0.
+          start: Path | None, tokens: ModelTokens) -> None:
+    """Consolidate the trained weights (collective) and write them, with the tokenizer, on rank 0.
 
     With LoRA, the adapters come from the optimizer's fp32 master copy and the
     frozen base weights from the starting model's file: the engine's copy of
@@ -383,6 +402,7 @@ def _save(engine: RoleEngine, directory: Path, stage: str, lora_scaling: float |
     if process.rank != 0:
         return
     config = engine.model_config
+    tokens.save(directory)  # every stage's model leaves with the tokenizer it read
     if stage == "reward":
         save_value_model(state, config, directory)
         return

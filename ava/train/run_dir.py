@@ -57,6 +57,22 @@ def write_header(out_dir: Path, config_yaml: str, ds_config: dict) -> None:
     write_versions(out_dir / "versions.json")
 
 
+def write_tokens(out_dir: Path, tokens: Any) -> None:
+    """The run's tokenizer and special ids in `tokenizer/`, named at the end of config.yaml; rank 0, before step 1.
+
+    Written at the start, not only with the final model, so that a checkpoint
+    exported mid-run (or from a run that died) leaves with its tokenizer too,
+    even one trained into a cache that has since been cleared.
+    """
+    from ava.train.checkpoint.export import RUN_TOKENIZER_DIR
+
+    tokens.save(out_dir / RUN_TOKENIZER_DIR)
+    saved = (f"; a copy is in {RUN_TOKENIZER_DIR}/tokenizer.json" if tokens.tokenizer is not None
+             else f"; its ids are in {RUN_TOKENIZER_DIR}/special_tokens.json")
+    with (out_dir / "config.yaml").open("a") as config:
+        config.write(f"# tokenizer: {tokens.describe()}{saved}\n")
+
+
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
     """summary.json, with every secret the config or environment holds masked."""
     (out_dir / "summary.json").write_text(json.dumps(redact(summary, secret_values()), indent=2) + "\n")

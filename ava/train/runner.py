@@ -85,6 +85,7 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
             return run(resolved, output_dir=output_dir, resume=resume, resume_from=resume_from,
                        auto_resume=auto_resume, force_resume=force_resume, trust_checkpoint=trust_checkpoint,
                        callbacks=callbacks, preemption=flag)
+    from ava.data.model_tokens import tokens_for_data
     from ava.data.setup import build_training_data
     from ava.train.checkpoint.resume import auto_resume as has_checkpoint
     from ava.train.checkpoint.resume import refuse_other_model, resume_point
@@ -112,6 +113,11 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
     cfg = resolved.config
     if point is not None:
         refuse_other_model(point, cfg.model)
+    if cfg.data.sampling == "random_windows" and cfg.model.use_rag:
+        raise UserError("data.sampling: random_windows with model.use_rag: the retrieval store is built from the "
+                        "packed training rows, and a window cut at any offset matches none of them, so its own "
+                        "document could not be kept out of its neighbours",
+                        "use data.sampling: packed with retrieval, or set model.use_rag: false")
     process = init_distributed()
     if process.world_size > 1:
         from ava.train.runtime.rendezvous import discover
@@ -125,6 +131,8 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
             "pass the same --num_gpus/--num_nodes to the launcher and to train.py, or set WORLD_SIZE")
     peers = Peers.gather() if process.world_size > 1 else None  # so that a rank that dies can be named
     b = resolved.batch
+    # needed_sequences is only a stream's nominal epoch: no data, held-out set or batch order depends on max_steps,
+    # so a resume with another max_steps continues the same data (ava.data.setup).
     data = build_training_data(cfg.data, cfg.model.vocab_size, b.micro, cfg.data.eval_batch_size, process.rank,
                                process.world_size, needed_sequences=(cfg.training.max_steps or 1000) * b.global_batch,
                                max_steps=cfg.training.max_steps)
@@ -140,6 +148,7 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
     metrics, wandb, sinks = None, None, []
     if main_rank:
         run_dir.write_header(out_dir, render_yaml(resolved, with_origins=True), ds_config)
+        run_dir.write_tokens(out_dir, tokens_for_data(cfg.data, data.tokenizer))
         if point is not None and resume:
             run_dir.drop_records_after(out_dir / "metrics.jsonl", start_step)
         metrics = (out_dir / "metrics.jsonl").open("a")

@@ -17,7 +17,9 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from ava.config.schema.data import DataConfig
 from ava.config.schema.model import ModelConfig
+from ava.data.model_tokens import ModelTokens, read_model_tokens, tokens_for_data
 from ava.errors import UserError
 from ava.model import AvaForCausalLM
 from ava.model.store import load_state_exactly, save_model_dir
@@ -81,6 +83,28 @@ def checkpoint_state_dict(point: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in module.items()}
 
 
+RUN_TOKENIZER_DIR = "tokenizer"  # a run's copy of its tokenizer, written before the first step
+
+
+def run_tokens(run_dir: Path) -> ModelTokens | None:
+    """The run's tokenizer and special ids, for an export from any of its checkpoints.
+
+    First the copy the run wrote at its start (`tokenizer/`), so a checkpoint
+    exported mid-run finds it; then its finished `model/`; then, for a run
+    older than those copies, rebuilt from its config.yaml's data: section
+    (never by training a BPE). None when nothing says.
+    """
+    for directory in (run_dir / RUN_TOKENIZER_DIR, run_dir / "model"):
+        found = read_model_tokens(directory)
+        if found is not None:
+            return found
+    try:
+        data = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data")
+        return tokens_for_data(DataConfig.model_validate(data or {}))
+    except (OSError, yaml.YAMLError, AttributeError, ValidationError):
+        return None
+
+
 def run_lora_scaling(run_dir: Path) -> float | None:
     """alpha / r of the run's training.lora when it trained adapters, else None (read from its config.yaml)."""
     path = run_dir / "config.yaml"
@@ -111,8 +135,12 @@ def run_frozen_base(run_dir: Path) -> dict[str, torch.Tensor] | None:
 def export_checkpoint(point: Path, config: ModelConfig, out: Path, hf: bool = False,
                       dtype: torch.dtype = torch.float32, overwrite: bool = False,
                       lora_scaling: float | None = None,
-                      frozen_base: dict[str, torch.Tensor] | None = None) -> str:
+                      frozen_base: dict[str, torch.Tensor] | None = None,
+                      tokens: ModelTokens | None = None) -> str:
     """Write checkpoint `point` as an Ava model directory (or HF with `hf`); returns what was written.
+
+    `tokens` (the run's tokenizer and special ids, `run_tokens`) are written
+    beside the weights, so the model leaves with what decodes it.
 
     A LoRA run's checkpoint holds base weights and adapters; they are merged
     (W + alpha/r * B @ A) into plain weights, and the adapters alone are kept
@@ -136,9 +164,15 @@ def export_checkpoint(point: Path, config: ModelConfig, out: Path, hf: bool = Fa
     if hf:
         from ava.hf import export_hf
 
-        return export_hf(model, out, dtype=dtype, overwrite=overwrite)
+        return export_hf(model, out, dtype=dtype, overwrite=overwrite, tokens=tokens)
     save_model_dir(model.to(dtype), out, overwrite=overwrite)
+    with_tokens = ""
+    if tokens is not None:
+        tokens.save(out)
+        with_tokens = "; tokenizer.json" if tokens.tokenizer is not None else ""
+        with_tokens += "; special_tokens.json"
     if adapters:
         save_adapters(out, adapters)
-        return "an Ava model directory (ava_model.yaml + model.safetensors, LoRA merged; adapter.safetensors)"
-    return "an Ava model directory (ava_model.yaml + model.safetensors)"
+        return ("an Ava model directory (ava_model.yaml + model.safetensors, LoRA merged; adapter.safetensors"
+                f"{with_tokens})")
+    return f"an Ava model directory (ava_model.yaml + model.safetensors{with_tokens})"

@@ -1,8 +1,9 @@
 """summary.json and the end-of-run report: how the run ended, its losses, the checks a smoke test relies on.
 
 The run's model is exported here too (`model/`: consolidated weights from the
-final checkpoint, or the best one under `save_strategy: best`), since the
-checks include that it was. The train/validation verdict and the MoE
+final checkpoint, or the best one under `save_strategy: best`, with the run's
+tokenizer and special ids, `ava.data.model_tokens`), since the checks include
+that it was. The train/validation verdict and the MoE
 expert-utilisation report are computed from the whole metrics.jsonl, so a
 resumed run is judged on its full history.
 """
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ava.data.model_tokens import tokens_for_data
 from ava.train.checkpoint.export import export_checkpoint
 from ava.train.checkpoint.store import best_tag
 from ava.train.report.expert_usage import expert_usage
@@ -31,10 +33,11 @@ def build_summary(result: Any, data: Any, out_dir: Path, started: float, cfg: An
     # save_strategy best: the model a fine-tuning run hands over is its best one, not its last.
     exported = out_dir / "checkpoints" / best if best and cfg.training.save_strategy == "best" else result.checkpoint
     model_dir = None
+    tokens = tokens_for_data(cfg.data, getattr(data, "tokenizer", None))
     if exported is not None:
         model_dir = out_dir / "model"
         export_checkpoint(exported, result.model.config, model_dir, overwrite=True, lora_scaling=result.lora_scaling,
-                          frozen_base=frozen_base)
+                          frozen_base=frozen_base, tokens=tokens)
     first, final = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
     sample = None
     if result.sample is not None:
@@ -68,15 +71,28 @@ def build_summary(result: Any, data: Any, out_dir: Path, started: float, cfg: An
         "model_dir": str(model_dir) if model_dir else None,
         "exported_checkpoint": str(exported) if exported else None,
         "init_from": cfg.training.init_from,
+        "tokenizer": tokens.as_dict(model_dir),
         "parameters": result.parameters.as_dict() if result.parameters is not None else None,
         "warnings": [*data.warnings, *result.warnings],
         "tokens": result.tokens, "seconds": time.perf_counter() - started,
         "tokens_per_s": result.tokens / result.seconds if result.seconds else None, "output_dir": str(out_dir),
         "first_step_seconds": result.first_step_seconds,
-        "entropy_rate": data.entropy_rate, "sample": sample,
+        "entropy_rate": data.entropy_rate, "sample": sample, "held_out": held_out_record(data.eval),
         **peak_memory(),
         "checks": checks, "checks_passed": all(v is not False for v in checks.values()),
     }
+
+
+def held_out_record(eval_batches: Any) -> dict[str, Any] | None:
+    """Which held-out set the run evaluated on: the fingerprint its evaluation records carry, and its shape.
+
+    Two runs' (or one run's) evaluation losses are comparable only on the same
+    fingerprint; None when nothing was held out.
+    """
+    if eval_batches is None:
+        return None
+    return {"fingerprint": eval_batches.fingerprint(), "sequences": eval_batches.covered,
+            "max_length": int(eval_batches.sequences.shape[1])}
 
 
 def add_diagnosis(summary: dict[str, Any], metrics_path: Path, cfg: Any) -> Any:
