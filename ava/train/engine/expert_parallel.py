@@ -63,7 +63,7 @@ def _distributed_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
 
 
 def prepare_expert_parallel(model: nn.Module, ep_size: int,
-                            groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None) -> list[Any]:
+                            param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None) -> list[Any]:
     """Spread `model`'s experts over expert-parallel groups of `ep_size` ranks; returns what to optimize.
 
     Call after `deepspeed.init_distributed` and before `deepspeed.initialize`,
@@ -71,13 +71,13 @@ def prepare_expert_parallel(model: nn.Module, ep_size: int,
     pass the result as `model_parameters`. Each rank keeps its own experts
     (the slice of the whole model's, so initialisation does not depend on
     `ep_size`). With `ep_size` 1 nothing changes and the trainable parameters
-    are returned as they are.  `groups(model)` makes the optimizer's parameter
+    are returned as they are.  `param_groups(model)` makes the optimizer's parameter
     groups (weight decay); it is called after the experts are spread, since
     spreading replaces their parameters.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if ep_size == 1:
-        return groups(model) if groups is not None else params
+        return param_groups(model) if param_groups is not None else params
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
     from deepspeed.utils import groups
 
@@ -97,7 +97,7 @@ def prepare_expert_parallel(model: nn.Module, ep_size: int,
             p.group_name = name  # type: ignore[attr-defined]  # which expert-data-parallel group reduces it
     params = [p for p in model.parameters() if p.requires_grad]  # the expert parameters are new objects
     return split_params_into_different_moe_groups_for_optimizer(
-        groups(model) if groups is not None else {"name": "ava", "params": params})
+        param_groups(model) if param_groups is not None else {"name": "ava", "params": params})
 
 
 @contextlib.contextmanager
