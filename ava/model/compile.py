@@ -46,7 +46,6 @@ def compile_pays(setting: CompileSetting, device: torch.device | str, zero_stage
 T = TypeVar("T")
 
 
-@torch.compiler.disable
 def run_outside_graph(run: Callable[..., T], *args: Any) -> T:
     """`run(*args)` eagerly, also when called from inside a compiled block: one graph break.
 
@@ -55,9 +54,30 @@ def run_outside_graph(run: Callable[..., T], *args: Any) -> T:
     2.13) grouped_mm's shape function accepts bf16 only, and the per-expert
     loops read counts to the host: traced, each new split of rows would be a
     recompile until dynamo gave up. One graph break around them costs far
-    less. Outside compilation the decorator costs one function call.
+    less. Outside compilation this is one function call and a flag test.
     """
+    if torch.compiler.is_compiling():  # a constant while dynamo traces: the branch is resolved at trace time
+        return _eager()(run, *args)
     return run(*args)
+
+
+def _run_outside_graph(run: Callable[..., T], *args: Any) -> T:
+    return run(*args)
+
+
+_EAGER: list[Callable[..., Any]] = []  # the `torch.compiler.disable`d `_run_outside_graph`, made by `compile_blocks`
+
+
+def _eager() -> Callable[..., Any]:
+    """`_run_outside_graph` behind `torch.compiler.disable`, made once, when the first block is compiled.
+
+    Not at import: `torch.compiler.disable` imports torch._dynamo, 1.5-3 s of
+    start-up that a run which never compiles (every CPU run by default) would
+    pay for nothing.
+    """
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(_run_outside_graph))
+    return _EAGER[0]
 
 
 ZERO3_COMPILE_WARNING = (
@@ -75,4 +95,5 @@ def compile_blocks(layers: nn.ModuleList, backend: str = "inductor") -> list[Cal
     `backend` "aot_eager" traces exactly as training does but skips code
     generation: what the unit tests use to check Ava's side of compilation.
     """
+    _eager()  # made before tracing starts, so dynamo finds it ready rather than tracing its creation
     return [torch.compile(block, dynamic=False, backend=backend) for block in layers]
