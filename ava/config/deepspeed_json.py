@@ -49,8 +49,9 @@ def _build(cfg: AvaConfig, zero_stage: int, micro: int, accumulation: int, globa
                 "betas": [t.beta1, t.beta2],
                 "eps": t.eps,
                 "weight_decay": t.weight_decay,
-                # FusedAdam is CUDA-only; on CPU DeepSpeed must use torch's AdamW.
-                **({"torch_adam": True} if hw.accelerator == "cpu" and not ds.cpu_offload else {}),
+                # FusedAdam is CUDA-only; on CPU DeepSpeed must use torch's AdamW, in its fused form: one
+                # kernel over all tensors instead of a Python loop of per-tensor ops (the CPU default).
+                **({"torch_adam": True, "fused": True} if hw.accelerator == "cpu" and not ds.cpu_offload else {}),
             },
         },
         # fp8 trains on top of bf16 master weights (torchao float8 keeps bf16 weights).

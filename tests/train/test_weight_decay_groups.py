@@ -88,11 +88,11 @@ notes = []
 engine = build_engine(AvaForCausalLM(cfg.model), cfg, build_deepspeed_config(cfg), note=notes.append)
 groups = engine.engine.optimizer.param_groups
 print(json.dumps({"decay": [g["weight_decay"] for g in groups], "sizes": [len(g["params"]) for g in groups],
-                  "notes": notes}))
+                  "fused": [g.get("fused") for g in groups], "notes": notes}))
 """
 
 
-def test_the_deepspeed_engine_builds_its_optimizer_with_the_groups_and_says_so():
+def test_the_deepspeed_engine_builds_its_fused_optimizer_with_the_groups_and_says_so():
     done = subprocess.run([sys.executable, "-c", WORKER], cwd=REPO, env=run_env(), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -100,3 +100,4 @@ def test_the_deepspeed_engine_builds_its_optimizer_with_the_groups_and_says_so()
     assert result["decay"] == [0.1, 0.0]
     assert result["sizes"][1] == 2 * 2 + 1  # two norms per block, and the final norm (tiny.yaml: rmsnorm, no bias)
     assert any(n.startswith("weight decay 0.1 on") and "exempt" in n for n in result["notes"])
+    assert result["fused"] == [True, True]  # on CPU: torch's fused AdamW, one kernel rather than a loop per tensor
