@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -203,9 +204,14 @@ def _report(result: TrainResult, data: Any, out_dir: Path, started: float, cfg: 
     frozen_base = None
     if cfg.training.lora.enabled and pretrained is not None:  # export merges onto the fp32 pretrained base
         frozen_base = load_weights(pretrained)
-    summary = build_summary(result, data, out_dir, started, cfg, frozen_base)
-    usage = add_diagnosis(summary, out_dir / "metrics.jsonl", cfg)
-    write_plots(out_dir / "metrics.jsonl", out_dir / "plots")
+    # The plots need only metrics.jsonl, complete now: drawn in a thread while the model is exported (mostly
+    # file reading and writing, which releases the GIL), they add little to the end of a short run instead
+    # of 1-2 s. A plotting error still reaches the caller, from `result()`.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ava-plots") as pool:
+        plots = pool.submit(write_plots, out_dir / "metrics.jsonl", out_dir / "plots")
+        summary = build_summary(result, data, out_dir, started, cfg, frozen_base)
+        usage = add_diagnosis(summary, out_dir / "metrics.jsonl", cfg)
+        plots.result()
     run_dir.write_summary(out_dir, summary)
     if wandb is not None:
         wandb.finish(summary)
