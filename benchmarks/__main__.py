@@ -102,6 +102,11 @@ def _features(result: dict[str, Any]) -> str:
             + "; tokens/s vs off: " + ", ".join(f"{r['variant']} {r['speed_vs_off']:.2f}x" for r in rows))
 
 
+def _vs_plain(result: dict[str, Any]) -> str:
+    return "; ".join(f"{r['shape']}: ava / plain PyTorch whole-run wall = {r['wall_ratio']:.2f} (target <= "
+                     f"{r['target_ratio']}), held-out loss {r['eval_loss_delta']:+.4f}" for r in result["results"])
+
+
 BENCHMARKS = (
     Benchmark("model_step_moe", "model_step.py", ("--profile",), ("--batch", "2", "--seq", "32", "--repeats", "2",
                                                       "--peak_size", "256", *TOY_MODEL), _model_step),
@@ -126,6 +131,8 @@ BENCHMARKS = (
     Benchmark("features", "features.py", ("--steps", "100"),
               ("--steps", "2", "--only", "moh", "--training.eval_steps", "2", "--data.max_eval_examples", "16"),
               _features),
+    Benchmark("vs_plain_pytorch", "vs_plain_pytorch.py", (),
+              ("--shapes", "small", "--small_steps", "16", "--rounds", "1"), _vs_plain),
 )
 
 
