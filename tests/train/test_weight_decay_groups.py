@@ -88,7 +88,8 @@ notes = []
 engine = build_engine(AvaForCausalLM(cfg.model), cfg, build_deepspeed_config(cfg), note=notes.append)
 groups = engine.engine.optimizer.param_groups
 print(json.dumps({"decay": [g["weight_decay"] for g in groups], "sizes": [len(g["params"]) for g in groups],
-                  "fused": [g.get("fused") for g in groups], "notes": notes}))
+                  "fused": [g.get("fused") for g in groups], "notes": notes,
+                  "all_reduce": engine.engine.enable_backward_allreduce}))
 """
 
 
@@ -101,3 +102,4 @@ def test_the_deepspeed_engine_builds_its_fused_optimizer_with_the_groups_and_say
     assert result["sizes"][1] == 2 * 2 + 1  # two norms per block, and the final norm (tiny.yaml: rmsnorm, no bias)
     assert any(n.startswith("weight decay 0.1 on") and "exempt" in n for n in result["notes"])
     assert result["fused"] == [True, True]  # on CPU: torch's fused AdamW, one kernel rather than a loop per tensor
+    assert result["all_reduce"] is False  # one rank at ZeRO 0: no identity all-reduce of every gradient

@@ -90,6 +90,10 @@ def build_engine(module: nn.Module, cfg: AvaConfig, ds_config: dict, *, name: st
         module.requires_grad_(False)
         engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config)
         engine.eval()
+    if trainable and _nothing_to_reduce(engine, zero_stage):
+        # One rank at ZeRO 0: DeepSpeed would still flatten every gradient, "all-reduce" it over a group of one
+        # and copy it back, each step: an identity that costs a pass over the gradients.
+        engine.enable_backward_allreduce = False
     built = Engine(name, engine, zero_stage, trainable, precision, ds_config)
     if trainable and built.device.type == "cpu" and cfg.hardware.keep_freed_host_memory and keep_freed_memory():
         say(HOST_MEMORY_NOTE)
@@ -102,3 +106,13 @@ def build_engine(module: nn.Module, cfg: AvaConfig, ds_config: dict, *, name: st
         say(f"torch.compile: on for the {len(module.layers)} transformer blocks (training.compile: "  # type: ignore[arg-type]
             f"{compile_setting}); the first step includes the compilation")
     return built
+
+
+def _nothing_to_reduce(engine: Any, zero_stage: int) -> bool:
+    """Whether the engine's gradient all-reduce is an identity: ZeRO 0 on a single rank.
+
+    Only where the reduction is all that `allreduce_gradients` does: an
+    optimizer that also takes the accumulation boundary from it (bf16's) keeps it.
+    """
+    return (zero_stage == 0 and engine.dp_world_size == 1 and getattr(engine, "mpu", None) is None
+            and not hasattr(engine.optimizer, "set_gradient_accumulation_boundary"))
