@@ -28,7 +28,10 @@ from tests.train.run_helpers import SMALL_RUN, TINY, free_port, run_env
 RUN = [*TINY, *SMALL_RUN, "--hidden_size", "64", "--num_layers", "2", "--intermediate_size", "128", "--vocab_size", "128",
        "--max_steps", "40", "--save_steps", "10", "--logging_steps", "1", "--eval_steps", "5",
        "--sample_max_new_tokens", "4", "--training.gradient_health.baseline_warmup_steps=4",
-       "--training.gradient_health.lr_cooldown_steps=8"]
+       "--training.gradient_health.lr_cooldown_steps=8",
+       # An annealing clip (2 -> 1 over 20 steps; tiny.yaml's own clip is constant), so the resume is also
+       # checked to continue the clip schedule exactly.
+       "--training.gradient_health.initial_clip_value=2.0"]
 FAULTS = {"AVA_INJECT_FAULTS": "grad_spike@16"}
 
 
