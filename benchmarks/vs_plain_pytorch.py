@@ -94,12 +94,12 @@ def write_data(directory: Path, max_length: int) -> None:
     """train.bin / val.bin (uint16, nanoGPT layout): stdlib sources as bytes, documents ended by id 256."""
     import numpy as np
 
-    from ava.data.builtin import python_stdlib_documents
+    from ava.data.builtin import stdlib_documents
 
     directory.mkdir(parents=True, exist_ok=True)
     pieces: list[np.ndarray] = []
     total = 0
-    for text in python_stdlib_documents():
+    for text in stdlib_documents():
         ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
         pieces.extend([ids, np.array([BYTE_EOS], dtype=np.uint16)])
         total += ids.size + 1

@@ -11,6 +11,7 @@ import os
 import sysconfig
 from bisect import bisect_right
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,7 @@ def python_stdlib_documents(max_documents: int | None = None) -> list[str]:
     Sorted so that the corpus (and so a run) is the same on every call; unreadable
     or non-UTF-8 files are skipped rather than failing a smoke run.
     """
-    documents: list[str] = []
-    for text in stdlib_documents():
-        if max_documents is not None and len(documents) >= max_documents:
-            break
-        documents.append(text)
-    return documents
+    return list(islice(stdlib_documents(), max_documents))
 
 
 def stdlib_documents() -> Iterator[str]:

@@ -86,6 +86,7 @@ from ava.data.bpe import cached_bpe, round_robin_sample
 from ava.data.builtin import MarkovCorpus, python_stdlib_documents, stdlib_documents
 from ava.data.holdout import hold_out_heads
 from ava.data.mixing import chosen_weights, mix, mixing_probabilities
+from ava.data.model_tokens import BPE  # the tokenizer_name that means "train a BPE on this corpus"
 from ava.data.packing import pack_documents
 from ava.data.record_check import screened
 from ava.data.sources import Source, load_source, resolve_source
@@ -99,7 +100,6 @@ if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
 
 MARKOV_CONCENTRATION = 0.5  # Dirichlet concentration of the Markov rows: peaked enough to be learnable
-BPE = "bpe"  # the tokenizer_name that means "train a BPE on this corpus"
 _READ_BATCH = 1024  # documents read (and tokenised) at a time from an in-memory source
 _STDLIB_BATCH = 16  # stdlib files tokenised at a time (a few more than needed are read, no more)
 

@@ -164,26 +164,11 @@ def _load_model(location: Location, trust_checkpoint: bool) -> AvaForCausalLM:
 
 def _checkpoint_model(point: Path, trusted: bool) -> AvaForCausalLM:
     """The model held by checkpoint `point`, built as `export_checkpoint` builds it (LoRA adapters merged)."""
-    from ava.model.lora import adapter_state, merge_for_export
-    from ava.model.store import load_state_exactly
-    from ava.train.checkpoint.export import (
-        checkpoint_state_dict,
-        run_frozen_base,
-        run_lora_scaling,
-        run_model_config,
-    )
+    from ava.train.checkpoint.export import checkpoint_model, run_frozen_base, run_lora_scaling, run_model_config
     from ava.train.checkpoint.trust import check_checkpoint
 
     run_dir = point.parent.parent
     config = run_model_config(run_dir)
     check_checkpoint(point, trusted=trusted)
-    state = checkpoint_state_dict(point)
-    if adapter_state(state):
-        scaling = run_lora_scaling(run_dir)
-        if scaling is None:
-            raise UserError(f"{point} holds LoRA adapters but the run's LoRA settings are unknown",
-                            "point at the checkpoint inside its run directory, whose config.yaml has training.lora")
-        state, _ = merge_for_export(state, scaling, run_frozen_base(run_dir))
-    model = AvaForCausalLM(config)
-    load_state_exactly(model, state, str(point))
-    return model
+    scaling = run_lora_scaling(run_dir)
+    return checkpoint_model(point, config, scaling, run_frozen_base(run_dir) if scaling is not None else None)[0]

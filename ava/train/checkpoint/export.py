@@ -132,6 +132,27 @@ def run_frozen_base(run_dir: Path) -> dict[str, torch.Tensor] | None:
     return load_weights(locate(init))
 
 
+def checkpoint_model(point: Path, config: ModelConfig, lora_scaling: float | None = None,
+                     frozen_base: dict[str, torch.Tensor] | None = None
+                     ) -> tuple[AvaForCausalLM, dict[str, torch.Tensor]]:
+    """The model checkpoint `point` holds, with a LoRA run's adapters merged in, and those adapters ({} if none).
+
+    What every reader of a checkpoint's weights builds: the export, and `ava generate`.
+    """
+    from ava.model.lora import adapter_state, merge_for_export
+
+    state = checkpoint_state_dict(point)
+    adapters = adapter_state(state)
+    if adapters:
+        if lora_scaling is None:
+            raise UserError(f"{point} holds LoRA adapters but the run's LoRA settings are unknown",
+                            "use the checkpoint inside its run directory, whose config.yaml has training.lora")
+        state, adapters = merge_for_export(state, lora_scaling, frozen_base)
+    model = AvaForCausalLM(config)
+    load_state_exactly(model, state, str(point))
+    return model, adapters
+
+
 def export_checkpoint(point: Path, config: ModelConfig, out: Path, hf: bool = False,
                       dtype: torch.dtype = torch.float32, overwrite: bool = False,
                       lora_scaling: float | None = None,
@@ -150,17 +171,9 @@ def export_checkpoint(point: Path, config: ModelConfig, out: Path, hf: bool = Fa
     tensor the checkpoint holds unchanged-but-rounded, so only the adapters'
     update differs from the pretrained model.
     """
-    from ava.model.lora import adapter_state, merge_for_export, save_adapters
+    from ava.model.lora import save_adapters
 
-    state = checkpoint_state_dict(point)
-    adapters = adapter_state(state)
-    if adapters:
-        if lora_scaling is None:
-            raise UserError(f"{point} holds LoRA adapters but the run's LoRA settings are unknown",
-                            "export from inside the run directory, whose config.yaml has training.lora")
-        state, adapters = merge_for_export(state, lora_scaling, frozen_base)
-    model = AvaForCausalLM(config)
-    load_state_exactly(model, state, str(point))
+    model, adapters = checkpoint_model(point, config, lora_scaling, frozen_base)
     if hf:
         from ava.hf import export_hf
 
