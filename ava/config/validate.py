@@ -13,10 +13,10 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ava.config import keys
-from ava.config.errors import Notice, Problem
+from ava.config.errors import Notice, Problem, format_value
 from ava.config.merge import MergedTree
 from ava.config.provenance import Origin
-from ava.config.schema import DEPRECATED_KEYS, SECTIONS
+from ava.config.schema import SECTIONS, compatibility_warnings
 from ava.config.yaml_loader import KeyPath, parse_scalar
 
 
@@ -43,8 +43,10 @@ def validate_sections(tree: MergedTree) -> tuple[dict[str, BaseModel | None], li
         except ValidationError as exc:
             problems.extend(_convert(name, err, tree) for err in exc.errors())
 
-    notices = [Notice("warning", tree.origins[tuple(path.split("."))].where(), path, text)
-               for path, text in DEPRECATED_KEYS.items() if tree.is_set(tuple(path.split(".")))]
+    # keys accepted for compatibility only (ava.config.schema.compatibility): a value other than the default warns
+    notices = [Notice("warning", _where(tree, tuple(key.split("."))), key,
+                      f"{format_value(value)} has no effect: {why}")
+               for key, value, why in compatibility_warnings(valid)]
     return valid, problems, notices
 
 

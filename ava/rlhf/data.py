@@ -3,6 +3,11 @@
 Every example is `prompt + response + eos`; the prompt's tokens are context,
 never a training target. Files are jsonl, one object per line; a malformed
 line is reported with its number and what it lacks, never skipped silently.
+
+An example longer than data.max_length is cut to it when data.truncation is
+on (`fit_length`: the response loses its end, eos first; the prompt, which
+every response token is predicted from, stays whole), else left out; either
+way the stage says how many.
 """
 
 from __future__ import annotations
@@ -108,28 +113,85 @@ EncodedPair = tuple[tuple[list[int], int], tuple[list[int], int]]
 class EncodedPreferences:
     train: list[EncodedPair]
     held: list[EncodedPair]
-    dropped: int  # pairs with a sequence longer than max_length, left out
+    dropped: int  # pairs left out: too long (without truncation), or nothing left to compare once cut
+    truncated: int = 0  # pairs kept with a sequence cut to max_length (data.truncation)
+    truncate: bool = False  # whether too long pairs were cut (else left out)
+
+    def notes(self, stage: str, max_length: int) -> list[str]:
+        """What the stage says about the pairs longer than data.max_length."""
+        return length_notes(stage, "pair", self.dropped, self.truncated, max_length, self.truncate)
 
 
 def encoded_preferences(tokenizer: Tokenizer, stage_cfg: Any, task: Task | None, seed: int, setting: str,
-                        max_length: int) -> EncodedPreferences:
+                        max_length: int, truncate: bool = False) -> EncodedPreferences:
     """The (chosen, rejected) sequences of a preference stage (reward model or DPO), as ids.
 
-    A pair with a sequence longer than `max_length` (data.max_length) is left
-    out and counted, as SFT does: fed to the model it would stop the run.
+    A sequence longer than `max_length` (data.max_length) is cut to it with
+    `truncate` (data.truncation; `fit_length`); the shared prompt stays whole,
+    so both answers are still judged in the same context, and a pair whose
+    answers no longer differ once cut is left out. Without `truncate` a pair
+    with a sequence too long is left out, as SFT does: fed to the model it
+    would stop the run. Either way the pairs are counted.
     """
     train, held = preference_data(stage_cfg.data_path, task, stage_cfg.num_examples, stage_cfg.eval_examples, seed,
                                   setting)
+    truncated = 0
 
     def fitting(triples: list[tuple[str, str, str]]) -> list[EncodedPair]:
-        pairs = [(encode(tokenizer, p, c), encode(tokenizer, p, r)) for p, c, r in triples]
-        return [pair for pair in pairs if max(len(pair[0][0]), len(pair[1][0])) <= max_length]
+        nonlocal truncated
+        kept = []
+        for p, c, r in triples:
+            chosen, rejected = encode(tokenizer, p, c), encode(tokenizer, p, r)
+            cut_chosen, cut_rejected = (fit_length(chosen, max_length, truncate),
+                                        fit_length(rejected, max_length, truncate))
+            if cut_chosen is None or cut_rejected is None:
+                continue
+            cut = cut_chosen is not chosen or cut_rejected is not rejected
+            if cut and cut_chosen[0] == cut_rejected[0]:  # they differed only in what was cut off
+                continue
+            truncated += cut
+            kept.append((cut_chosen, cut_rejected))
+        return kept
 
     kept_train, kept_held = fitting(train), fitting(held)
     if not kept_train:
-        raise UserError(f"{setting}: every preference pair is longer than data.max_length = {max_length} tokens",
+        raise UserError(f"{setting}: every preference pair is longer than data.max_length = {max_length} tokens"
+                        + (" (or its prompt fills it, or its answers agree within it)" if truncate else ""),
                         "raise data.max_length (up to model.max_position_embeddings), or shorten the pairs")
-    return EncodedPreferences(kept_train, kept_held, len(train) + len(held) - len(kept_train) - len(kept_held))
+    return EncodedPreferences(kept_train, kept_held, len(train) + len(held) - len(kept_train) - len(kept_held),
+                              truncated, truncate)
+
+
+def fit_length(example: tuple[list[int], int], max_length: int, truncate: bool) -> tuple[list[int], int] | None:
+    """An encoded example that fits in `max_length` tokens, or None: it is to be left out.
+
+    Longer, it is cut to its first `max_length` tokens with `truncate`: the
+    response loses its end (its eos first), the prompt stays whole, so every
+    response token kept is predicted from the same context as before. A prompt
+    that leaves no room for one response token cannot be cut that way: None.
+    """
+    ids, n_prompt = example
+    if len(ids) <= max_length:
+        return example
+    if not truncate or n_prompt >= max_length:
+        return None
+    return ids[:max_length], n_prompt
+
+
+def length_notes(stage: str, unit: str, dropped: int, truncated: int, max_length: int, truncate: bool) -> list[str]:
+    """A stage's notes on its examples longer than data.max_length: how many were cut, how many left out."""
+    notes = []
+    if truncated:
+        notes.append(f"{stage}: {truncated} {unit}(s) longer than data.max_length = {max_length} cut to it "
+                     "(data.truncation: the response loses its end, the prompt stays whole)")
+    if dropped and truncate:
+        why = "no room for a response token after the prompt" + (", or answers that agree once cut"
+                                                                   if unit == "pair" else "")
+        notes.append(f"{stage}: {dropped} {unit}(s) left out ({why}, at data.max_length = {max_length})")
+    elif dropped:
+        notes.append(f"{stage}: {dropped} {unit}(s) longer than data.max_length = {max_length} left out "
+                     "(data.truncation: true would keep them, cut)")
+    return notes
 
 
 def prompt_data(path: str | None, task: Task | None, holdout: int, seed: int, setting: str, rank: int = 0,
@@ -198,21 +260,32 @@ class SFTRows:
     input_ids: torch.Tensor
     labels: torch.Tensor
     segment_ids: torch.Tensor
-    dropped: int  # examples longer than a row
+    dropped: int  # examples longer than a row, left out
+    truncated: int = 0  # examples longer than a row, cut to it (data.truncation)
+    truncate: bool = False  # whether too long examples were cut (else left out)
+
+    def notes(self, stage: str, max_length: int) -> list[str]:
+        """What the stage says about the examples longer than data.max_length."""
+        return length_notes(stage, "example", self.dropped, self.truncated, max_length, self.truncate)
 
 
-def sft_rows(examples: Sequence[tuple[list[int], int]], max_length: int, pad_id: int, packing: bool) -> SFTRows:
+def sft_rows(examples: Sequence[tuple[list[int], int]], max_length: int, pad_id: int, packing: bool,
+             truncate: bool = False) -> SFTRows:
     """Rows of `max_length` tokens: several examples each when `packing` (next fit, in order), else one.
 
     Each example keeps its own segment id, so the model attends within it only
-    and every packed token sees exactly what it would alone.
+    and every packed token sees exactly what it would alone. An example longer
+    than a row is cut to it with `truncate` (`fit_length`), else left out.
     """
     rows: list[list[tuple[list[int], int]]] = []
-    dropped = 0
-    for ids, n_prompt in examples:
-        if len(ids) > max_length:
+    dropped = truncated = 0
+    for example in examples:
+        fitted = fit_length(example, max_length, truncate)
+        if fitted is None:
             dropped += 1
             continue
+        truncated += fitted is not example
+        ids, n_prompt = fitted
         if packing and rows and sum(len(x) for x, _ in rows[-1]) + len(ids) <= max_length:
             rows[-1].append((ids, n_prompt))
         else:
@@ -229,7 +302,7 @@ def sft_rows(examples: Sequence[tuple[list[int], int]], max_length: int, pad_id:
             segments[r, at:at + len(ids)] = s
             at += len(ids)
         segments[r, at:] = len(row)  # padding: a document of its own, never attended to by the others
-    return SFTRows(input_ids, labels, segments, dropped)
+    return SFTRows(input_ids, labels, segments, dropped, truncated, truncate)
 
 
 def rank_batches(n_rows: int, batch: int, rank: int, world: int, seed: int) -> RankBatches:

@@ -28,10 +28,11 @@ def run_dpo(env: StageEnv, policy: AvaForCausalLM, reference: AvaForCausalLM | N
     s, cfg, tok = env.rlhf.dpo, env.config, env.tokenizer
     assert reference is not None
     started = time.perf_counter()
-    data = encoded_preferences(tok, s, env.task, env.seed, "rlhf.dpo.data_path", cfg.data.max_length)
+    data = encoded_preferences(tok, s, env.task, env.seed, "rlhf.dpo.data_path", cfg.data.max_length,
+                               cfg.data.truncation)
     encoded, held_encoded = data.train, data.held
-    if data.dropped:
-        env.note(f"dpo: {data.dropped} pair(s) longer than data.max_length = {cfg.data.max_length} left out")
+    for note in data.notes("dpo", cfg.data.max_length):
+        env.note(note)
     batch = s.batch_size or cfg.training.batch_size
     lr = stage_lr(env, s)
     world = env.process.world_size

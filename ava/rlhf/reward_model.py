@@ -28,10 +28,11 @@ def run_reward(env: StageEnv, init: AvaForCausalLM) -> tuple[StageResult, RoleEn
     """Train a reward model whose trunk starts as `init`; returns the result and its engine."""
     s, cfg, tok = env.rlhf.reward, env.config, env.tokenizer
     started = time.perf_counter()
-    data = encoded_preferences(tok, s, env.task, env.seed, "rlhf.reward.data_path", cfg.data.max_length)
+    data = encoded_preferences(tok, s, env.task, env.seed, "rlhf.reward.data_path", cfg.data.max_length,
+                               cfg.data.truncation)
     encoded, held_encoded = data.train, data.held
-    if data.dropped:
-        env.note(f"reward: {data.dropped} pair(s) longer than data.max_length = {cfg.data.max_length} left out")
+    for note in data.notes("reward", cfg.data.max_length):
+        env.note(note)
     batch = s.batch_size or cfg.training.batch_size
     lr = stage_lr(env, s)
     model = value_model_from_policy(init, head_std=head_std_for(cfg.model.hidden_size))

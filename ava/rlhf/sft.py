@@ -28,10 +28,12 @@ def run_sft(env: StageEnv, policy: AvaForCausalLM, scorer: Scorer | None) -> tup
     started = time.perf_counter()
     train, held = sft_data(s.data_path, env.task, s.num_examples, s.eval_examples, env.seed, "rlhf.sft.data_path",
                            env.rlhf.task.demonstration_error_rate)
-    rows = sft_rows([encode(tok, p, r) for p, r in train], cfg.data.max_length, tok.eos_id, s.packing)
-    if rows.dropped:
-        env.note(f"sft: {rows.dropped} example(s) longer than data.max_length = {cfg.data.max_length} left out")
-    held_rows = sft_rows([encode(tok, p, r) for p, r in held], cfg.data.max_length, tok.eos_id, packing=False)
+    rows = sft_rows([encode(tok, p, r) for p, r in train], cfg.data.max_length, tok.eos_id, s.packing,
+                    truncate=cfg.data.truncation)
+    for note in rows.notes("sft", cfg.data.max_length):
+        env.note(note)
+    held_rows = sft_rows([encode(tok, p, r) for p, r in held], cfg.data.max_length, tok.eos_id, packing=False,
+                         truncate=cfg.data.truncation)
     batch = s.batch_size or cfg.training.batch_size
     lr = stage_lr(env, s)
     actor = build_engine(policy, cfg, "actor", env.zero_stage("actor"), micro_batch=batch,

@@ -13,7 +13,7 @@ script trains exactly as the CLI does:
 The run owns its output directory: it refuses one that holds another run,
 finds the checkpoint to resume from (and refuses a resume that would not
 continue the same training), writes the header files, sends every record to
-metrics.jsonl, the console and W&B (all callbacks), trains
+metrics.jsonl, the console, W&B and TensorBoard (all callbacks), trains
 (`ava.train.pretraining.train`), and ends with summary.json, the exported
 model, plots and the end-of-run report. User mistakes raise `ava.errors.UserError`.
 """
@@ -107,6 +107,10 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
         fresh_in_place = not resume
     out_dir = run_dir.output_dir_for(output_dir, run_name, resume, allow_existing=fresh_in_place)  # refuse early
     faults = _fault_plan()
+    if cfg.training.tensorboard_dir is not None:
+        from ava.train.callbacks.tensorboard import require_tensorboard
+
+        require_tensorboard()  # on every rank, before any work: a missing package is the user's to fix
     ds_config = build_deepspeed_config(cfg)
     point = resume_point(out_dir, ds_config, resolved.batch.world.size, resume=resume, resume_from=resume_from,
                          force=force_resume, trusted=trust_checkpoint)
@@ -155,7 +159,7 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
         metrics = (out_dir / "metrics.jsonl").open("a")
         _print_header(console, resolved, data, point, pretrained, out_dir)
         wandb = _start_wandb(resolved, out_dir)
-        sinks = _sinks(cfg, console, metrics, out_dir, wandb)
+        sinks = _sinks(cfg, console, metrics, out_dir, wandb, start_step if resume else 0)
     from ava.hf.pretrained import load_weights
 
     # Loaded inside the loop and dropped once copied into the model: no second full copy lives through training.
@@ -253,8 +257,8 @@ def _start_wandb(resolved: ResolvedConfig, out_dir: Path) -> Any:
     return WandbLogger.start(resolved.to_dict(), t.wandb_project, t.wandb_entity, out_dir.name, out_dir)
 
 
-def _sinks(cfg: Any, console: Any, metrics: Any, out_dir: Path, wandb: Any) -> list[Callback]:
-    """Where rank 0's records go: metrics.jsonl (first: it adds peak memory), the console, W&B."""
+def _sinks(cfg: Any, console: Any, metrics: Any, out_dir: Path, wandb: Any, resumed_at: int) -> list[Callback]:
+    """Where rank 0's records go: metrics.jsonl (first: it adds peak memory), the console, W&B, TensorBoard."""
     from ava.train.callbacks.console import Console
     from ava.train.callbacks.metrics_file import MetricsFile
     from ava.train.report.expert_usage import OverflowWatch
@@ -266,6 +270,12 @@ def _sinks(cfg: Any, console: Any, metrics: Any, out_dir: Path, wandb: Any) -> l
         from ava.train.callbacks.weights_and_biases import Wandb
 
         sinks.append(Wandb(wandb))
+    if cfg.training.tensorboard_dir is not None:
+        from ava.train.callbacks.tensorboard import TensorBoard, log_dir
+
+        tensorboard = TensorBoard.start(log_dir(cfg.training.tensorboard_dir, out_dir), resumed_at)
+        if tensorboard is not None:
+            sinks.append(tensorboard)
     return sinks
 
 

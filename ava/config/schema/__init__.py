@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ava.config.schema.base import DEPRECATED_KEYS, Section, WholeNumber
+from ava.config.schema.base import Section, WholeNumber
+from ava.config.schema.compatibility import COMPATIBILITY_ONLY, compatibility_warnings
 from ava.config.schema.data import DataConfig
 from ava.config.schema.deepspeed import DeepSpeedSection, OptimizerConfig, OptimizerParams
 from ava.config.schema.hardware import HardwareConfig
@@ -36,7 +37,7 @@ SECTIONS: dict[str, type[Section]] = {
 }
 
 __all__ = [
-    "AvaConfig", "SECTIONS", "DEPRECATED_KEYS", "Section", "WholeNumber",
+    "AvaConfig", "SECTIONS", "COMPATIBILITY_ONLY", "compatibility_warnings", "Section", "WholeNumber",
     "ModelConfig", "TrainingConfig", "GradientHealthConfig", "DataConfig", "DeepSpeedSection",
     "OptimizerConfig", "OptimizerParams", "HardwareConfig", "RLHFConfig", "Precision",
 ]

@@ -28,15 +28,3 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
-
-# Keys that are accepted but no longer mean anything in the libraries Ava
-# uses.  A user setting them gets a warning saying what to do instead; they
-# are never silently honoured or silently ignored.
-DEPRECATED_KEYS: dict[str, str] = {
-    "deepspeed.fp8_interval": (
-        "fp8_interval (Transformer Engine's DelayedScaling `interval`) has no effect in current "
-        "libraries: Transformer Engine deprecated it and recomputes FP8 scaling factors every step, "
-        "and torchao float8 training uses per-step dynamic scaling. Remove the key; there is "
-        "nothing to replace it with"
-    ),
-}

@@ -65,8 +65,13 @@ class DataConfig(Section):
         "(nanoGPT/Megatron style; token files and in-memory data, not streams).")
     max_train_examples: int = Field(-1, ge=-1, description="Cap on training examples; -1 means all.")
     max_eval_examples: int = Field(1000, ge=-1, description="Cap on evaluation examples; -1 means all.")
-    padding_side: Literal["left", "right"] = Field("right", description="Side padding goes on.")
-    truncation: bool = Field(True, description="Truncate documents longer than max_length.")
+    padding_side: Literal["left", "right"] = Field(
+        "right", description="Accepted for compatibility; no effect (Ava pads on the right, where padding is exact; "
+        "see ava.config.schema.compatibility). 'left' warns.")
+    truncation: bool = Field(
+        True, description="RLHF SFT, reward and DPO examples longer than max_length: true cuts the response's end "
+        "(the prompt stays whole; an example whose prompt fills max_length is still left out), false leaves them "
+        "out. Pre-training packs documents across rows, so nothing is cut there.")
 
     train_batch_size: int | None = Field(
         None, gt=0, description="Same value as training.batch_size (per-device micro batch).")
@@ -82,7 +87,8 @@ class DataConfig(Section):
     dataloader_prefetch_factor: int | None = Field(
         2, gt=0, description="Streaming: the thread prepares prefetch_factor x num_workers batches ahead.")
     dataloader_persistent_workers: bool = Field(
-        True, description="Unused: the one producer thread needs no keeping alive (see ava.data.setup).")
+        True, description="Accepted for compatibility; no effect: the one producer thread needs no keeping alive "
+        "(see ava.data.setup, ava.config.schema.compatibility). false warns.")
 
     use_weighted_mixing: bool = Field(
         True, description="Sample several sources with probabilities from their weights; false concatenates them.")

@@ -99,6 +99,11 @@ class TrainingConfig(Section):
     wandb_log: bool = Field(False, description="Log metrics to Weights & Biases (WANDB_MODE=offline needs no network).")
     wandb_project: str = Field("ava", description="W&B project.")
     wandb_entity: str | None = Field(None, description="W&B entity (team or user); null uses your default.")
+    tensorboard_dir: str | None = Field(
+        None, min_length=1, description="Write every logged number as a TensorBoard scalar (rank 0) into this "
+        "directory: a relative path is under the run's output directory (tensorboard -> <output_dir>/tensorboard), "
+        "an absolute one gets a subdirectory per run (<dir>/<output_dir's name>), so runs can share one "
+        "`tensorboard --logdir`. Needs the tensorboard package. null: off.")
 
     init_from: str | None = Field(
         None, description="Start from pretrained weights: an Ava model directory (or a run directory holding "
