@@ -82,6 +82,11 @@ def _training(ctx: CheckContext) -> None:
                     f"({ctx.where('training.learning_rate')}); the schedule decays towards lr_end",
                     f"set lr_end to at most {t.learning_rate} (often a tenth of it: {t.learning_rate / 10:g})",
                     t.lr_end)
+    if t.eos_penalty_weight > 0 and t.min_sequence_length == 0:
+        ctx.problem("training.eos_penalty_weight",
+                    "penalises the end token before a document is training.min_sequence_length tokens long, but "
+                    f"min_sequence_length is 0 ({ctx.where('training.min_sequence_length')}): it would do nothing",
+                    "set training.min_sequence_length (e.g. 20), or eos_penalty_weight: 0", t.eos_penalty_weight)
     h = t.gradient_health
     if h.enabled and h.max_consecutive_bad_steps and t.save_strategy == "no":
         key = "training.gradient_health.max_consecutive_bad_steps"

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ava.model import AvaForCausalLM
+from ava.model.penalties import LossPenalties
 from ava.model.transformer import IGNORE_INDEX
 from ava.rlhf.data import Prompt, SFTRows, encode, rank_batches, sft_data, sft_rows
 from ava.rlhf.engines import RoleEngine, build_engine
@@ -41,7 +42,10 @@ def run_sft(env: StageEnv, policy: AvaForCausalLM, scorer: Scorer | None) -> tup
     env.note(f"sft: {len(train)} examples in {rows.input_ids.shape[0]} rows of {rows.input_ids.shape[1]} tokens "
              f"({'packed' if s.packing else 'one per row'}), {batch} rows x {env.process.world_size} rank(s) per step, "
              f"lr {lr:g}, ZeRO stage {actor.zero_stage}")
-    steps = SFTSteps(env, Updater(actor, env, lr, s.warmup_steps, s.steps, "sft"), rows, batch)
+    penalties = LossPenalties.from_training(cfg.training, tok.eos_id)
+    if penalties is not None:
+        env.note(f"sft: loss penalties on: {', '.join(penalties.names)} (training.*_weight; logged by name)")
+    steps = SFTSteps(env, Updater(actor, env, lr, s.warmup_steps, s.steps, "sft"), rows, batch, penalties)
     held_prompts = [Prompt(p, r) for p, r in held]
     result, evaluation = fit_stage(env, steps, s.steps, s.logging_steps,
                                    lambda: _evaluate(env, actor, held_rows, held_prompts, scorer))
@@ -56,18 +60,24 @@ def run_sft(env: StageEnv, policy: AvaForCausalLM, scorer: Scorer | None) -> tup
 
 
 class SFTSteps(StageSteps):
-    """One SFT step: a micro batch of (packed) rows, the next-token loss on their response tokens."""
+    """One SFT step: a micro batch of (packed) rows, the next-token loss on their response tokens.
+
+    With loss penalties (`ava.model.penalties`) each example is a document and
+    the early-end term counts the response's length, not the prompt's.
+    """
 
     stage = "sft"
 
-    def __init__(self, env: StageEnv, updater: Updater, rows: SFTRows, batch: int) -> None:
+    def __init__(self, env: StageEnv, updater: Updater, rows: SFTRows, batch: int,
+                 penalties: LossPenalties | None = None) -> None:
         super().__init__(env, [updater])
-        self.updater, self.rows = updater, rows
+        self.updater, self.rows, self.penalties = updater, rows, penalties
         self.logging_steps = env.rlhf.sft.logging_steps
         self.batches = rank_batches(rows.input_ids.shape[0], batch, env.process.rank, env.process.world_size,
                                     env.seed)
         self.losses: list[float] = []  # every step's loss on this rank, read on logging steps only
         self._pending: list[torch.Tensor] = []
+        self._penalties: dict[str, list[torch.Tensor]] = {}  # each penalty's terms since the last logging step
         self._window: float | None = None  # starts at this process's first step (after evaluation, any resume)
         self._tokens = 0
 
@@ -77,8 +87,15 @@ class SFTSteps(StageSteps):
             self._window = time.perf_counter()
         index = next(self.batches)
         ids, labels = rows.input_ids[index].to(device), rows.labels[index].to(device)
-        out = self.updater.role.forward(ids, labels=labels, segment_ids=rows.segment_ids[index].to(device))
-        self.updater.step(out.loss)
+        segments = rows.segment_ids[index].to(device)
+        out = self.updater.role.forward(ids, labels=labels, segment_ids=segments)
+        loss = out.loss
+        if self.penalties is not None:  # every example starts inside its row: its length is known
+            for name, term in self.penalties(out.logits, ids, labels, segments, torch.ones_like(ids, dtype=torch.bool)
+                                             ).items():
+                loss = loss + term
+                self._penalties.setdefault(name, []).append(term.detach().float())
+        self.updater.step(loss)
         self._pending.append(out.lm_loss.detach().float())
         self._tokens += int((labels != IGNORE_INDEX).sum()) * world
         if not logs:
@@ -86,7 +103,9 @@ class SFTSteps(StageSteps):
         self.losses += torch.stack(self._pending).tolist()
         self._pending = []
         recent = torch.tensor(self.losses[-self.logging_steps:], dtype=torch.float32)
-        stats = self.env.mean_over_ranks({"loss": float(recent.mean())}, device)
+        penalties = {name: float(torch.stack(terms).mean()) for name, terms in self._penalties.items()}
+        self._penalties = {}
+        stats = self.env.mean_over_ranks({"loss": float(recent.mean()), **penalties}, device)
         elapsed = time.perf_counter() - self._window
         record = {**stats, "lr": self.updater.last_lr, "grad_norm": self.updater.last_grad_norm,
                   "response_tokens_per_s": self._tokens / elapsed if elapsed > 0 else None}

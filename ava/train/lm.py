@@ -22,6 +22,7 @@ import torch
 
 from ava.data.batches import Batches, SequenceBatches
 from ava.model.moe import summarise_moe_stats
+from ava.model.penalties import LossPenalties, segments_from_eos
 from ava.model.transformer import Context
 from ava.train.engine.build import Engine
 from ava.train.engine.optimizer_step import OptimizerStep
@@ -79,12 +80,14 @@ class LanguageModelSteps:
     def __init__(self, engine: Engine, optimizer: OptimizerStep, train_batches: Batches,
                  eval_batches: SequenceBatches | None, *, accumulation: int, tokens_per_step: int,
                  flops_per_token: float, reports_router_loss: bool, measure_update: bool = False,
-                 batch_context: BatchContext | None = None, faults: FaultPlan | None = None, rank: int = 0) -> None:
+                 batch_context: BatchContext | None = None, faults: FaultPlan | None = None, rank: int = 0,
+                 penalties: LossPenalties | None = None) -> None:
         self.model, self.optimizer = engine, optimizer
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.accumulation, self.tokens_per_step, self.flops_per_token = accumulation, tokens_per_step, flops_per_token
         self.reports_router_loss, self.measure_update = reports_router_loss, measure_update
         self.batch_context, self.faults, self.rank = batch_context, faults, rank
+        self.penalties = penalties
         self._stream = _forever(train_batches)
 
     @property
@@ -109,6 +112,7 @@ class LanguageModelSteps:
         lm_loss = torch.zeros((), device=device)
         router_loss = torch.zeros((), device=device)
         loads: list[torch.Tensor] = []  # per MoE layer, summed over the step's micro batches
+        penalty_losses: dict[str, Any] = {}  # each active penalty's weighted term, averaged over the micro batches
         out = None
         for micro in range(self.accumulation):
             host = next(self._stream)
@@ -116,7 +120,13 @@ class LanguageModelSteps:
             batch = host.to(device)
             with self.model.autocast():
                 out = engine(batch, labels=batch, context=read)
-            loss = out.loss if self.faults is None or micro else self.faults.apply(step, self.rank, out.loss)
+            loss = out.loss
+            if self.penalties is not None:  # None when every weight is 0: the loss is then the model's, unchanged
+                terms = self.penalties(out.logits, batch, batch, *segments_from_eos(batch, self.penalties.eos_id))
+                for name, term in terms.items():
+                    loss = loss + term
+                    penalty_losses[name] = penalty_losses.get(name, 0.0) + term.detach().float() / self.accumulation
+            loss = loss if self.faults is None or micro else self.faults.apply(step, self.rank, loss)
             engine.backward(loss)
             step_loss += loss.detach().float() / self.accumulation
             lm_loss += out.lm_loss.detach().float() / self.accumulation
@@ -134,17 +144,20 @@ class LanguageModelSteps:
         if logs:
             assert out is not None
             result.record = self._record(step_loss, lm_loss, router_loss, [*out.moe_stats, *out.attention_stats],
-                                         verdict)
+                                         verdict, penalty_losses)
         return result
 
     def _record(self, step_loss: torch.Tensor, lm_loss: torch.Tensor, router_loss: torch.Tensor, stats: list,
-                verdict: Any) -> dict[str, Any]:
+                verdict: Any, penalty_losses: dict[str, torch.Tensor]) -> dict[str, Any]:
         """A logging step's record: the global batch's losses (one host read), the LR, norms, routing stats."""
         engine, opt = self.model.engine, self.optimizer
-        loss, lm, router = mean_over_ranks(torch.stack([step_loss, lm_loss, router_loss])).tolist()
+        names = list(penalty_losses)
+        loss, lm, router, *penalties = mean_over_ranks(
+            torch.stack([step_loss, lm_loss, router_loss, *(penalty_losses[n] for n in names)])).tolist()
         record: dict[str, Any] = {"loss": loss, "lm_loss": lm, "lr": engine.get_lr()[0]}
         if self.reports_router_loss:
             record["router_loss"] = router
+        record.update(zip(names, penalties, strict=True))
         norm = opt.gate.grad_norm if opt.gate is not None else engine.get_global_grad_norm()
         if norm is not None:
             record["grad_norm"] = float(norm) if math.isfinite(norm) else str(norm)

@@ -23,6 +23,7 @@ from ava.config.schema import AvaConfig, TrainingConfig
 from ava.data.batches import Batches, SequenceBatches
 from ava.model import AvaForCausalLM
 from ava.model.lora import prepare_trainable
+from ava.model.penalties import LossPenalties
 from ava.model.store import load_state_exactly
 from ava.model.summary import summarise_model
 from ava.train.callbacks.checkpointing import Checkpointing
@@ -79,7 +80,8 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
           checkpoint_dir: Path | None = None, resume_from: Path | None = None, verify_checkpoint: bool = True,
           preemption: PreemptionFlag | None = None, faults: FaultPlan | None = None,
           initial_weights: Callable[[], dict[str, torch.Tensor]] | None = None,
-          retrieval: RetrievalPlan | None = None, reporter: Reporter | None = None) -> TrainResult:
+          retrieval: RetrievalPlan | None = None, reporter: Reporter | None = None,
+          eos_id: int | None = None) -> TrainResult:
     """Train `config.model` under DeepSpeed with `ds_config` on `train_batches`; returns what the run produced.
 
     Evaluates on `eval_batches` every `eval_steps` (and at the end), keeps the
@@ -92,9 +94,15 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     `initial_weights()` (training.init_from) replaces the random
     initialisation; `retrieval` gives batches their neighbours and document
     ids. `callbacks` run after the standard ones, and see every record.
+    `eos_id` (the data's end-of-document token) delimits documents for the
+    loss penalties (`training.repetition_penalty_weight` and the others).
     """
     started = time.perf_counter()
     t, say = config.training, reporter or _Silent()
+    penalties = LossPenalties.from_training(t, eos_id)  # first: a penalty the data cannot take stops the run here
+    if penalties is not None:
+        say.note(f"loss penalties: {', '.join(penalties.names)} added to the training loss and logged by name "
+                 "(lm_loss and evaluation stay the language-model loss)")
     torch.manual_seed(config.data.shuffle_seed)
     model = AvaForCausalLM(config.model, gradient_checkpointing=t.gradient_checkpointing)
     if initial_weights is not None and resume_from is None:  # a resumed run's checkpoint replaces them anyway
@@ -118,7 +126,8 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
         engine, optimizer, train_batches, eval_batches, accumulation=accumulation,
         tokens_per_step=ds_config["train_batch_size"] * config.data.max_length, flops_per_token=flops_per_token,
         reports_router_loss=config.model.is_moe or config.model.routes_attention, measure_update=measure_layers,
-        batch_context=batch_context, faults=faults, rank=process.rank)
+        batch_context=batch_context, faults=faults, rank=process.rank,
+        penalties=penalties)
     per_epoch = max(1, train_batches.batches_per_epoch // accumulation)
     # The decay horizon travels in checkpoints: a resume with another max_steps keeps it (no LR jump).
     first: list[Callback] = [LRHorizon(optimizer, lambda horizon: lr_schedule(t, horizon))]

@@ -171,7 +171,8 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
             result = train(cfg, ds_config, process, data.train, data.eval, callbacks=[*callbacks, *sinks],
                            checkpoint_dir=out_dir / "checkpoints", resume_from=point, preemption=preemption,
                            faults=faults, initial_weights=initial_weights, retrieval=_retrieval_plan(cfg, data, pretrained),
-                           reporter=console)
+                           reporter=console,
+                           eos_id=data.tokenizer.eos_id if data.tokenizer is not None else cfg.data.eos_token_id)
     except BaseException as exc:
         failure = (lost_rank_error(exc, peers, process.rank, run_dir.resume_hint(out_dir))
                    if peers is not None and is_lost_peer(exc) else exc)

@@ -161,3 +161,8 @@ def test_problems_inside_a_list_item_name_the_item_and_the_allowed_keys(write_ya
                                     "      format: xml\n")
     assert "data.sources[0].wieght" in message and "did you mean 'weight'" in message
     assert "data.sources[1].format" in message and "'parquet'" in message
+
+
+def test_an_eos_penalty_without_a_minimum_length_would_do_nothing_and_is_refused(write_yaml):
+    message = _problems(write_yaml, "training:\n  eos_penalty_weight: 5.0\n  min_sequence_length: 0\n")
+    assert "c.yaml:2" in message and "training.min_sequence_length" in message

@@ -63,11 +63,19 @@ class TrainingConfig(Section):
         "cosine", description="Decay after warmup, from learning_rate to lr_end.")
     lr_end: float = Field(1e-4, ge=0, description="Learning rate at the end of the decay.")
 
-    repetition_penalty_weight: float = Field(0.5, ge=0, description="Weight of the repeated-n-gram penalty loss.")
+    # The guide's loss penalties (ava.model.penalties): unlikelihood terms added to the training loss, logged
+    # under their own names, never part of lm_loss or evaluation. Off by default: base.yaml sets the guide's values.
+    repetition_penalty_weight: float = Field(
+        0.0, ge=0, description="Weight of the repetition unlikelihood loss (Welleck et al., 2019): pushes down "
+        "tokens already in the document's last repetition_penalty_window tokens. 0 = off.")
+    repetition_penalty_window: int = Field(
+        64, ge=1, le=4096, description="How many earlier tokens of the same document the repetition penalty looks at.")
     immediate_repetition_weight: float = Field(
-        1.0, ge=0, description="Weight of the penalty for repeating the previous token.")
-    min_sequence_length: int = Field(20, ge=0, description="Generated length below which EOS is penalised.")
-    eos_penalty_weight: float = Field(5.0, ge=0, description="Weight of the early-EOS penalty.")
+        0.0, ge=0, description="Weight of the penalty for repeating the previous token. 0 = off.")
+    min_sequence_length: int = Field(
+        20, ge=0, description="Document (SFT: response) length in tokens below which the end token is penalised.")
+    eos_penalty_weight: float = Field(
+        0.0, ge=0, description="Weight of the early-end penalty (needs min_sequence_length > 0). 0 = off.")
 
     mixed_precision: Precision = Field("fp16", description="Training precision: fp32, fp16, bf16 or fp8.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")

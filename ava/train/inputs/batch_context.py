@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from ava.model.penalties import segments_from_eos
 from ava.model.transformer import Context
 
 
@@ -24,8 +25,7 @@ class NeighbourSource(Protocol):
 
 def documents_from_eos(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     """(batch, seq) document ids: a new document starts after each end-of-document token (which ends its own)."""
-    ends = tokens == eos_id
-    return torch.cumsum(ends, dim=1) - ends.long()
+    return segments_from_eos(tokens, eos_id)[0]
 
 
 class BatchContext:
