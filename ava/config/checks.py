@@ -17,6 +17,7 @@ from ava.config.check_context import CheckContext
 from ava.config.errors import Notice
 from ava.config.feature_checks import check_features
 from ava.config.lora_checks import check_lora_targets
+from ava.config.quantization_checks import check_quantization
 from ava.config.rlhf_checks import check_rlhf
 from ava.config.schema import (
     DataConfig,
@@ -236,6 +237,7 @@ CHECKS: tuple[tuple[tuple[str, ...], Callable[[CheckContext], None]], ...] = (
     (("deepspeed", "model"), _expert_parallel),
     (("training", "deepspeed"), _batch),
     (("rlhf", "deepspeed", "model"), check_rlhf),
+    (("quantization", "training", "deepspeed"), check_quantization),
 )
 
 

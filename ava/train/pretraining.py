@@ -5,7 +5,8 @@ starts from the same weights), loads `training.init_from`'s weights, wraps
 LoRA adapters, opens the retrieval store, builds the engine and the shared
 optimizer step, composes the callbacks in the order they must run
 (the LR decay horizon, per-layer gradient norms, gradient-health rollback,
-evaluation; the caller's; checkpointing, preemption), and fits. Writing files
+evaluation; the caller's; checkpointing, preemption, and with `quantization:` the
+quantized model's evaluation), and fits. Writing files
 and printing are the caller's: pass the sinks as callbacks, last
 (`ava.train.run` does).
 """
@@ -32,11 +33,13 @@ from ava.train.callbacks.gradient_health import GradientHealth
 from ava.train.callbacks.layer_grad_norms import LayerGradNorms
 from ava.train.callbacks.lr_horizon import LRHorizon
 from ava.train.callbacks.preemption import Preemption
+from ava.train.callbacks.quantized_evaluation import QuantizedEvaluation
 from ava.train.checkpoint.checkpointer import Checkpointer
 from ava.train.engine.build import build_engine
 from ava.train.engine.gradient_health import HealthMonitor
 from ava.train.engine.lr_schedule import LRSchedule
 from ava.train.engine.optimizer_step import OptimizerStep
+from ava.train.engine.quantization import prepare_quantization
 from ava.train.inputs.retrieval import RetrievalPlan
 from ava.train.lm import LanguageModelSteps
 from ava.train.runtime.distributed import ProcessInfo
@@ -118,6 +121,9 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     steps = total_steps(t, train_batches.batches_per_epoch, accumulation)
     # Counted before expert parallelism keeps only this rank's experts.
     flops_per_token = summarise_model(model, config.data.max_length).training_flops_per_token
+    quantization = prepare_quantization(model, config.quantization)  # QAT: fake-quantized Linear layers
+    if quantization is not None:
+        say.note(quantization.start_note())
     engine = build_engine(model, config, ds_config, compile_setting=t.compile, note=say.note, warn=say.warn)
     health = HealthMonitor(t.gradient_health) if t.gradient_health.enabled else None
     optimizer = OptimizerStep(engine.engine, lr_schedule(t, steps), health, config.model.router_bias_update_rate)
@@ -149,6 +155,8 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
                                   keep_last=t.keep_last_checkpoints, verify_reload=verify_checkpoint))
     if preemption is not None:
         last.append(Preemption(preemption))
+    if quantization is not None:  # last: it converts the model in place, after the final checkpoint
+        last.append(QuantizedEvaluation(engine.module, quantization, has_held_out=eval_batches is not None))
     trainer = Trainer(steps_module, steps, logging_steps=t.logging_steps, callbacks=[*first, *callbacks, *last],
                       checkpointer=checkpointer, rank=process.rank, started=started)
     r = trainer.result  # known before the first step, so on_train_end sees it too

@@ -10,6 +10,7 @@ from ava.config.schema.data import DataConfig
 from ava.config.schema.deepspeed import DeepSpeedSection, OptimizerConfig, OptimizerParams
 from ava.config.schema.hardware import HardwareConfig
 from ava.config.schema.model import ModelConfig
+from ava.config.schema.quantization import QuantizationConfig
 from ava.config.schema.rlhf import RLHFConfig
 from ava.config.schema.training import GradientHealthConfig, Precision, TrainingConfig
 
@@ -24,6 +25,7 @@ class AvaConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     rlhf: RLHFConfig | None = Field(None, description="Present when an RLHF config is given.")
 
 
@@ -33,6 +35,7 @@ SECTIONS: dict[str, type[Section]] = {
     "data": DataConfig,
     "deepspeed": DeepSpeedSection,
     "hardware": HardwareConfig,
+    "quantization": QuantizationConfig,
     "rlhf": RLHFConfig,
 }
 
@@ -40,4 +43,5 @@ __all__ = [
     "AvaConfig", "SECTIONS", "COMPATIBILITY_ONLY", "compatibility_warnings", "Section", "WholeNumber",
     "ModelConfig", "TrainingConfig", "GradientHealthConfig", "DataConfig", "DeepSpeedSection",
     "OptimizerConfig", "OptimizerParams", "HardwareConfig", "RLHFConfig", "Precision",
+    "QuantizationConfig",
 ]

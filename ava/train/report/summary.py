@@ -96,7 +96,7 @@ def held_out_record(eval_batches: Any) -> dict[str, Any] | None:
 
 
 def add_diagnosis(summary: dict[str, Any], metrics_path: Path, cfg: Any) -> Any:
-    """The train/validation fit verdict and, for MoE, the expert-utilisation report, from the whole metrics history.
+    """The fit verdict, for MoE the expert-utilisation report, and the quantized evaluation, from metrics.jsonl.
 
     Read from metrics.jsonl rather than this process's records so that a
     resumed run is judged on its full history.
@@ -105,6 +105,7 @@ def add_diagnosis(summary: dict[str, Any], metrics_path: Path, cfg: Any) -> Any:
     summary["fit"] = diagnose_fit(records).as_dict() if cfg.training.eval_strategy != "no" else None
     usage = expert_usage(records, cfg.model.expert_capacity_factor) if cfg.model.is_moe else None
     summary["experts"] = usage.as_dict() if usage is not None else None
+    summary["quantization"] = quantized_evaluation(records)
     if usage is not None:
         summary["warnings"] = summary["warnings"] + list(usage.warnings)
     return usage
@@ -116,8 +117,16 @@ def print_diagnosis(summary: dict[str, Any], usage: Any, console: Any) -> None:
         console.note(FitVerdict(**summary["fit"]).line())
     if usage is not None:
         console.expert_table(usage)
+    if summary.get("quantization"):
+        console.note(f"quantization: {summary['quantization']['line']}")
     for warning in summary["warnings"]:
         console.warn(warning)
+
+
+def quantized_evaluation(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last `quantized_evaluation` event (`quantization:`): both held-out losses, what was converted; or None."""
+    events = [r for r in records if r.get("event") == "quantized_evaluation" and isinstance(r.get("quantization"), dict)]
+    return {**events[-1]["quantization"], "line": events[-1]["reason"]} if events else None
 
 
 def print_checks(summary: dict[str, Any]) -> None:
