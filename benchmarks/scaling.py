@@ -34,6 +34,16 @@ the block part linear in tokens x layers and flat in experts (top-k fixed),
 the rest linear in tokens, both from the first point's measured split; a
 measured / predicted of 1.00 means no hidden S x S (or other superlinear)
 buffer is kept for backward.
+
+Beside them, the estimate `ava config validate` and the dry run hold a run
+to (`ava.model.memory_estimate`), computed from the config alone: its bytes
+saved for backward (activations + the fp32 log-softmax) against the measured
+activations, and its weights + gradients + optimizer state against the
+measured state. Like with like: the estimate's other terms (the loss's
+backward working set, DeepSpeed buffers, the margin) are not measured here.
+With --dtype bf16 the autocast weight copies count as activations, which a
+DeepSpeed bf16 run (bf16 weights, no autocast) does not keep, so the estimate
+is compared for fp32 only.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from ava.model import AvaForCausalLM  # noqa: E402
+from ava.model.memory_estimate import TrainingSetup, count_parameters, estimate_memory  # noqa: E402
 from ava.model.summary import summarise_model  # noqa: E402
 from ava.train.engine.host_memory import keep_freed_memory  # noqa: E402
 from benchmarks.model_step import _model_config, _train_step, loss_forward  # noqa: E402
@@ -60,6 +71,7 @@ from benchmarks.timing import interleaved, print_table, synchronised, write_json
 
 AXES = ("seq", "batch", "experts", "layers")
 STATE_BYTES_PER_PARAMETER = 16  # fp32 AdamW: weight, gradient, exp_avg, exp_avg_sq
+ESTIMATE_TARGET = 0.15  # the memory estimate within 15% of what is measured
 MiB = 2**20
 
 Forward = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
@@ -173,13 +185,26 @@ def _measure_axis(ns: argparse.Namespace, points: list[Point], device: torch.dev
                         "flops_per_step": summary.training_flops_per_token * tokens,
                         "attention_flops_share": 1 - no_attention.training_flops_per_token
                         / summary.training_flops_per_token,
-                        **_memory(model, batches[0], forward, baseline)})
+                        **_memory(model, batches[0], forward, baseline), **_estimate(model, point, ns.dtype)})
         steps[str(n)] = synchronised(_train_step(model, batches, forward), device)
     times = interleaved(steps, ns.repeats, warmup=ns.warmup)
     for n, r in enumerate(results):
         r.update(step_seconds=times[str(n)], tokens_per_s=r["tokens"] / times[str(n)])
     _add_ratios(results)
     return results
+
+
+def _estimate(model: AvaForCausalLM, point: Point, dtype: str) -> dict[str, Any]:
+    """The memory estimate's activations (saved for backward) and state (weights, gradients, AdamW) at `point`.
+
+    fp32 only (see the module docstring); a torch AdamW step on one process is ZeRO stage 0.
+    """
+    if dtype != "fp32":
+        return {"estimate_activation_bytes": None, "estimate_state_bytes": None}
+    e = estimate_memory(model.config, TrainingSetup(micro_batch=point.batch, sequence_length=point.seq,
+                                                    precision="fp32"), count_parameters(model))
+    return {"estimate_activation_bytes": e.saved_for_backward,
+            "estimate_state_bytes": e.terms["weights"] + e.terms["gradients"] + e.terms["optimizer"]}
 
 
 def _add_ratios(results: list[dict[str, Any]]) -> None:
@@ -196,22 +221,31 @@ def _add_ratios(results: list[dict[str, Any]]) -> None:
         r["predicted_activation_ratio"] = predicted / first["activation_bytes"]
         r["activation_vs_predicted"] = r["activation_bytes"] / predicted
         r["state_vs_16_per_parameter"] = r["state_bytes"] / (STATE_BYTES_PER_PARAMETER * r["parameters"])
+        estimated = r["estimate_activation_bytes"] is not None
+        r["activation_vs_estimate"] = r["activation_bytes"] / r["estimate_activation_bytes"] if estimated else None
+        r["state_vs_estimate"] = r["state_bytes"] / r["estimate_state_bytes"] if estimated else None
 
 
 def _print_axis(axis: str, results: list[dict[str, Any]]) -> None:
+    def estimate(r: dict[str, Any], key: str, ratio: str) -> list[Any]:
+        return [r[key] / MiB, r[ratio]] if r[key] is not None else ["n/a", "n/a"]
+
     rows = [[r[axis], r["parameters"] / 1e6, 1000 * r["step_seconds"], r["tokens_per_s"], r["predicted_time_ratio"],
              r["time_ratio"], r["time_vs_predicted"], r["attention_flops_share"], r["activation_bytes"] / MiB,
              r["predicted_activation_ratio"], r["activation_ratio"], r["activation_vs_predicted"],
-             r["state_bytes"] / MiB, r["state_vs_16_per_parameter"]]
+             *estimate(r, "estimate_activation_bytes", "activation_vs_estimate"),
+             r["state_bytes"] / MiB, r["state_vs_16_per_parameter"], *estimate(r, "estimate_state_bytes", "state_vs_estimate")]
             + ([r["cuda_peak_bytes"] / MiB] if r["cuda_peak_bytes"] is not None else []) for r in results]
     headers = [axis, "params M", "step ms", "tokens/s", "pred x", "time x", "meas/pred", "attn share",
-               "act MiB", "act pred x", "act x", "act meas/pred", "state MiB", "state/16P"]
+               "act MiB", "act pred x", "act x", "act meas/pred", "act est MiB", "act meas/est",
+               "state MiB", "state/16P", "state est MiB", "state meas/est"]
     print_table(headers + (["cuda peak MiB"] if len(rows[0]) > len(headers) else []), rows)
 
 
-def _worst(results: list[dict[str, Any]], key: str) -> float:
-    """The ratio farthest from 1 (either way) among the points."""
-    return max((r[key] for r in results), key=lambda v: abs(math.log(v)))
+def _worst(results: list[dict[str, Any]], key: str) -> float | None:
+    """The ratio farthest from 1 (either way) among the points; None when no point has it."""
+    values = [r[key] for r in results if r[key] is not None]
+    return max(values, key=lambda v: abs(math.log(v))) if values else None
 
 
 def _axis_summary(axis: str, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -222,6 +256,8 @@ def _axis_summary(axis: str, results: list[dict[str, Any]]) -> dict[str, Any]:
                                         max(r["time_vs_predicted"] for r in results)],
             "activation_vs_predicted_worst": _worst(results, "activation_vs_predicted"),
             "state_vs_16_per_parameter_worst": _worst(results, "state_vs_16_per_parameter"),
+            "activation_vs_estimate_worst": _worst(results, "activation_vs_estimate"),
+            "state_vs_estimate_worst": _worst(results, "state_vs_estimate"),
             "last": last[axis], "attention_flops_share_last": last["attention_flops_share"],
             "predicted_time_ratio_last": last["predicted_time_ratio"],
             "parameter_ratio_last": last["parameters"] / first["parameters"]}
@@ -232,6 +268,9 @@ def _verdict(axis: str, s: dict[str, Any]) -> str:
     text = (f"{axis}: time/predicted {low:.2f}-{high:.2f} across points (worst {s['time_vs_predicted_worst']:.2f}); "
             f"activations/predicted worst {s['activation_vs_predicted_worst']:.3f}; "
             f"state/16P worst {s['state_vs_16_per_parameter_worst']:.3f}")
+    if s["activation_vs_estimate_worst"] is not None:
+        text += (f"; measured/estimate worst: activations {s['activation_vs_estimate_worst']:.3f}, "
+                 f"state {s['state_vs_estimate_worst']:.3f} (target within {ESTIMATE_TARGET:.0%})")
     if axis == "seq":
         text += f"; attention share of FLOPs at {s['last']} = {s['attention_flops_share_last']:.0%}"
     if axis == "experts":

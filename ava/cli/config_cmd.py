@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from ava.cli.args import Stack, add_stack_arguments, new_parser, stack_from
+from ava.cli.stack_report import memory_verdict, model_shape_notice
 from ava.config import ConfigError, ConfigFiles, Problem, WorldSize, build_deepspeed_config, keys, load_config
 from ava.config.aliases import alias_of
 from ava.config.loader import ResolvedConfig, shipped_configs_dir
 from ava.config.render import explain, render_yaml, scalar
 from ava.config.schema import AvaConfig
+from ava.errors import UserError
+from ava.model.memory_estimate import size_text
+from ava.model.memory_fit import MemoryVerdict
 from ava.secrets import redact_text, secret_values
 
 
@@ -32,6 +36,8 @@ def show(argv: Sequence[str]) -> int:
     parser.add_argument("--explain", action="store_true", help="annotate every value with where it came from")
     ns, extras = parser.parse_known_args(argv)
     resolved = _load(stack_from(ns, extras))
+    for line in model_shape_notice(resolved):  # stderr, like the notices: stdout stays YAML that loads back
+        print(f"note: {line}", file=sys.stderr)
     sys.stdout.write(render_yaml(resolved, with_origins=ns.explain))
     return 0
 
@@ -132,18 +138,36 @@ def validate_cmd(argv: Sequence[str]) -> int:
     add_stack_arguments(parser)
     parser.add_argument("--all", action="store_true",
                         help="validate every shipped gpu x hardware x distributed combination, and every recipe")
-    parser.add_argument("--world_sizes", default="1,2,4", help="data-parallel sizes for --all (default 1,2,4)")
+    parser.add_argument("--world_sizes", default="1,2,4,8", help="data-parallel sizes for --all (default 1,2,4,8)")
     parser.add_argument("--configs_dir", default=None, help="where the shipped configs are (default: the repo's configs/)")
+    parser.add_argument("--force", action="store_true",
+                        help="a stack estimated not to fit hardware.memory_gb is a warning, not an error")
     ns, extras = parser.parse_known_args(argv)
     if ns.config and not ns.all:
-        resolved = _load(stack_from(ns, extras))
-        b = resolved.batch
-        print(f"valid: {', '.join(p for _, p, _ in resolved.files.layers())}"
-              f"{' + ' + str(len(resolved.overrides)) + ' override token(s)' if resolved.overrides else ''}\n"
-              f"  batch: micro {b.micro} x accumulation {b.accumulation} x {b.world.size} rank(s) "
-              f"= global {b.global_batch}  [{b.world.source}]")
-        return 0
+        return _validate_one(stack_from(ns, extras), ns.force)
     return _validate_all(ns, extras)
+
+
+def _validate_one(stack: Stack, force: bool) -> int:
+    """Validate one stack, then hold its estimated memory per device to hardware.memory_gb (an error unless forced)."""
+    resolved = _load(stack)
+    for line in model_shape_notice(resolved):
+        print(f"note: {line}", file=sys.stderr)
+    memory = memory_verdict(resolved)
+    # An RLHF stage holds more models than the one the estimate counts (reference, reward, critic): no verdict.
+    rlhf = resolved.files.rlhf_config is not None
+    problem = None if rlhf else memory.problem()
+    if problem is not None and not force:
+        raise UserError(problem[0], problem[1] + "; or pass --force to accept the estimate")
+    b = resolved.batch
+    print(f"valid: {', '.join(p for _, p, _ in resolved.files.layers())}"
+          f"{' + ' + str(len(resolved.overrides)) + ' override token(s)' if resolved.overrides else ''}\n"
+          f"  batch: micro {b.micro} x accumulation {b.accumulation} x {b.world.size} rank(s) "
+          f"= global {b.global_batch}  [{b.world.source}]\n  {memory.line()}"
+          + (" (one model: an RLHF stage's reference, reward and critic models come on top)" if rlhf else ""))
+    if problem is not None:
+        print(f"WARNING (--force): {memory.warning()}", file=sys.stderr)
+    return 0
 
 
 def _validate_all(ns: argparse.Namespace, extras: Sequence[str]) -> int:
@@ -166,22 +190,58 @@ def _validate_all(ns: argparse.Namespace, extras: Sequence[str]) -> int:
     combos += [(g, None, None, r) for g in gpus for r in sorted(root.glob("rlhf/*.yaml"))]
     # Recipes carry their own hardware and ZeRO settings: each is validated as the one file it is run as.
     combos += [(recipe, None, None, None) for recipe in sorted(root.glob("recipes/*/*.yaml"))]
+    # Research configs are tiny experiments, validated as their headers run them: alone and with hardware/cpu.yaml.
+    combos += [(c, h, None, None) for c in sorted(root.glob("research/*.yaml"))
+               for h in [None, *root.glob("hardware/cpu.yaml")]]
     failures: list[tuple[str, int, ConfigError]] = []
+    batch_only: dict[str, list[tuple[int, ConfigError]]] = {}  # recipes: world sizes their fixed batch cannot take
+    passed: set[str] = set()
+    memory: dict[str, list[tuple[int, MemoryVerdict]]] = {}
     checked = 0
     for (g, h, d, r), world in itertools.product(combos, worlds):
         files = ConfigFiles(*(str(p) if p else None for p in (g, h, d, r)))
         label = " + ".join(p.relative_to(root).as_posix() for p in (g, h, d, r) if p)
         checked += 1
         try:
-            load_config(files, tuple(extras), WorldSize(world, f"--world_sizes {world}"))
+            resolved = load_config(files, tuple(extras), WorldSize(world, f"--world_sizes {world}"))
         except ConfigError as exc:
-            failures.append((label, world, exc))
+            if label.startswith("recipes/") and all(p.key == "batch size" for p in exc.problems):
+                batch_only.setdefault(label, []).append((world, exc))
+            else:
+                failures.append((label, world, exc))
+            continue
+        passed.add(label)
+        if resolved.config.hardware.memory_gb is not None and r is None:  # RLHF: more models than the estimate
+            verdict = memory_verdict(resolved, with_fixes=False)
+            if verdict.fits is False:
+                memory.setdefault(label, []).append((world, verdict))
+    # A recipe is one run for one machine and may fix its global batch for it: a world size that batch cannot
+    # be split over is one the recipe is not for (said here), unless it fits none of them (then it fails).
+    skipped = 0
+    for label, misses in batch_only.items():
+        if label not in passed:
+            failures += [(label, world, error) for world, error in misses]
+            continue
+        skipped += len(misses)
+        print(f"SKIP  {label}  (world size {','.join(str(w) for w, _ in misses)}): not a world size this recipe "
+              f"is for: {misses[0][1].problems[0].message}")
     for label, world, error in failures:
         print(f"FAIL  {label}  (world size {world})")
         for problem in error.problems:
             print(f"        {problem.render()}")
-    print(f"{checked - len(failures)}/{checked} shipped combinations valid "
-          f"({len(combos)} stacks x world sizes {','.join(map(str, worlds))}) in {root}")
+    for label, verdicts in memory.items():
+        name = verdicts[0][1].estimate.largest[0]
+        sizes = ", ".join(f"{size_text(v.estimate.total)} at {w}" for w, v in verdicts)
+        print(f"MEMORY  {label}: estimated {sizes} rank(s) per device, over hardware.memory_gb "
+              f"{verdicts[0][1].memory_gb:g} GiB (largest term: {name})")
+    valid = checked - skipped
+    print(f"{valid - len(failures)}/{valid} shipped combinations valid "
+          f"({len(combos)} stacks x world sizes {','.join(map(str, worlds))}) in {root}"
+          + (f"; {skipped} skipped (recipes, at world sizes they are not for)" if skipped else ""))
+    if memory:
+        print(f"{len(memory)} stack(s) estimated not to fit their hardware.memory_gb at some world size: warnings, "
+              "not failures (a model config of another size on that preset); `ava config validate --config ...` "
+              "shows the fixes")
     return 2 if failures else 0
 
 

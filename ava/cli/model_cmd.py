@@ -44,8 +44,14 @@ def summary(argv: Sequence[str]) -> int:
     model_cfg = resolved.config.model
     seq = ns.seq_len or resolved.config.data.max_length
     s = summarise_config(model_cfg, seq)
+    from ava.cli.stack_report import memory_verdict, model_shape_notice
+
+    notices = model_shape_notice(resolved, with_parameters=True)
+    memory = memory_verdict(resolved)
     if ns.json:
-        print(json.dumps(s.as_dict(), indent=2))
+        print(json.dumps({**s.as_dict(), "model_shape_notices": notices,
+                          "memory": {**memory.estimate.as_dict(), "memory_gb": memory.memory_gb, "fits": memory.fits}},
+                         indent=2))
         return 0
     top_k = 1 if model_cfg.router_type == "switch" else model_cfg.num_experts_per_token
     kind = (f"MoE: {model_cfg.num_experts} experts, top-{top_k} ({model_cfg.router_type})"
@@ -53,6 +59,8 @@ def summary(argv: Sequence[str]) -> int:
     rows = [("total parameters", s.total), ("active per token", s.active_per_token),
             ("trainable", s.trainable)]
     print(f"Model from {stack.files.config}: {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, {kind}")
+    for line in notices:
+        print(f"  note: {line}")
     for name, value in rows:
         print(f"  {name:<28}{value:>16,}  ({_human(value)})")
     print("  by component:")
@@ -65,6 +73,13 @@ def summary(argv: Sequence[str]) -> int:
         print("  enhanced features:")
         for name, text in s.features.items():
             print(f"    {name:<26}{text}")
+    b = resolved.batch
+    print(f"training at micro batch {b.micro} x {resolved.config.data.max_length} tokens on {b.world.size} rank(s) "
+          f"[{b.world.source}], {resolved.config.training.mixed_precision}, ZeRO stage "
+          f"{resolved.config.deepspeed.zero_stage}:")
+    print("\n".join("  " + line for line in memory.table()))
+    if memory.warning():
+        print(f"  WARNING: {memory.warning()}")
     return 0
 
 

@@ -81,11 +81,18 @@ def _print_plan(resolved: ResolvedConfig, pretrained: Any = None) -> None:
     print(f"\nconfig OK: micro batch {b.micro} x accumulation {b.accumulation} x {b.world.size} rank(s) "
           f"= {b.global_batch} sequences = {tokens:,} tokens per optimizer step "
           f"[{b.world.source}]; precision {cfg.training.mixed_precision}; ZeRO stage {cfg.deepspeed.zero_stage}")
+    from ava.cli.stack_report import memory_verdict, model_shape_notice
     from ava.model.summary import summarise_config
 
     m = summarise_config(cfg.model, cfg.data.max_length)
     print(f"model: {m.total:,} parameters ({m.active_per_token:,} active per token), "
           f"{m.training_flops_per_token / 1e6:,.1f} MFLOP per training token (`ava model summary` for details)")
+    for line in model_shape_notice(resolved, with_parameters=True):
+        print(f"note: {line}")
+    memory = memory_verdict(resolved)
+    print("\n".join(memory.table()))
+    if memory.warning():
+        print(f"WARNING: {memory.warning()}")
     if pretrained is not None:
         print(f"init_from: weights and architecture from {pretrained.describe()}")
     import torch

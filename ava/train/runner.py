@@ -34,6 +34,7 @@ from ava.config import build_deepspeed_config
 from ava.config.loader import ResolvedConfig
 from ava.config.render import render_yaml
 from ava.errors import UserError
+from ava.model.memory_fit import check_run_memory
 from ava.train import run_dir
 from ava.train.runtime.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from ava.train.trainer.callback import Callback
@@ -241,6 +242,9 @@ def _print_header(console: Any, resolved: ResolvedConfig, data: Any, point: Path
     console.note(f"batch: {b.micro} x {b.accumulation} x {b.world.size} rank(s) = {b.global_batch} sequences "
                  f"= {b.tokens_per_step(cfg.data.max_length):,} tokens per step; precision "
                  f"{cfg.training.mixed_precision}; ZeRO stage {cfg.deepspeed.zero_stage}")
+    memory = check_run_memory(cfg.model, cfg.training, cfg.deepspeed, cfg.data.max_length, b.world.size,
+                              cfg.hardware.memory_gb, resolved.origin(("hardware", "memory_gb")).where())
+    console.warn(memory.warning()) if memory.warning() else console.note(memory.line())
     if pretrained is not None:
         console.note(f"init_from: {pretrained.describe()}"
                      + (" (the resumed checkpoint replaces these weights)" if point is not None else ""))

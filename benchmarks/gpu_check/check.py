@@ -23,7 +23,7 @@ from typing import Any
 
 from benchmarks.gpu_check.plan import TrainSpec, datasheet_peak, make_plan, stage_names, train_args
 from benchmarks.gpu_check.probes import RESULT_PREFIX
-from benchmarks.gpu_check.report import headline, junit_counts, rate_text, read_run
+from benchmarks.gpu_check.report import headline, junit_counts, memory_comparison, rate_text, read_run
 from benchmarks.gpu_check.wheels import OPTIONAL, REPO, choose_wheels, installed, interpreter_tags, required_distributions
 
 BAD = {"fail", "timeout", "error", "not_run"}  # besides: pass, skipped (by design, e.g. no JIT op on a CPU)
@@ -51,6 +51,7 @@ class Check:
         self.peak: dict[str, Any] | None = None
         self.stages: list[dict[str, Any]] = []
         self.only = set(ns.only.split(",")) if ns.only else None
+        self.estimates: dict[str, Any] | None = None  # Ava's memory estimate per training stage, probed once
 
     def run(self) -> int:
         for name in stage_names(self.plan):
@@ -183,6 +184,7 @@ class Check:
         cmd = [self.py, "train.py", *train_args(spec, self.plan), "--output_dir", str(out), *self.ns.train_arg]
         self.subprocess(record, cmd, timeout, expect_result=False)
         details = read_run(out, spec, self.peak, self.env)
+        details.update(memory_comparison(details, self.memory_estimates(record).get(spec.name)))
         record["details"] = details
         if record["status"] == "pass" and not (details.get("completed") and details.get("checks_passed")
                                                and (details.get("tokens_per_s") or 0) > 0):
@@ -190,6 +192,16 @@ class Check:
                                                f"checks {details.get('checks')}")
         for heavy in ("checkpoints", "model"):  # gigabytes each on the GPU; the numbers are read already
             shutil.rmtree(out / heavy, ignore_errors=True)
+
+    def memory_estimates(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Ava's memory estimate of every training stage's run (one probe, the first time it is asked)."""
+        if self.estimates is None:
+            probe: dict[str, Any] = {"name": "memory_estimate"}
+            timeout = int(max(15, min(90, self.deadline - time.time())))
+            self.estimates = self.subprocess(probe, self.probe("memory_estimate"), timeout) or {}
+            if probe.get("error"):
+                record["memory_estimate_error"] = probe["error"][-2000:]
+        return self.estimates
 
     # -------------------------------------------------------- plumbing
 

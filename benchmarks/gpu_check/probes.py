@@ -125,7 +125,32 @@ def probe_fused_adam(dry_run: bool) -> None:
     _emit({"build_seconds": built, "step_changed_weights": not torch.equal(before, p.detach())})
 
 
-PROBES = {"environment": probe_environment, "imports": probe_imports, "deepspeed_ops": probe_fused_adam}
+def probe_memory_estimate(dry_run: bool) -> None:
+    """Ava's memory estimate per device for each training stage's run (`ava.model.memory_estimate`).
+
+    The stage compares it with the run's torch.cuda.max_memory_allocated (`report.memory_comparison`).
+    """
+    from ava.cli.args import add_stack_arguments, new_parser, stack_from
+    from ava.config import load_config
+    from ava.model.memory_fit import check_run_memory
+    from benchmarks.gpu_check.plan import make_plan, train_args
+
+    plan = make_plan(dry_run)
+    result: dict[str, Any] = {}
+    for spec in plan.trains:
+        parser = new_parser("train.py", "")
+        add_stack_arguments(parser)
+        ns, extras = parser.parse_known_args(train_args(spec, plan))
+        stack = stack_from(ns, extras)
+        cfg = load_config(stack.files, stack.overrides, stack.world).config
+        e = check_run_memory(cfg.model, cfg.training, cfg.deepspeed, cfg.data.max_length, stack.world.size,
+                             None).estimate
+        result[spec.name] = e.as_dict()
+    _emit(result)
+
+
+PROBES = {"environment": probe_environment, "imports": probe_imports, "deepspeed_ops": probe_fused_adam,
+          "memory_estimate": probe_memory_estimate}
 
 
 if __name__ == "__main__":

@@ -56,6 +56,34 @@ def read_run(out: Path, spec: TrainSpec, peak: dict[str, Any] | None, environmen
     return details
 
 
+GiB = 2**30
+
+
+def memory_comparison(details: dict[str, Any], estimate: dict[str, Any] | None) -> dict[str, Any]:
+    """Ava's memory estimate beside what the run measured, like with like.
+
+    torch.cuda.max_memory_allocated (the run's memory/peak_allocated_gb) counts
+    tensors only, so it is held to the estimate's terms without the margin
+    (CUDA context, fragmentation); the reserved peak is recorded beside the
+    estimate's total. On a CPU (the dry run) there is no allocated peak: the
+    estimate is recorded alone.
+    """
+    if not estimate:
+        return {}
+    out: dict[str, Any] = {
+        "memory_estimate_allocated_gb": estimate["allocated_bytes"] / GiB,
+        "memory_estimate_total_gb": estimate["total_bytes"] / GiB,
+        "memory_estimate_terms_gb": {k: v / GiB for k, v in estimate["terms_bytes"].items()},
+        "memory_estimate_largest": estimate["largest"]}
+    peak = details.get("memory/peak_allocated_gb")
+    if peak:
+        out["memory_peak_allocated_vs_estimate"] = peak / out["memory_estimate_allocated_gb"]
+    reserved = details.get("memory/peak_reserved_gb")
+    if reserved:
+        out["memory_peak_reserved_vs_estimate_total"] = reserved / out["memory_estimate_total_gb"]
+    return out
+
+
 def junit_counts(path: Path) -> dict[str, Any]:
     """passed / failed / skipped and the failed tests' names, from pytest's --junitxml file."""
     root = ET.parse(path).getroot()
@@ -89,7 +117,10 @@ def headline(record: dict[str, Any]) -> str:
         return (f"{d['tokens_per_s']:,.0f} tokens/s, {d['step_seconds'] * 1000:.0f} ms/step"
                 + (f", MFU {m:.1%} of bf16 peak" if m is not None else "")
                 + (f" ({d['mfu_fp8_peak']:.1%} of fp8)" if d.get("mfu_fp8_peak") is not None else "")
-                + (f", loss {d['first_loss']:.2f} -> {d['final_loss']:.2f}" if d.get("final_loss") is not None else ""))
+                + (f", loss {d['first_loss']:.2f} -> {d['final_loss']:.2f}" if d.get("final_loss") is not None else "")
+                + (f", peak {d['memory/peak_allocated_gb']:.1f} GiB allocated = "
+                   f"{d['memory_peak_allocated_vs_estimate']:.2f} x the estimate"
+                   if d.get("memory_peak_allocated_vs_estimate") else ""))
     return ""
 
 

@@ -93,4 +93,5 @@ def test_world_size_from_the_launcher_environment_shapes_the_batch():
     out = ava("config", "deepspeed", "--config", "configs/gpu/tiny.yaml", "--distributed_config",
               "configs/distributed/deepspeed_zero1.yaml", env=env)
     ds = json.loads(out.stdout)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 8, 2)
+    # deepspeed_zero1.yaml: global 32 at micro 4 (so that 8 GPUs can split it too), accumulation 4 on 2 ranks
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 4)

@@ -19,7 +19,9 @@ class HardwareConfig(Section):
 
     name: str = Field("unspecified", description="Human-readable device name.")
     accelerator: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device type.")
-    memory_gb: float | None = Field(None, gt=0, description="Memory per device in GiB.")
+    memory_gb: float | None = Field(
+        None, gt=0, description="Memory per device in GiB: `ava config validate` refuses a run estimated not to "
+        "fit it (--force accepts it), and dry runs and the run's start warn. null = no verdict.")
     bf16: bool = Field(True, description="The device computes in bfloat16.")
     fp16: bool = Field(True, description="The device computes in float16 (DeepSpeed fp16 on CPU needs AMX-FP16).")
     fp8: bool = Field(False, description="The device has FP8 matrix units (Ada, Hopper, Blackwell).")
