@@ -18,6 +18,7 @@ LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                "SLURM_NNODES", "SLURM_PROCID", "CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR")
 OPTIONAL = {"peft": "LoRA (training.lora, rlhf.lora)", "torchao": "FP8 training (mixed_precision: fp8)",
             "transformers": "Hugging Face parity tests", "wandb": "W&B logging (training.wandb_log)",
+            "tensorboard": "TensorBoard logging (training.tensorboard_dir)",
             "transformer_engine": "fp8_backend: transformer_engine"}
 
 

@@ -86,6 +86,12 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
         metrics = (out_dir / "metrics.jsonl").open("a")
         console.note(f"RLHF pipeline: {' -> '.join(cfg.rlhf.stages)}; {process.world_size} rank(s); "
                      f"precision {cfg.training.mixed_precision}; outputs: {out_dir}")
+        # The stages log to metrics.jsonl and the console only: a logger key must not look as if it worked.
+        for key, on in (("training.wandb_log", cfg.training.wandb_log),
+                        ("training.tensorboard_dir", cfg.training.tensorboard_dir is not None)):
+            if on:
+                console.note(f"WARNING: {key} is not used by RLHF stages (they log to metrics.jsonl and the console); "
+                             "plot metrics.jsonl, or remove the key for RLHF runs")
     try:
         result = run_pipeline(plan, out_dir, process, _sink(metrics, out_dir, console), console.note, resume=resume,
                               preemption=preemption, trust_checkpoint=trust_checkpoint)

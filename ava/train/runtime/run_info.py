@@ -20,7 +20,7 @@ from pathlib import Path
 import ava
 
 PACKAGES = ("torch", "deepspeed", "numpy", "pydantic", "datasets", "tokenizers", "transformers", "wandb", "rich",
-            "torchao", "safetensors")
+            "torchao", "safetensors", "tensorboard")
 GiB = 2**30
 
 
