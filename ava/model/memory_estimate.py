@@ -57,7 +57,8 @@ recomputed in backward: L·bh + the largest block. The logits term is the
 loss's working set: the logits in the compute dtype, the fp32 log-softmax
 cross-entropy keeps for backward, and in backward its gradient and the fp32
 logits' gradient, (b + 12)V per token, +4V when the loss penalties read a
-log-sum-exp over the logits (training.repetition_penalty_weight etc.). fp8
+log-sum-exp over the logits (training.repetition_penalty_weight etc.), and
+21 bytes per token per slot of the repetition penalty's window. fp8
 is counted at 2 bytes: torchao keeps some matmul inputs in 1 byte, so the
 estimate errs high there. Not modelled: attention dropout (the math SDPA
 kernel keeps S x S) and torch.compile, which may keep fewer tensors than eager.
@@ -89,6 +90,7 @@ FRAGMENTATION = 0.10  # the caching allocator's reserved-but-unused share of wha
 ALLREDUCE_BUCKET = 500_000_000  # DeepSpeed's stage-0 allreduce_bucket_size default (elements)
 TERMS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers")
 
+REPETITION_SLOT_BYTES = 21  # per token per window slot of the repetition penalty (see the docstring)
 
 @dataclass(frozen=True)
 class TrainingSetup:
@@ -103,6 +105,7 @@ class TrainingSetup:
     data_parallel: int = 1
     expert_parallel: int = 1
     loss_penalties: bool = False
+    repetition_window: int = 0  # training.repetition_penalty_window when the repetition penalty is on, else 0
     reduce_bucket_size: int = 500_000_000
     overlap_comm: bool = True
     contiguous_gradients: bool = True
@@ -121,6 +124,7 @@ class TrainingSetup:
                    gradient_checkpointing=t.gradient_checkpointing,
                    zero_stage=ds.zero_stage if ds.enabled else 0, offload=ds.cpu_offload or ds.nvme_offload,
                    data_parallel=world_size, expert_parallel=ds.ep_size, loss_penalties=penalties,
+                   repetition_window=t.repetition_penalty_window if t.repetition_penalty_weight > 0 else 0,
                    reduce_bucket_size=ds.reduce_bucket_size, overlap_comm=ds.overlap_comm,
                    contiguous_gradients=ds.contiguous_gradients,
                    prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
@@ -266,8 +270,11 @@ def estimate_memory(config: ModelConfig, setup: TrainingSetup, counts: Parameter
     parts.update({"activations.saved": saved, "activations.checkpointed": checkpointed})
     tokens = s.micro_batch * s.sequence_length
     vocab_saved = 4 + (4 if s.loss_penalties else 0)
-    parts["logits.saved"] = tokens * config.vocab_size * vocab_saved
-    logits = tokens * config.vocab_size * (s.dtype_bytes + 8 + vocab_saved)
+    # The repetition penalty's (batch, seq, window) candidates: int64 ids, their fp32 probabilities and
+    # unlikelihoods, masks (about 21 bytes a slot, measured); the window never exceeds the row.
+    window = min(s.repetition_window, s.sequence_length) * REPETITION_SLOT_BYTES
+    parts["logits.saved"] = tokens * (config.vocab_size * vocab_saved + window)
+    logits = tokens * (config.vocab_size * (s.dtype_bytes + 8 + vocab_saved) + window)
     terms = {"weights": weights, "gradients": gradients, "optimizer": optimizer,
              "activations": checkpointed if s.gradient_checkpointing else saved, "logits": logits,
              "buffers": buffers}

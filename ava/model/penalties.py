@@ -129,7 +129,7 @@ class LossPenalties:
     def _repetition(self, probability, input_ids: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor,
                     valid: torch.Tensor) -> torch.Tensor:
         """The summed unlikelihood of the distinct earlier tokens of each position's window and document."""
-        window = self.repetition_window
+        window = min(self.repetition_window, input_ids.shape[1])  # a longer window sees nothing more
         before = F.pad(input_ids, (window - 1, 0), value=-1).unfold(1, window, 1)  # (batch, seq, window)
         their_segment = F.pad(segments, (window - 1, 0), value=torch.iinfo(segments.dtype).min).unfold(1, window, 1)
         candidates = torch.where(their_segment == segments.unsqueeze(-1), before, -1)

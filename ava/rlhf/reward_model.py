@@ -1,7 +1,8 @@
 """Reward-model training: the Ava model with a scalar head, fitted to chosen/rejected pairs.
 
-The score of a sequence is the head's value at its last token (the eos after
-the response). The Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected -
+The score of a sequence is the head's value at its last token: the eos after
+the response, or, for a pair cut to data.max_length (data.truncation), the last
+token kept, as for a rollout cut at max_new_tokens. The Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected -
 margin), makes the chosen response score higher; accuracy is the share of
 pairs ordered correctly.
 """

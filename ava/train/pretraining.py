@@ -156,7 +156,8 @@ def train(config: AvaConfig, ds_config: dict, process: ProcessInfo, train_batche
     if preemption is not None:
         last.append(Preemption(preemption))
     if quantization is not None:  # last: it converts the model in place, after the final checkpoint
-        last.append(QuantizedEvaluation(engine.module, quantization, has_held_out=eval_batches is not None))
+        last.append(QuantizedEvaluation(engine.module, quantization, has_held_out=eval_batches is not None,
+                                        exports_best=t.save_strategy == "best"))
     trainer = Trainer(steps_module, steps, logging_steps=t.logging_steps, callbacks=[*first, *callbacks, *last],
                       checkpointer=checkpointer, rank=process.rank, started=started)
     r = trainer.result  # known before the first step, so on_train_end sees it too

@@ -183,6 +183,9 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
             raise failure from None
         raise
     finally:
+        for sink in sinks:  # TensorBoard's writer stays open through on_train_end for the callbacks after it
+            if hasattr(sink, "close"):
+                sink.close()
         if metrics is not None:
             try:
                 metrics.close()

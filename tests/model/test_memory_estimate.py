@@ -148,3 +148,36 @@ def test_a_tiny_model_fits_and_a_59b_model_does_not():
     message, fix = verdict.problem()
     assert "largest term is optimizer" in message and "h.yaml:5" in message
     assert "deepspeed.cpu_offload: true" in fix and "ZeRO-3 over" in fix and "micro batch" in fix
+
+
+def test_the_repetition_penalty_window_costs_what_its_saved_tensors_measure():
+    """The estimate's window term against the bytes autograd keeps for the penalty's backward (saved-tensor hooks)."""
+    from ava.model.memory_estimate import REPETITION_SLOT_BYTES
+    from ava.model.penalties import LossPenalties, segments_from_eos
+
+    batch, seq, vocab = 2, 128, 64
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    def saved_per_token(window: int) -> float:
+        logits = torch.randn(batch, seq, vocab, generator=generator, requires_grad=True)
+        kept: list[int] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:  # the logits themselves are the forward's, not the penalty's
+            same = t.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+            kept.append(0 if same else t.untyped_storage().nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            LossPenalties(repetition_weight=1.0, repetition_window=window)(logits, ids, ids,
+                                                                           *segments_from_eos(ids, 0))
+        return sum(kept) / (batch * seq)
+
+    measured = {window: saved_per_token(window) for window in (16, 64)}
+    per_slot = (measured[64] - measured[16]) / (64 - 16)  # the window's share, without the per-token constants
+    assert per_slot == pytest.approx(REPETITION_SLOT_BYTES, rel=0.15)
+    windowed = estimate_memory(TINY, _setup(precision="fp32", data_parallel=1, loss_penalties=True,
+                                            repetition_window=64, sequence_length=16), COUNTS)
+    plain = estimate_memory(TINY, _setup(precision="fp32", data_parallel=1, loss_penalties=True,
+                                         sequence_length=16), COUNTS)
+    # the window never exceeds the row: 16 slots of 21 bytes for each of the 2 x 16 tokens
+    assert windowed.terms["logits"] - plain.terms["logits"] == 2 * 16 * 16 * REPETITION_SLOT_BYTES

@@ -145,3 +145,14 @@ def test_nvfp4_is_refused_where_it_cannot_work(override, said):
         load_config(files, override, world=WorldSize(1, "test"))
     problems = [p for p in caught.value.problems if p.key == "quantization.format"]
     assert len(problems) == 1 and said in problems[0].render()
+
+
+def test_a_torchao_without_the_nvfp4_conversion_is_refused_before_training_not_after(monkeypatch):
+    import sys
+
+    from ava.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "torchao.prototype.mx_formats", None)  # as if torchao lacked the module
+    with pytest.raises(UserError) as caught:
+        prepare_quantization(_model(), QuantizationConfig(format="nvfp4"), device="cpu")
+    assert "torchao>=0.18" in caught.value.fix and "quantization.format: none" in caught.value.fix

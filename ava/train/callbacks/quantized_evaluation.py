@@ -31,8 +31,10 @@ class QuantizedEvaluation(Callback):
 
     name = "quantized_evaluation"
 
-    def __init__(self, model: nn.Module, report: QuantizationReport, has_held_out: bool) -> None:
+    def __init__(self, model: nn.Module, report: QuantizationReport, has_held_out: bool,
+                 exports_best: bool = False) -> None:
         self.model, self.report, self.has_held_out = model, report, has_held_out
+        self.exports_best = exports_best  # save_strategy best: model/ is the best checkpoint, not these weights
 
     def on_train_end(self, trainer: Trainer) -> None:
         if trainer.result.status in ("preempted", "failed"):
@@ -48,6 +50,10 @@ class QuantizedEvaluation(Callback):
             r.unquantized_eval_loss = evaluate()
             convert(self.model, r)
             r.quantized_eval_loss = evaluate()
-        trainer.log({**record, "reason": r.result_line(), "quantization": r.as_dict(),
+        line = r.result_line()
+        if self.exports_best:
+            line += (f"; these are the final weights (step {trainer.step}), while model/ is the best checkpoint "
+                     "(save_strategy: best)")
+        trainer.log({**record, "reason": line, "quantization": {**r.as_dict(), "step": trainer.step},
                      "quantization/unquantized_eval_loss": r.unquantized_eval_loss,
                      "quantization/quantized_eval_loss": r.quantized_eval_loss})

@@ -74,7 +74,15 @@ class TensorBoard(Callback):
         self.log(record)
 
     def on_train_end(self, trainer: Trainer) -> None:
-        self.close()
+        # Flush, not close: callbacks after the sinks (the quantized evaluation) still log at the end of a
+        # run; the runner closes the writer when training is over (`close`).
+        if self.writer is not None:
+            try:
+                self.writer.flush()
+            except Exception as exc:
+                _warn(f"TensorBoard logging failed ({type(exc).__name__}: {exc}); training continues without it "
+                      "(metrics.jsonl has every record).")
+                self._drop()
 
     def log(self, record: dict[str, Any]) -> None:
         """Write the numbers of one record at its step; text (an event's reason) is left to metrics.jsonl."""

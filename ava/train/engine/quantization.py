@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ava.config.schema import QuantizationConfig
+from ava.errors import UserError
 from ava.model.compile import run_outside_graph
 from ava.model.moe.experts import GroupedExperts
 from ava.train.engine.precision import _quiet_import
@@ -250,12 +251,31 @@ def prepare_quantization(model: nn.Module, config: QuantizationConfig,
     """
     if not config.enabled:
         return None
+    _require_torchao_nvfp4()  # now, not after the whole run, when the end-of-run conversion needs it
     report = plan_quantization(model, config, device)
     if config.method == "qat":
         for name in report.modules:
             linear = _linear(model, name)
             _replace(model, name, NVFP4QATLinear.from_linear(linear, config.activations, config.per_tensor_scale))
     return report
+
+
+def _require_torchao_nvfp4() -> None:
+    """The torchao API the conversion uses (NVFP4WeightOnlyConfig, torchao 0.18), or a user error naming the fix."""
+    try:
+        version = importlib.metadata.version("torchao")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    try:
+        with _quiet_import():
+            from torchao.prototype.mx_formats import NVFP4WeightOnlyConfig
+            from torchao.quantization import quantize_  # noqa: F401
+        NVFP4WeightOnlyConfig(use_dynamic_per_tensor_scale=True)
+    except Exception as exc:  # missing, or an older torchao whose NVFP4 API differs
+        found = f"torchao {version} is installed" if version else "torchao is not installed"
+        raise UserError(f"quantization.format: nvfp4 converts the weights with torchao's NVFP4WeightOnlyConfig at the "
+                        f"end of the run, but {found} and does not provide it ({type(exc).__name__}: {exc})",
+                        "pip install 'torchao>=0.18' (the version tested), or set quantization.format: none") from None
 
 
 def set_fake_quantization(model: nn.Module, enabled: bool) -> None:
