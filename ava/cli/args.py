@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ava.config import ConfigFiles, WorldSize, load_config
 from ava.config.loader import ResolvedConfig
+from ava.errors import UserError
 from ava.secrets import redact_text, secret_values
 
 OVERRIDE_HELP = """\
@@ -24,13 +26,29 @@ overrides:
 """
 
 
+class _OnceOnly(argparse.Action):
+    """A config-file flag given twice is a user error: argparse would keep the last and drop the first silently."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        before = getattr(namespace, self.dest, None)
+        if before is not None:
+            raise UserError(f"{option_string} given twice ({before} and {values}); one file per layer is read, "
+                            "so the first would be ignored",
+                            f"pass {option_string} once; to combine two files, put one's settings in a layer of its "
+                            "own (--hardware_config, --distributed_config) or as --KEY VALUE overrides")
+        setattr(namespace, self.dest, values)
+
+
 def add_stack_arguments(parser: argparse.ArgumentParser, *, require_config: bool = False) -> None:
     """Add the config-file and launcher arguments."""
     group = parser.add_argument_group("configuration (merged in this order; later wins)")
-    group.add_argument("--config", required=require_config, help="base config, e.g. configs/gpu/tiny.yaml")
-    group.add_argument("--hardware_config", help="hardware config, e.g. configs/hardware/cpu.yaml")
-    group.add_argument("--distributed_config", help="distributed config, e.g. configs/distributed/deepspeed_zero2.yaml")
-    group.add_argument("--rlhf_config", help="RLHF config, e.g. configs/rlhf/test_cpu.yaml")
+    group.add_argument("--config", action=_OnceOnly, required=require_config,
+                       help="base config, e.g. configs/gpu/tiny.yaml")
+    group.add_argument("--hardware_config", action=_OnceOnly, help="hardware config, e.g. configs/hardware/cpu.yaml")
+    group.add_argument("--distributed_config", action=_OnceOnly,
+                       help="distributed config, e.g. configs/distributed/deepspeed_zero2.yaml")
+    group.add_argument("--rlhf_config", action=_OnceOnly, help="RLHF config, e.g. configs/rlhf/test_cpu.yaml")
     launch = parser.add_argument_group("launcher (accepted from deepspeed/torchrun; a dry run uses them for the world size)")
     launch.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     launch.add_argument("--num_gpus", type=int, default=None, help="GPUs per node (dry run: world size)")

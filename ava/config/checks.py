@@ -75,7 +75,8 @@ def _training(ctx: CheckContext) -> None:
         ctx.problem("training.warmup_steps",
                     f"must be smaller than training.max_steps = {t.max_steps} ({ctx.where('training.max_steps')}); "
                     "otherwise the learning rate never reaches its peak",
-                    f"set warmup_steps to at most {max(0, t.max_steps // 10)} (10% of max_steps is typical)",
+                    f"set warmup_steps to at most {t.max_steps - 1} (10% of max_steps, {t.max_steps // 10}, is "
+                    "typical), or raise max_steps",
                     t.warmup_steps)
     if t.lr_end > t.learning_rate:
         ctx.problem("training.lr_end",

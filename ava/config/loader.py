@@ -80,7 +80,9 @@ def load_config(files: ConfigFiles, overrides: Sequence[str] = (),
                                 "pass --config configs/gpu/tiny.yaml (or another file from configs/gpu/)"))
     for role, path, layer in files.layers():
         try:
-            layers.append(list(yaml_leaves(load_yaml_file(path, role=f"--{role}"), layer)))
+            # The base config must set something: empty, it would train the schema's defaults (a 1.95B model);
+            # an empty hardware, distributed or RLHF layer only adds nothing.
+            layers.append(list(yaml_leaves(load_yaml_file(path, role=f"--{role}", must_set=role == "config"), layer)))
         except ConfigError as exc:
             problems.extend(exc.problems)
 

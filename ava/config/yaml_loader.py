@@ -51,8 +51,11 @@ def parse_scalar(text: str) -> Any:
         return text
 
 
-def load_yaml_file(path: str | Path, *, role: str = "config") -> LoadedYaml:
-    """Load a YAML config file; every failure is a `ConfigError` naming the file and line."""
+def load_yaml_file(path: str | Path, *, role: str = "config", must_set: bool = False) -> LoadedYaml:
+    """Load a YAML config file; every failure is a `ConfigError` naming the file and line.
+
+    `must_set`: a file that sets nothing (empty, or only comments) is an error too.
+    """
     shown = str(path)
     p = Path(path)
     if not p.exists():
@@ -66,7 +69,12 @@ def load_yaml_file(path: str | Path, *, role: str = "config") -> LoadedYaml:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([Problem(shown, "", f"cannot read the {role} file ({exc})",
                                    "check the file's permissions and that it is UTF-8 text")]) from None
-    return load_yaml_text(text, shown)
+    loaded = load_yaml_text(text, shown)
+    if must_set and not loaded.data:
+        raise ConfigError([Problem(shown, "", f"the {role} file sets nothing (it is empty or holds only comments)",
+                                   "put its sections in it (model:, training:, ...; see configs/gpu/tiny.yaml), "
+                                   "or leave the file out of the command")])
+    return loaded
 
 
 def load_yaml_text(text: str, shown: str) -> LoadedYaml:

@@ -190,7 +190,17 @@ CASES: list[Case] = [
              "Fix: use router_type: topk for top-2 routing, or set num_experts_per_token: 1")),
     Case("warmup-not-below-max-steps", yaml="training:\n  max_steps: 100\n  warmup_steps: 100\n", expect=(
         "{cfg}:3: training.warmup_steps = 100: must be smaller than training.max_steps = 100 ({cfg}:2)",
-        "Fix: set warmup_steps to at most 10")),
+        "Fix: set warmup_steps to at most 99 (10% of max_steps, 10, is typical)")),
+    # Any warmup below max_steps is valid: the fix names the largest (it said "at most 1" for max_steps 10).
+    Case("warmup-equal-to-a-short-max-steps", yaml="training:\n  max_steps: 10\n  warmup_steps: 10\n", expect=(
+        "Fix: set warmup_steps to at most 9 (10% of max_steps, 1, is typical)",)),
+    # An empty file (or only comments) would train the schema's defaults, a 1.95B-parameter model.
+    Case("empty-config-file", yaml="", expect=("{cfg}: the --config file sets nothing", "Fix:")),
+    Case("comments-only-config-file", yaml="# model: set later\n", expect=("{cfg}: the --config file sets nothing",)),
+    # argparse keeps the last of a repeated flag: the first file would be dropped without a word.
+    Case("config-given-twice", yaml="training:\n  max_steps: 5\n", argv=("config", "validate", "--config", TINY,
+                                                                       "--config", "{cfg}"),
+         expect=("--config given twice (configs/gpu/tiny.yaml and {cfg})", "Fix: pass --config once"), problems=None),
     Case("lr-end-above-learning-rate", yaml="training:\n  learning_rate: 1e-4\n  lr_end: 1e-3\n", expect=(
         "{cfg}:3: training.lr_end = 0.001: must not exceed training.learning_rate = 0.0001 ({cfg}:2)",
         "Fix: set lr_end to at most 0.0001")),
