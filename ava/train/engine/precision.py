@@ -233,7 +233,7 @@ class _ImportNoise(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_import() -> Iterator[None]:
+def quiet_import() -> Iterator[None]:
     loggers = [logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")]
     noise = _ImportNoise()
     for logger in loggers:
@@ -247,7 +247,7 @@ def _quiet_import() -> Iterator[None]:
 
 def _torchao_float8() -> Any:
     """`torchao.float8`, imported on first use only (only fp8 runs pay for it) and without its import noise."""
-    with _quiet_import():
+    with quiet_import():
         import torchao.float8
     return torchao.float8
 

@@ -52,7 +52,7 @@ from ava.config.schema import QuantizationConfig
 from ava.errors import UserError
 from ava.model.compile import run_outside_graph
 from ava.model.moe.experts import GroupedExperts
-from ava.train.engine.precision import _quiet_import
+from ava.train.engine.precision import quiet_import
 
 NVFP4_BLOCK = 16  # values per E4M3 block scale, along the reduction dimension (in_features)
 NVFP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 E2M1 magnitudes
@@ -267,7 +267,7 @@ def _require_torchao_nvfp4() -> None:
     except importlib.metadata.PackageNotFoundError:
         version = None
     try:
-        with _quiet_import():
+        with quiet_import():
             from torchao.prototype.mx_formats import NVFP4WeightOnlyConfig
             from torchao.quantization import quantize_  # noqa: F401
         NVFP4WeightOnlyConfig(use_dynamic_per_tensor_scale=True)
@@ -301,7 +301,7 @@ def convert(model: nn.Module, report: QuantizationReport) -> None:
             _replace(model, name, module.to_linear())
     chosen = set(report.modules)
     report.weight_bytes = sum(_bytes(_linear(model, name).weight) for name in report.modules)
-    with _quiet_import():
+    with quiet_import():
         from torchao.prototype.mx_formats import NVFP4WeightOnlyConfig
         from torchao.quantization import quantize_
     quantize_(model, NVFP4WeightOnlyConfig(use_dynamic_per_tensor_scale=report.per_tensor_scale),
