@@ -61,6 +61,20 @@ class KeyInfo:
     def is_bool(self) -> bool:
         return any(a is bool for a in _flatten(self.annotation))
 
+    def is_int(self) -> bool:
+        return any(a is int for a in _flatten(self.annotation))
+
+    def bounds(self, item: bool = False) -> dict[str, Any]:
+        """The key's numeric constraints by name (ge, gt, le, lt), or (`item`) those of each value of a list key."""
+        metadata: list[Any] = list(self.field.metadata) if not item else []
+        for arg in _flatten(self.annotation) if item else ():
+            element = typing.get_args(arg)[0] if typing.get_origin(arg) is list else None
+            if typing.get_origin(element) is typing.Annotated:
+                for meta in typing.get_args(element)[1:]:
+                    metadata.extend(meta.metadata if isinstance(meta, FieldInfo) else [meta])
+        return {name: getattr(meta, name) for meta in metadata for name in ("ge", "gt", "le", "lt")
+                if getattr(meta, name, None) is not None}
+
     def type_name(self) -> str:
         names = []
         for a in _flatten(self.annotation):

@@ -7,6 +7,7 @@ one go, located at the file and line where the user wrote the key.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +18,7 @@ from ava.config.errors import Notice, Problem, format_value
 from ava.config.merge import MergedTree
 from ava.config.provenance import Origin
 from ava.config.schema import SECTIONS, compatibility_warnings
+from ava.config.schema.base import INT64_MAX
 from ava.config.yaml_loader import KeyPath, parse_scalar
 
 
@@ -101,7 +103,14 @@ def _convert(section: str, err: Any, tree: MergedTree) -> Problem:
     key = _shown_key(tree, path) if len(loc) == len(path) else _indexed(loc)
     message = err["msg"]
     fix = ""
-    if kind in ("int_type", "float_type", "bool_type", "int_from_float", "list_type", "string_type"):
+    numeric = kind in ("int_type", "float_type", "int_from_float", "finite_number", "int64_range", *_RANGE_ERRORS)
+    accepted = _accepted_range(info, loc) if numeric else ""
+    about = f": {info.description.rstrip('.')}" if info and info.description else ""
+    if kind in ("int_type", "float_type", "int_from_float") and _spells_non_finite(value):
+        # `nan` and `inf` are strings in YAML (its floats are spelt .nan and .inf), but what was meant is clear.
+        message = f"{value} is not a valid number here: this key takes a finite number"
+        fix = _choose(accepted, about)
+    elif kind in ("int_type", "float_type", "bool_type", "int_from_float", "list_type", "string_type"):
         expected = {"int_type": "a whole number", "int_from_float": "a whole number",
                     "float_type": "a number", "bool_type": "true or false",
                     "list_type": "a list such as [0.9, 0.95]", "string_type": "text"}[kind]
@@ -111,15 +120,24 @@ def _convert(section: str, err: Any, tree: MergedTree) -> Problem:
         elif kind == "bool_type":
             fix = "write true or false (without quotes)"
         else:
-            fix = f"give {expected}" + (f" ({info.description.rstrip('.')})" if info and info.description else "")
+            fix = f"give {expected}" + (f" {accepted}" if accepted else "") \
+                + (f" ({info.description.rstrip('.')})" if info and info.description else "")
+    elif kind == "finite_number":
+        message = f"must be a finite number, not {format_value(value)}"
+        fix = _choose(accepted, about)
+    elif kind == "int64_range":
+        message = "is beyond the 64-bit integers every count and size must fit in"
+        fix = _choose(accepted or f"at most {_number(INT64_MAX)}", about)
     elif kind == "literal_error" and info is not None and info.allowed() is not None:
         allowed = info.allowed() or ()
         message = f"not an allowed value; allowed: {', '.join(repr(a) for a in allowed)}"
         close = keys.suggest(str(value), [str(a) for a in allowed])
         fix = (f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(repr(a) for a in allowed)}")
-    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        message = message.replace("Input should be", "must be")
-        fix = "choose a value in range" + (f": {info.description.rstrip('.')}" if info and info.description else "")
+    elif kind in _RANGE_ERRORS:
+        limit = (err.get("ctx") or {}).get(_RANGE_ERRORS[kind])
+        message = (f"must be {_RANGE_WORDS[kind]} {_number(limit)}" if limit is not None
+                   else message.replace("Input should be", "must be"))
+        fix = _choose(accepted, about)
     elif kind in ("too_short", "too_long"):
         message = f"must have exactly {_length(info)} values"
         fix = "write e.g. [0.9, 0.95]" if path[-1] == "betas" else "give the right number of values"
@@ -148,3 +166,63 @@ def _length(info: keys.KeyInfo | None) -> int:
         if hasattr(meta, "min_length") and meta.min_length is not None:
             return int(meta.min_length)
     return 2
+
+
+# pydantic's range error kinds -> the constraint each reports, and how a message says it.
+_RANGE_ERRORS = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}
+_RANGE_WORDS = {"greater_than": "greater than", "greater_than_equal": "at least", "less_than": "less than",
+                "less_than_equal": "at most"}
+
+
+def _choose(accepted: str, about: str) -> str:
+    """The fix of a number out of range: the range, then what the key is."""
+    return f"choose a value {accepted or 'in range'}{about}"
+
+
+def _spells_non_finite(value: Any) -> bool:
+    """`nan`, `inf`, `-Infinity`...: text that names a number that is not finite."""
+    if not isinstance(value, str):
+        return False
+    try:
+        return not math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
+def _accepted_range(info: keys.KeyInfo | None, loc: tuple[str, ...]) -> str:
+    """The values a numeric key accepts, from its constraints: "from 1 to 2^53 (9,007,199,254,740,992)"."""
+    if info is None:
+        return ""
+    bounds = info.bounds(item=loc[-1].isdigit())
+    if info.is_int():  # whole numbers: "greater than 0" is "from 1"
+        if "gt" in bounds:
+            bounds["ge"] = bounds.pop("gt") + 1
+        if "lt" in bounds:
+            bounds["le"] = bounds.pop("lt") - 1
+        bounds.setdefault("le", INT64_MAX)  # the catch-all bound of every integer (ava.config.schema.base)
+    if "ge" in bounds and "le" in bounds:
+        return f"from {_number(bounds['ge'])} to {_number(bounds['le'])}"
+    low = (f"at least {_number(bounds['ge'])}" if "ge" in bounds else
+           f"greater than {_number(bounds['gt'])}" if "gt" in bounds else "")
+    high = (f"at most {_number(bounds['le'])}" if "le" in bounds else
+            f"less than {_number(bounds['lt'])}" if "lt" in bounds else "")
+    return " and ".join(part for part in (low, high) if part)
+
+
+def _number(value: Any) -> str:
+    """A bound as a user reads it: 16,384; 2^53 (9,007,199,254,740,992); 2^63 - 1; 1e6; 0.5."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        whole = int(value)
+        digits = str(abs(whole))
+        if whole >= 10**6 and digits.rstrip("0") == "1":
+            return f"1e{len(digits) - 1}"
+        value = whole
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value == INT64_MAX:
+            return "2^63 - 1"
+        if value >= 2**16 and value & (value - 1) == 0:
+            return f"2^{value.bit_length() - 1} ({value:,})"
+        if value >= 2**16 and (value + 1) & value == 0:
+            return f"2^{value.bit_length()} - 1 ({value:,})"
+        return f"{value:,}"
+    return repr(value) if isinstance(value, float) else str(value)

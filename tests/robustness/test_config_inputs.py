@@ -153,7 +153,7 @@ CASES: list[Case] = [
         "{cfg}:2: training.gradient_checkpointing = 'true'", "Fix: remove the quotes: write true")),
     Case("list-for-int", yaml="model:\n  num_layers: [2, 4]\n", expect=(
         "{cfg}:2: model.num_layers = [2, 4]: expected a whole number, got list",
-        "Fix: give a whole number (Number of transformer blocks)")),
+        "Fix: give a whole number from 1 to 16,384 (Number of transformer blocks)")),
     Case("float-for-int", yaml="training:\n  batch_size: 8.0\n", expect=(
         "{cfg}:2: training.batch_size = 8.0: expected a whole number, got float", "Fix: give a whole number")),
     Case("scalar-for-subsection", yaml="training:\n  gradient_health: 5\n", expect=(
@@ -162,9 +162,51 @@ CASES: list[Case] = [
     # ---------------------------------------------------------------- ranges and allowed values
     Case("negative-learning-rate", yaml="training:\n  learning_rate: -1e-4\n", expect=(
         "{cfg}:2: training.learning_rate = -0.0001: must be greater than 0",
-        "Fix: choose a value in range: Peak learning rate")),
+        "Fix: choose a value greater than 0 and at most 1: Peak learning rate")),
     Case("dropout-above-one", yaml="model:\n  hidden_dropout: 1.5\n", expect=(
-        "{cfg}:2: model.hidden_dropout = 1.5: must be less than 1", "Fix: choose a value in range")),
+        "{cfg}:2: model.hidden_dropout = 1.5: must be less than 1", "Fix: choose a value at least 0 and less than 1")),
+    # Every number has an upper bound (ava.config.schema.base): past it is a config error, not a crash in torch.
+    Case("int-too-large-for-any-tensor", yaml="model:\n  hidden_size: 100000000000000000000000\n", expect=(
+        "{cfg}:2: model.hidden_size = 100000000000000000000000: must be at most 2^20 (1,048,576)",
+        "Fix: choose a value from 1 to 2^20 (1,048,576): Width of the residual stream")),
+    Case("cli-max-steps-beyond-2-53", argv=(*VALIDATE_TINY, "--max_steps", "99999999999999999999"), expect=(
+        "command line (--max_steps 99999999999999999999): training.max_steps = 99999999999999999999: "
+        "must be at most 2^53 (9,007,199,254,740,992)",
+        "Fix: choose a value from 1 to 2^53 (9,007,199,254,740,992)")),
+    Case("float-above-its-bound", yaml="training:\n  learning_rate: 3.0\n", expect=(
+        "{cfg}:2: training.learning_rate = 3.0: must be at most 1",
+        "Fix: choose a value greater than 0 and at most 1: Peak learning rate")),
+    Case("seed-beyond-32-bits", yaml="data:\n  shuffle_seed: 10000000000\n", expect=(
+        "{cfg}:2: data.shuffle_seed = 10000000000: must be at most 2^32 - 1 (4,294,967,295)",
+        "Fix: choose a value from 0 to 2^32 - 1 (4,294,967,295)")),
+    Case("bucket-size-in-float-notation-too-large", yaml="deepspeed:\n  reduce_bucket_size: 1e15\n", expect=(
+        "{cfg}:2: deepspeed.reduce_bucket_size = 1000000000000000: must be at most 2^40 (1,099,511,627,776)",
+        "Fix: choose a value from 0 to 2^40")),
+    # The line is the list's (list items have none of their own in the provenance).
+    Case("list-item-above-its-bound",
+         yaml="data:\n  sources:\n    - path: a.txt\n      weight: 1\n    - path: b.txt\n      weight: 1e20\n",
+         expect=("{cfg}:2: data.sources[1].weight = 1e+20: must be at most 1e15",
+                 "Fix: choose a value greater than 0 and at most 1e15: Mixing weight")),
+    Case("rlhf-key-above-its-bound", yaml="rlhf:\n  generation:\n    temperature: 1e9\n",
+         argv=(*VALIDATE_TINY, "--rlhf_config", "{cfg}"), expect=(
+             "{cfg}:3: rlhf.generation.temperature = 1000000000.0: must be at most 1,000",
+             "Fix: choose a value greater than 0 and at most 1,000: Sampling temperature")),
+    # `nan` and `inf` are text in YAML, `.nan` and `.inf` floats: neither is a number a key can use.
+    Case("nan-string-for-float", yaml="training:\n  learning_rate: nan\n", expect=(
+        "{cfg}:2: training.learning_rate = 'nan': nan is not a valid number here: this key takes a finite number",
+        "Fix: choose a value greater than 0 and at most 1: Peak learning rate")),
+    Case("cli-inf-string-for-int", argv=(*VALIDATE_TINY, "--num_layers", "inf"), expect=(
+        "command line (--num_layers inf): model.num_layers = 'inf': inf is not a valid number here",
+        "Fix: choose a value from 1 to 16,384: Number of transformer blocks")),
+    Case("yaml-nan-float", yaml="model:\n  layer_norm_eps: .nan\n", expect=(
+        "{cfg}:2: model.layer_norm_eps = .nan: must be a finite number, not .nan",
+        "Fix: choose a value greater than 0 and at most 1: Epsilon of the normalisation layers")),
+    Case("yaml-inf-float", yaml="training:\n  max_gradient_norm: .inf\n", expect=(
+        "{cfg}:2: training.max_gradient_norm = .inf: must be a finite number, not .inf",
+        "Fix: choose a value from 0 to 1e6: Global gradient-norm clip")),
+    Case("cli-negative-inf-float", argv=(*VALIDATE_TINY, "--training.gradient_health.final_clip_value=-.inf"),
+         expect=("training.gradient_health.final_clip_value = -.inf: must be a finite number, not -.inf",
+                 "Fix: choose a value greater than 0 and at most 1e6")),
     Case("betas-wrong-length", yaml="deepspeed:\n  optimizer:\n    params:\n      betas: [0.9]\n", expect=(
         "{cfg}:4: deepspeed.optimizer.params.betas = [0.9]: must have exactly 2 values",
         "Fix: write e.g. [0.9, 0.95]")),
@@ -194,6 +236,9 @@ CASES: list[Case] = [
     # Any warmup below max_steps is valid: the fix names the largest (it said "at most 1" for max_steps 10).
     Case("warmup-equal-to-a-short-max-steps", yaml="training:\n  max_steps: 10\n  warmup_steps: 10\n", expect=(
         "Fix: set warmup_steps to at most 9 (10% of max_steps, 1, is typical)",)),
+    Case("cli-warmup-equal-to-max-steps", argv=(*VALIDATE_TINY, "--max_steps", "10", "--warmup_steps", "10"), expect=(
+        "command line (--warmup_steps 10): training.warmup_steps = 10: must be smaller than training.max_steps = 10",
+        "Fix: set warmup_steps to at most 9")),
     # An empty file (or only comments) would train the schema's defaults, a 1.95B-parameter model.
     Case("empty-config-file", yaml="", expect=("{cfg}: the --config file sets nothing", "Fix:")),
     Case("comments-only-config-file", yaml="# model: set later\n", expect=("{cfg}: the --config file sets nothing",)),
@@ -281,7 +326,7 @@ CASES: list[Case] = [
         "Fix: give a whole number")),
     Case("cli-out-of-range", argv=(*VALIDATE_TINY, "--batch_size=0"), expect=(
         "command line (--batch_size=0): training.batch_size = 0: must be greater than 0",
-        "Fix: choose a value in range")),
+        "Fix: choose a value from 1 to 2^16 (65,536): Per-device micro batch")),
     Case("cli-stray-positional", argv=(*VALIDATE_TINY, "stray"), expect=(
         "command line: unexpected argument 'stray'",
         "Fix: overrides are written `--key value` or `--section.key=value`")),
@@ -418,6 +463,24 @@ def test_train_with_bad_config_exits_2_without_traceback(script: str | None, com
                       "Fix: did you mean 'hidden_size'?",
                       f"{cfg}:4: training.batch_size = '8'", "Fix: remove the quotes: write 8",
                       problems=2)
+
+
+@pytest.mark.parametrize("script, command", [("train.py", ()), (None, ("train",))],
+                         ids=["python-train.py", "ava-train"])
+@pytest.mark.parametrize("bad, expect", [
+    (("--max_steps", "99999999999999999999"),
+     "command line (--max_steps 99999999999999999999): training.max_steps = 99999999999999999999: must be at most 2^53"),
+    (("--distributed_config", "{tmp}/huge.yaml"),
+     "{tmp}/huge.yaml:1: model.hidden_size = 100000000000000000000000: must be at most 2^20"),
+], ids=["max-steps-20-digits", "hidden-size-24-digits"])
+def test_dry_run_refuses_a_number_past_its_bound(script: str | None, command: tuple[str, ...],
+                                                 bad: tuple[str, ...], expect: str, tmp_path: Path) -> None:
+    # Both once passed the dry run ("config OK") and then crashed the run: inside numpy ("Maximum allowed
+    # dimension exceeded") and inside torch ("Overflow when unpacking long long").
+    (tmp_path / "huge.yaml").write_text("model: {hidden_size: 100000000000000000000000}\n", encoding="utf-8")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in bad]
+    result = run_cli(*command, "--config", TINY, "--hardware_config", CPU, *argv, "--dry_run", script=script)
+    assert_user_error(result, expect.replace("{tmp}", str(tmp_path)), "Fix: choose a value from 1 to", problems=1)
 
 
 def test_train_py_with_bad_cli_override_exits_2(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ava.config.schema.base import Section
+from ava.config.schema.base import WIDTH_MAX, Section
 
 # The Ava model's linear layers that can take an adapter; MoE experts are stacked tensors and cannot.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -14,8 +14,10 @@ class LoRAConfig(Section):
     """LoRA adapters (through peft) on the policy; the base weights stay frozen."""
 
     enabled: bool = Field(False, description="Train LoRA adapters instead of every weight of the policy.")
-    rank: int = Field(8, gt=0, description="Adapter rank r.")
-    alpha: float = Field(16.0, gt=0, description="Adapter scale numerator: updates are scaled by alpha / r.")
+    # A rank is at most the adapted layer's width; alpha / rank is the adapters' scale, usually 1 or 2, so alpha is
+    # bounded like the rank.
+    rank: int = Field(8, gt=0, le=WIDTH_MAX, description="Adapter rank r.")
+    alpha: float = Field(16.0, gt=0, le=WIDTH_MAX, description="Adapter scale numerator: updates are scaled by alpha / r.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,

@@ -6,62 +6,79 @@ from typing import Literal
 
 from pydantic import Field
 
-from ava.config.schema.base import Section
+from ava.config.schema.base import (
+    COEF_MAX,
+    EXPERTS_MAX,
+    ITEMS_MAX,
+    LAYERS_MAX,
+    TOKENS_MAX,
+    VOCAB_MAX,
+    WIDTH_MAX,
+    Section,
+)
+
+# RETRO retrieves 2 neighbours per chunk, each bringing 2 chunks into the batch: past 1,024 the retrieved
+# context outgrows any sequence.
+NEIGHBOURS_MAX = 1024
+# The largest RoPE bases in use are about 1e8 (long-context Llama and Qwen variants); past 1e12 the slowest
+# rotary frequencies no longer turn measurably over any context.
+ROPE_THETA_MAX = 1e12
 
 
 class MoHConfig(Section):
     """Mixture-of-Head attention: which heads a token uses, and how routing is balanced."""
 
     num_shared_heads: int | None = Field(
-        None, ge=0, description="Heads every token uses (MoH's shared heads); the rest are routed. null = a "
+        None, ge=0, le=WIDTH_MAX, description="Heads every token uses (MoH's shared heads); the rest are routed. null = a "
         "quarter of num_attention_heads.")
     active_routed_heads: int | None = Field(
-        None, gt=0, description="Routed heads each token activates (top-k over the routed heads); null = two "
+        None, gt=0, le=WIDTH_MAX, description="Routed heads each token activates (top-k over the routed heads); null = two "
         "thirds of the routed heads (with a quarter shared, 75% of all heads active, as in the MoH paper).")
-    aux_loss_coef: float = Field(0.01, ge=0, description="Weight of the head load-balancing loss.")
-    z_loss_coef: float = Field(0.0, ge=0, description="Weight of the head router's z-loss.")
+    aux_loss_coef: float = Field(0.01, ge=0, le=COEF_MAX, description="Weight of the head load-balancing loss.")
+    z_loss_coef: float = Field(0.0, ge=0, le=COEF_MAX, description="Weight of the head router's z-loss.")
 
 
 class MoAConfig(Section):
     """Mixture of Attention heads: attention experts over shared keys and values."""
 
-    num_experts: int = Field(8, gt=1, description="Attention experts per MoA layer.")
-    experts_per_token: int = Field(2, gt=0, description="Attention experts each token is routed to (top-k).")
+    num_experts: int = Field(8, gt=1, le=EXPERTS_MAX, description="Attention experts per MoA layer.")
+    experts_per_token: int = Field(2, gt=0, le=EXPERTS_MAX, description="Attention experts each token is routed to (top-k).")
     heads_per_expert: int | None = Field(
-        None, gt=0, description="Query heads of each expert, a multiple of the key/value heads (which all experts "
+        None, gt=0, le=WIDTH_MAX, description="Query heads of each expert, a multiple of the key/value heads (which all experts "
         "share); null = num_attention_heads / experts_per_token rounded to such a multiple, so a token uses about "
         "as many query heads as standard attention (with plain multi-head attention: num_attention_heads).")
     every_n_layers: int = Field(
-        1, gt=0, description="MoA replaces the attention of every N-th layer (layers N-1, 2N-1, ...); with "
+        1, gt=0, le=LAYERS_MAX, description="MoA replaces the attention of every N-th layer (layers N-1, 2N-1, ...); with "
         "use_moh too, MoH takes the other layers.")
-    aux_loss_coef: float = Field(0.01, ge=0, description="Weight of the attention-expert load-balancing loss.")
-    z_loss_coef: float = Field(0.001, ge=0, description="Weight of the attention router's z-loss.")
+    aux_loss_coef: float = Field(0.01, ge=0, le=COEF_MAX, description="Weight of the attention-expert load-balancing loss.")
+    z_loss_coef: float = Field(0.001, ge=0, le=COEF_MAX, description="Weight of the attention router's z-loss.")
 
 
 class CrossAttentionConfig(Section):
     """Gated cross-attention blocks (tanh gates initialised at zero, as in Flamingo)."""
 
     every_n_layers: int = Field(
-        4, gt=0, description="A gated cross-attention block before every N-th transformer block.")
+        4, gt=0, le=LAYERS_MAX, description="A gated cross-attention block before every N-th transformer block.")
     context_size: int | None = Field(
-        None, gt=0, description="Width of the context vectors supplied with a batch; null = hidden_size "
+        None, gt=0, le=WIDTH_MAX, description="Width of the context vectors supplied with a batch; null = hidden_size "
         "(context given as token ids is embedded with the model's own token embedding).")
-    num_heads: int | None = Field(None, gt=0, description="Cross-attention heads; null = num_attention_heads.")
+    num_heads: int | None = Field(None, gt=0, le=WIDTH_MAX, description="Cross-attention heads; null = num_attention_heads.")
 
 
 class RAGConfig(Section):
     """RETRO-style retrieval augmentation: the datastore and how neighbours are fetched."""
 
-    chunk_size: int = Field(64, gt=0, description="Tokens per retrieval chunk; must divide data.max_length.")
-    num_neighbours: int = Field(2, gt=0, description="Neighbours retrieved per chunk (each chunk + continuation).")
+    chunk_size: int = Field(64, gt=0, le=TOKENS_MAX, description="Tokens per retrieval chunk; must divide data.max_length.")
+    num_neighbours: int = Field(
+        2, gt=0, le=NEIGHBOURS_MAX, description="Neighbours retrieved per chunk (each chunk + continuation).")
     search: Literal["exact", "approximate"] = Field(
         "exact", description="exact: brute-force inner product. approximate: a faiss IVF index (needs faiss-cpu).")
-    nlist: int = Field(1024, gt=0, description="approximate: IVF cells (clipped to the number of chunks).")
-    nprobe: int = Field(16, gt=0, description="approximate: cells searched per query.")
+    nlist: int = Field(1024, gt=0, le=ITEMS_MAX, description="approximate: IVF cells (clipped to the number of chunks).")
+    nprobe: int = Field(16, gt=0, le=ITEMS_MAX, description="approximate: cells searched per query.")
     encoder: str = Field(
         "embedding", description="embedding: the model's own token embedding at initialisation, frozen; or "
         "the path of a local Hugging Face encoder directory (mean-pooled).")
-    encoder_dim: int = Field(256, gt=0, description="embedding encoder: width the frozen table is projected to.")
+    encoder_dim: int = Field(256, gt=0, le=WIDTH_MAX, description="embedding encoder: width the frozen table is projected to.")
     index_dir: str | None = Field(
         None, description="Where the datastore is; null = Ava's data cache, <cache>/rag/<fingerprint of the "
         "training rows>, so each dataset gets its own and a changed one a new one.")
@@ -71,30 +88,31 @@ class EpisodicMemoryConfig(Section):
     """Memorizing Transformers' kNN memory, attended by one layer."""
 
     layer: int | None = Field(
-        None, ge=0, description="Index of the layer with the memory; null = the layer at three quarters of depth.")
+        None, ge=0, le=LAYERS_MAX - 1,
+        description="Index of the layer with the memory; null = the layer at three quarters of depth.")
     segment_length: int = Field(
-        64, gt=0, description="That layer attends locally within segments of this length and reaches earlier "
+        64, gt=0, le=TOKENS_MAX, description="That layer attends locally within segments of this length and reaches earlier "
         "segments of the same document through the memory.")
-    memory_size: int = Field(4096, gt=0, description="Most recent tokens kept in memory.")
-    top_k: int = Field(32, gt=0, description="Memory entries each query retrieves.")
+    memory_size: int = Field(4096, gt=0, le=TOKENS_MAX, description="Most recent tokens kept in memory.")
+    top_k: int = Field(32, gt=0, le=TOKENS_MAX, description="Memory entries each query retrieves.")
 
 
 class ModelConfig(Section):
     """Architecture of the decoder-only transformer; its FFN is an MoE when num_experts > 1."""
 
-    hidden_size: int = Field(768, gt=0, description="Width of the residual stream.")
-    num_layers: int = Field(16, gt=0, description="Number of transformer blocks.")
-    num_attention_heads: int = Field(12, gt=0, description="Attention heads; must divide hidden_size.")
+    hidden_size: int = Field(768, gt=0, le=WIDTH_MAX, description="Width of the residual stream.")
+    num_layers: int = Field(16, gt=0, le=LAYERS_MAX, description="Number of transformer blocks.")
+    num_attention_heads: int = Field(12, gt=0, le=WIDTH_MAX, description="Attention heads; must divide hidden_size.")
     num_key_value_heads: int | None = Field(
-        None, gt=0,
+        None, gt=0, le=WIDTH_MAX,
         description="Key/value heads for grouped-query attention; must divide num_attention_heads. "
         "null means num_attention_heads (plain multi-head attention).")
-    intermediate_size: int = Field(3072, gt=0, description="Hidden width of each FFN (of each expert when MoE).")
-    vocab_size: int = Field(65536, gt=0, description="Vocabulary size of the token embedding and output head.")
-    max_position_embeddings: int = Field(2048, gt=0, description="Longest sequence the model accepts.")
+    intermediate_size: int = Field(3072, gt=0, le=WIDTH_MAX, description="Hidden width of each FFN (of each expert when MoE).")
+    vocab_size: int = Field(65536, gt=0, le=VOCAB_MAX, description="Vocabulary size of the token embedding and output head.")
+    max_position_embeddings: int = Field(2048, gt=0, le=TOKENS_MAX, description="Longest sequence the model accepts.")
     position_embedding_type: Literal["rope", "learned"] = Field(
         "rope", description="rope: rotary embeddings (Llama, Mixtral). learned: a position table (GPT-2).")
-    rope_theta: float = Field(10000.0, gt=0, description="Base of the rotary frequencies.")
+    rope_theta: float = Field(10000.0, gt=0, le=ROPE_THETA_MAX, description="Base of the rotary frequencies.")
     norm_type: Literal["rmsnorm", "layernorm"] = Field(
         "rmsnorm", description="rmsnorm (Llama, Mixtral) or layernorm (GPT-2).")
     activation: Literal["swiglu", "gelu", "gelu_tanh"] = Field(
@@ -104,24 +122,24 @@ class ModelConfig(Section):
     use_bias: bool = Field(False, description="Biases on attention and FFN projections (GPT-2: true).")
     tie_word_embeddings: bool = Field(False, description="Share the token embedding with the output head.")
 
-    num_experts: int = Field(16, ge=0, description="Experts per MoE layer; 0 or 1 means a dense (monolith) FFN.")
-    num_experts_per_token: int = Field(2, gt=0, description="Experts each token is routed to (top-k).")
+    num_experts: int = Field(16, ge=0, le=EXPERTS_MAX, description="Experts per MoE layer; 0 or 1 means a dense (monolith) FFN.")
+    num_experts_per_token: int = Field(2, gt=0, le=EXPERTS_MAX, description="Experts each token is routed to (top-k).")
     expert_capacity_factor: float | None = Field(
-        None, ge=0,
+        None, ge=0, le=EXPERTS_MAX,
         description="Tokens an expert may take, as a multiple of the even share; over-capacity tokens "
         "skip the FFN through the residual. null or 0 means dropless (no token is dropped).")
     router_type: Literal["topk", "switch", "aux_loss_free"] = Field(
         "topk",
         description="topk: softmax over experts, top-k, renormalised (Mixtral). switch: top-1 (Switch "
         "Transformer). aux_loss_free: top-k with a per-expert bias balancing load (DeepSeek-V3).")
-    router_aux_loss_coef: float = Field(0.01, ge=0, description="Weight of the load-balancing auxiliary loss.")
-    router_z_loss_coef: float = Field(0.001, ge=0, description="Weight of the router z-loss (ST-MoE).")
+    router_aux_loss_coef: float = Field(0.01, ge=0, le=COEF_MAX, description="Weight of the load-balancing auxiliary loss.")
+    router_z_loss_coef: float = Field(0.001, ge=0, le=COEF_MAX, description="Weight of the router z-loss (ST-MoE).")
     router_bias_update_rate: float = Field(
-        0.001, ge=0,
+        0.001, ge=0, le=1,  # the bias shifts routing scores in [0, 1]: a step of 1 overrides any score
         description="aux_loss_free only: how far each expert's routing bias moves per update towards "
         "even load (DeepSeek-V3's gamma).")
     shared_expert_intermediate_size: int = Field(
-        0, ge=0,
+        0, ge=0, le=WIDTH_MAX,
         description="Width of an always-on shared expert added to every MoE layer (DeepSeek/Qwen-MoE "
         "style); 0 means none.")
 
@@ -146,10 +164,12 @@ class ModelConfig(Section):
     rag: RAGConfig = Field(default_factory=RAGConfig)
     episodic_memory: EpisodicMemoryConfig = Field(default_factory=EpisodicMemoryConfig)
 
-    layer_norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the normalisation layers.")
+    # An epsilon of 1 already outweighs the variance of unit-scale activations, and a std of 1 makes them grow
+    # with depth from the first step (typical: 1e-6 to 1e-5, and 0.02).
+    layer_norm_eps: float = Field(1e-5, gt=0, le=1, description="Epsilon of the normalisation layers.")
     attention_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention probabilities.")
     hidden_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on residual-branch outputs.")
-    initializer_range: float = Field(0.02, gt=0, description="Std of the normal weight initialisation.")
+    initializer_range: float = Field(0.02, gt=0, le=1, description="Std of the normal weight initialisation.")
 
     @property
     def is_moe(self) -> bool:

@@ -129,7 +129,7 @@ class RunConsole:
     def final_table(self, summary: dict) -> None:
         """Print the end-of-run table from the run's summary; keys that are absent or None are left out.
 
-        Keys read: status, steps, first_loss, final_loss, best_loss, eval_loss, eval_perplexity,
+        Keys read: status, steps, step_range, first_loss, final_loss, best_loss, eval_loss, eval_perplexity,
         tokens, seconds, first_step_seconds, tokens_per_s, memory/* (GB), output_dir.
         """
         if not self.enabled:
@@ -184,6 +184,9 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
             rows.append((label, format(value, spec) + _qualifier(key, summary)))
         else:
             rows.append((label, str(value)))
+        covered = summary.get("step_range")
+        if key == "steps" and isinstance(covered, dict) and covered.get("text"):
+            rows.append(("steps covered", str(covered["text"])))
     for key, value in summary.items():
         if key.startswith("memory/") and isinstance(value, int | float):
             rows.append((_MEMORY_LABELS.get(key, key), f"{value:.2f} GB"))
@@ -228,10 +231,17 @@ def health_rows(health: dict | None) -> list[tuple[str, str, str]]:
 
 
 def _qualifier(key: str, summary: dict) -> str:
-    """` of 100` after steps when fewer ran than planned; ` (step 80)` after the best eval loss."""
+    """` of 100` after steps when fewer ran than planned; ` (step 80)` after the best eval loss; after a resume,
+    the steps the first loss and the tokens come from (this process's, not the run's before the checkpoint)."""
     planned, best_step = summary.get("planned_steps"), summary.get("best_step")
+    covered = summary.get("step_range")
     if key == "steps" and isinstance(planned, int) and planned != summary["steps"]:
         return f" of {planned:,}"
     if key == "best_eval_loss" and best_step is not None:
         return f" (step {best_step})"
+    if isinstance(covered, dict) and covered.get("resumed_from") and covered["last"] >= covered["first"]:
+        if key == "first_loss":
+            return f" (step {covered['first']:,})"
+        if key in ("tokens", "tokens_per_s"):
+            return f" (steps {covered['first']:,}-{covered['last']:,})"
     return ""

@@ -5,7 +5,9 @@ final checkpoint, or the best one under `save_strategy: best`, with the run's
 tokenizer and special ids, `ava.data.model_tokens`), since the checks include
 that it was. The train/validation verdict and the MoE
 expert-utilisation report are computed from the whole metrics.jsonl, so a
-resumed run is judged on its full history.
+resumed run is judged on its full history; the first loss, tokens and speed
+are this process's, and `step_range` says which steps those cover
+("steps 5-8 (resumed from step 4)").
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def build_summary(result: Any, data: Any, out_dir: Path, started: float, cfg: An
     }
     return {
         "status": result.status, "steps": result.steps, "planned_steps": result.planned_steps,
+        # first_loss, tokens, tokens_per_s and the times cover the steps this process ran, not a resumed run's past
+        "step_range": step_range(result.start_step, result.steps),
         **({"failure": result.failure} if result.failure else {}),
         "precision": result.precision.as_dict() if result.precision is not None else None,
         "gradient_health": result.health,
@@ -81,6 +85,19 @@ def build_summary(result: Any, data: Any, out_dir: Path, started: float, cfg: An
         **peak_memory(),
         "checks": checks, "checks_passed": all(v is not False for v in checks.values()),
     }
+
+
+def step_range(start_step: int, last_step: int) -> dict[str, Any]:
+    """The steps this process ran, which the summary's first loss, tokens and speed cover.
+
+    `start_step`: the checkpoint a resumed run continued from (0: a fresh run).
+    `text` says it in words: "steps 5-8 (resumed from step 4)".
+    """
+    first = start_step + 1
+    text = f"steps {first}-{last_step}" if last_step >= first else "no steps"
+    if start_step:
+        text += f" (resumed from step {start_step})"
+    return {"first": first, "last": last_step, "resumed_from": start_step or None, "text": text}
 
 
 def held_out_record(eval_batches: Any) -> dict[str, Any] | None:
@@ -143,6 +160,9 @@ def print_checks(summary: dict[str, Any]) -> None:
                        if k.startswith("memory/"))
     losses = (f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
               if summary["first_loss"] is not None else "no steps run")
+    covered = summary.get("step_range") or {}
+    if covered.get("resumed_from"):  # the losses, tokens and times are this process's: say which steps those are
+        losses = f"{covered['text']}: {losses}"
     print(f"{'PASSED' if summary['checks_passed'] else 'FAILED'}: {summary['status']}, {summary['steps']} steps, "
           f"{losses}, best eval loss {_number(summary['best_eval_loss'])}, {summary['seconds']:.1f} s "
           f"({summary['first_step_seconds']:.1f} s to the first step), memory {memory or 'n/a'}")

@@ -91,6 +91,7 @@ class TrainResult:
 
     steps: int  # optimizer steps completed (fewer than planned when stopped early)
     planned_steps: int = 0
+    start_step: int = 0  # the checkpoint's step a resumed run continued from; losses and tokens cover the rest
     # or "early_stopped", "preempted" (a stop signal: checkpointed), "failed" (unrecoverable gradient health)
     status: str = "completed"
     failure: str | None = None  # why the run failed
@@ -232,7 +233,7 @@ class Trainer:
     def fit(self, resume_from: Path | None = None) -> TrainResult:
         """Train to `planned_steps` (or until a callback stops the run), from `resume_from` if given."""
         if resume_from is not None:
-            self.start_step = self.restore(resume_from)
+            self.start_step = self.result.start_step = self.restore(resume_from)
             self.resumed = True
             self.result.checkpoint = resume_from  # a resumed run that saves nothing new still has its checkpoint
         self.callbacks.on_train_start(self)
