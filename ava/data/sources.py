@@ -134,7 +134,10 @@ def load_source(source: Source, cache_dir: Path, streaming: bool) -> Dataset | I
     """
     from datasets import Features, Value, load_dataset
 
-    options = {"sample_by": source.sample_by} if source.builder == "text" else {}
+    # A text file may start with a UTF-8 byte-order mark, which "utf-8" would keep as a first character
+    # (the json and csv readers skip it themselves); other encodings are turned away or decoded before this
+    # (`ava.data.record_check`).
+    options = {"sample_by": source.sample_by, "encoding": "utf-8-sig"} if source.builder == "text" else {}
     if all(f.stat().st_size == 0 for f in source.files):  # readers fail on these with an empty message
         raise UserError(f"{source.key}.path = {source.path!r} holds no documents (its files are empty)",
                         "point it at non-empty files, or remove the source")

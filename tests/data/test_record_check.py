@@ -22,7 +22,7 @@ def source(*files: Path, text_field: str = "text") -> Source:
 def test_every_kind_of_corrupt_line_is_named_with_its_number(tmp_path: Path) -> None:
     file = tmp_path / "docs.jsonl"
     file.write_bytes(GOOD.encode() + b'{"text": "cut\n' + b"\n" + b"[1]\n" + b'{"other": 1}\n' + b'{"text": 3}\n'
-                     + b'{"text": "\xff"}\n' + GOOD.encode())
+                     + b'{"text": "\xff"}\n' + '{"text": "naïve"}\n'.encode())  # UTF-8 elsewhere: line 7 is corrupt
     with pytest.raises(UserError) as caught:
         screened(source(file), "fail", tmp_path / "cache")
     message = str(caught.value)
