@@ -8,10 +8,13 @@ Three numbers describe a batch: the per-device micro batch
 
 Any two determine the third.  When all three are given and disagree, the one
 set in a strictly lower-precedence layer is recomputed -- accumulation first,
-then micro batch, then global -- so that, e.g., a distributed config that
-fixes the global batch keeps it on any GPU count by adjusting accumulation,
-and the user is told.  Otherwise it is one error naming every source and
-listing the nearest valid combinations.
+then global -- so that, e.g., a distributed config that fixes the global batch
+keeps it on any GPU count by adjusting accumulation, and the user is told.
+The micro batch is recomputed only when no file or flag set it: it is the
+number that decides device memory, and raising it on the user's behalf (a
+global batch of 1001 over a micro batch of 8 would give a micro batch of 1001)
+is an out-of-memory error waiting on a GPU.  Otherwise it is one error naming
+every source and listing the nearest valid combinations.
 """
 
 from __future__ import annotations
@@ -109,7 +112,8 @@ def solve_batch(micro: BatchValue, accumulation: BatchValue, global_batch: Batch
         return BatchPlan(micro.value, accumulation.value, g, world, origins), []
 
     top = max(v.origin.layer for v in values.values())
-    candidates = sorted((name for name, v in values.items() if v.origin.layer < top),
+    candidates = sorted((name for name, v in values.items()
+                         if v.origin.layer < top and not (name == "micro" and v.given())),
                         key=lambda n: (values[n].origin.layer, _ORDER[n]))
     for name in candidates:
         plan = _rederive(name, micro.value, accumulation.value, g, w)
@@ -168,7 +172,7 @@ def nearest_combinations(m: int, a: int, g: int, w: int, limit: int = 4) -> list
         per_rank = g // w
         if per_rank % m == 0:
             add(m, per_rank // m)
-        if per_rank % a == 0:
+        if per_rank % a == 0 and per_rank // a <= 4 * m:  # a far larger micro batch is no suggestion
             add(per_rank // a, a)
         window = range(max(1, m // 4), min(per_rank, 4 * m) + 1)  # near the requested micro batch only
         divisors = [d for d in window if per_rank % d == 0]

@@ -88,3 +88,20 @@ def test_huge_inconsistent_values_are_answered_quickly_not_by_scanning_every_div
     plan, problems = solve_batch(BatchValue("m", 8, o), BatchValue("a", 4, o), BatchValue("g", 10**12 + 1, o),
                                  WorldSize(1, "t"))
     assert plan is None and "nearest valid" in problems[0].render()
+
+
+def test_a_micro_batch_a_file_sets_is_never_raised_to_meet_a_global_batch(write_yaml):
+    """tiny.yaml's micro 8 x accumulation 1 and a distributed file's global 1001 (odd, so no accumulation fits):
+    once the micro batch became 1001, a 125x larger batch per device, with only a note."""
+    with pytest.raises(ConfigError) as err:
+        _load(write_yaml, "training:\n  batch_size: 8\n  gradient_accumulation_steps: 1\n",
+              "deepspeed:\n  train_batch_size: 1001\n")
+    text = str(err.value)
+    assert "nearest valid combinations" in text and "micro 1001" not in text
+    assert "micro 7 x accumulation 143 x 1 rank(s) = global 1001" in text  # keeps the global batch, micro <= 8
+
+
+def test_an_unset_micro_batch_may_still_follow_the_global_batch(write_yaml):
+    r = _load(write_yaml, "training:\n  gradient_accumulation_steps: 2\n", "deepspeed:\n  train_batch_size: 12\n",
+              world=2)
+    assert (r.batch.micro, r.batch.accumulation, r.batch.global_batch) == (3, 2, 12)

@@ -285,6 +285,12 @@ CASES: list[Case] = [
          expect=(
              "{cfg}:2: training.mixed_precision = 'fp16': fp16 is not supported by hardware 'CPU'",
              "Fix: use mixed_precision: bf16")),
+    Case("distributed-global-batch-no-accumulation-fits-the-files-micro-batch",
+         yaml="deepspeed:\n  train_batch_size: 1001\n",
+         argv=("config", "validate", "--config", TINY, "--hardware_config", CPU, "--distributed_config", "{cfg}"),
+         expect=(
+             "{cfg}:2: batch size: inconsistent batch sizes: the global batch deepspeed.train_batch_size = 1001",
+             "micro 7 x accumulation 143 x 1 rank(s) = global 1001")),  # never micro 1001 (the file says 8)
     Case("nvme-offload-without-stage3",
          yaml="deepspeed:\n  zero_stage: 2\n  nvme_offload: true\n  nvme_path: /local_nvme\n", expect=(
              "{cfg}:3: deepspeed.nvme_offload = true: NVMe offload (ZeRO-Infinity) needs zero_stage 3, not 2 ({cfg}:2)",
