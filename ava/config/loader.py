@@ -135,6 +135,36 @@ def _finish(sections: dict[str, Any], tree: MergedTree, plan: BatchPlan, notices
     return ResolvedConfig(config, origins, tree.history, plan, notices, files, overrides, data)
 
 
+def with_accumulation(resolved: ResolvedConfig, global_batch: int, why: str) -> ResolvedConfig | None:
+    """`resolved` with the global batch `global_batch` on the same ranks and micro batch, the gradient
+    accumulation re-derived (`why` says where the global batch comes from); None when no accumulation makes it.
+
+    For a resume on another number of ranks: the checkpoint's global batch
+    outranks every layer, and only accumulation may move to meet it.
+    """
+    import dataclasses
+
+    b = resolved.batch
+    per_step = b.micro * b.world.size
+    if global_batch % per_step:
+        return None
+    accumulation = global_batch // per_step
+    origins = dict(resolved.origins)
+    plan_origins = dict(b.origins)
+    plan_origins["global"] = Origin(Layer.DERIVED, detail=why)
+    plan_origins["accumulation"] = Origin(
+        Layer.DERIVED, detail=f"global {global_batch} / (micro {b.micro} x {b.world.size} rank(s))")
+    plan = BatchPlan(b.micro, accumulation, global_batch, b.world, plan_origins, list(b.notices))
+    data = resolved.to_dict()
+    data["training"]["gradient_accumulation_steps"] = accumulation
+    data["deepspeed"]["train_batch_size"] = global_batch
+    origins[("training", "gradient_accumulation_steps")] = plan_origins["accumulation"]
+    origins[("deepspeed", "train_batch_size")] = plan_origins["global"]
+    fill_aliases(data, origins)
+    return dataclasses.replace(resolved, config=AvaConfig.model_validate(data), origins=origins, batch=plan,
+                               _data=data)
+
+
 def shipped_configs_dir() -> Path:
     """The repository's configs/ directory (beside the ava package in a source checkout)."""
     return Path(__file__).resolve().parents[2] / "configs"

@@ -45,6 +45,16 @@ class SequenceBatches:
     the start of the epoch's permutation (as torch's DistributedSampler does), so
     every sequence is seen and every rank still takes the same number of steps; the
     few wrapped sequences are then seen twice in that epoch.
+
+    Optimizer step k takes positions [k G, (k+1) G) of the epoch's permutation,
+    G = micro_batch x world_size x `accumulation` the global batch: micro-batch i
+    of rank r is the chunk (i x world_size + r) of `micro_batch` positions, and a
+    step's `accumulation` micro-batches on every rank are those G positions
+    however they are split. An epoch is a whole number of steps. So the data a
+    step sees depends on the global batch only, and a run resumed on another
+    number of ranks (the same global batch, accumulation re-derived) continues
+    with exactly the sequences the original run would have seen: the position
+    is kept as global `samples` consumed in the epoch.
     """
 
     def __init__(
@@ -57,15 +67,17 @@ class SequenceBatches:
         reshuffle_each_epoch: bool,
         drop_last: bool = True,
         pin_memory: bool = False,
+        accumulation: int = 1,
     ) -> None:
         if sequences.ndim != 2:
             raise UserError(
                 f"packed sequences have shape {tuple(sequences.shape)}, expected (num_sequences, max_length)",
                 "pack the documents with ava.data.packing.pack_documents first")
-        if micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size or seed < 0:
+        if micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size or seed < 0 or accumulation < 1:
             raise UserError(
-                f"invalid batching: micro_batch = {micro_batch}, rank = {rank}, world_size = {world_size}, seed = {seed}",
-                "use micro_batch >= 1, world_size >= 1, 0 <= rank < world_size and seed >= 0")
+                f"invalid batching: micro_batch = {micro_batch}, rank = {rank}, world_size = {world_size}, "
+                f"seed = {seed}, accumulation = {accumulation}",
+                "use micro_batch >= 1, world_size >= 1, 0 <= rank < world_size, seed >= 0 and accumulation >= 1")
         num_sequences = int(sequences.shape[0])
         if num_sequences < micro_batch * world_size:
             raise UserError(
@@ -79,10 +91,17 @@ class SequenceBatches:
         self._seed = seed
         self._reshuffle = reshuffle_each_epoch
         self._drop_last = drop_last
+        self._accumulation = accumulation
         self._pin_memory = pin_memory  # page-locked batches copy to a GPU faster; needs CUDA
         self._epoch = 0
         self._batch_index = 0  # batches of the current epoch this rank has already yielded
         self._fingerprint: str | None = None
+
+    def in_steps_of(self, accumulation: int) -> SequenceBatches:
+        """These batches at the start of their data, with epochs cut in optimizer steps of `accumulation`
+        micro-batches per rank."""
+        return SequenceBatches(self._sequences, self._micro_batch, self._rank, self._world_size, self._seed,
+                               self._reshuffle, self._drop_last, self._pin_memory, accumulation)
 
     @property
     def sequences(self) -> np.ndarray:
@@ -93,10 +112,17 @@ class SequenceBatches:
 
     @property
     def batches_per_epoch(self) -> int:
-        """Micro-batches this rank yields per epoch (the same on every rank)."""
-        per_step = self._micro_batch * self._world_size
+        """Micro-batches this rank yields per epoch (the same on every rank): a whole number of optimizer steps.
+
+        Data too small for one global batch keeps an epoch of the micro-batches
+        that fit, as before epochs were counted in steps.
+        """
+        per_step = self._micro_batch * self._world_size * self._accumulation
         num_sequences = int(self._sequences.shape[0])
-        return num_sequences // per_step if self._drop_last else -(-num_sequences // per_step)
+        steps = num_sequences // per_step if self._drop_last else -(-num_sequences // per_step)
+        if steps == 0:
+            return num_sequences // (self._micro_batch * self._world_size)
+        return steps * self._accumulation
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The permutation of sequence indices for `epoch`, identical on every rank."""
@@ -132,12 +158,25 @@ class SequenceBatches:
         return self._fingerprint
 
     def state_dict(self) -> dict[str, int]:
-        """Position in the data: the epoch, and how many of its batches this rank has yielded."""
-        return {"epoch": self._epoch, "batch_index": self._batch_index}
+        """Position in the data: the epoch, how many of its batches this rank has yielded, and the sequences all
+        ranks have consumed in it (`samples`, which a run on another number of ranks resumes from)."""
+        return {"epoch": self._epoch, "batch_index": self._batch_index,
+                "samples": self._batch_index * self._micro_batch * self._world_size}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Continue from a position taken by `state_dict()` (same data, batch size, world size and seed)."""
+        """Continue from a position taken by `state_dict()`: same data, global batch and seed; when it holds
+        `samples`, the micro batch and number of ranks may differ (an elastic resume)."""
         epoch, batch_index = state.get("epoch"), state.get("batch_index")
+        samples = state.get("samples")
+        per_batch = self._micro_batch * self._world_size
+        if isinstance(samples, int) and samples >= 0 and samples % per_batch == 0:
+            batch_index = samples // per_batch
+        elif samples is not None:
+            raise UserError(
+                f"data position {dict(state)} is not a whole number of micro-batches here ({samples} sequences "
+                f"consumed; a micro-batch over all ranks is {self._micro_batch} x {self._world_size} = {per_batch})",
+                "resume with the global batch the checkpoint was written with, split so that micro batch x ranks "
+                "divides it")
         if (not isinstance(epoch, int) or not isinstance(batch_index, int) or epoch < 0
                 or not 0 <= batch_index <= self.batches_per_epoch):
             raise UserError(

@@ -47,8 +47,11 @@ tokenizer, a path loads a `tokenizer.json`, and `bpe` trains a byte-level BPE
 on the corpus once and caches it (`ava.data.bpe`).
 
 Cache: `data.cache_dir`, else `$AVA_CACHE_DIR`, else `~/.cache/ava`; it holds
-`tokenizers/` (trained BPEs) and `datasets/` (the Arrow copy `datasets` makes of
-an in-memory source).  Nothing is ever written into the data's own directory.
+`tokenizers/` (trained BPEs), `datasets/` (the Arrow copy `datasets` makes of
+an in-memory source), and what start-up screening keeps (`ava.data.record_check`):
+`record_checks/` (verdicts), `clean_jsonl/` (JSON Lines with corrupt lines
+skipped) and `utf8/` (UTF-8 copies of UTF-16/32 files).  Nothing is ever
+written into the data's own directory.
 
 DataLoader settings.  Batches are not produced by a torch DataLoader: with
 several worker processes which worker's batch comes next, and so where each
@@ -120,14 +123,26 @@ def cache_root(configured: str | None) -> Path:
 
 
 def build_training_data(data: DataConfig, model_vocab: int, micro_batch: int, eval_batch: int, rank: int,
-                        world_size: int, needed_sequences: int, max_steps: int | None = None) -> TrainingData:
+                        world_size: int, needed_sequences: int, max_steps: int | None = None,
+                        accumulation: int = 1) -> TrainingData:
     """Batches for this rank.
 
     The data, the held-out set and the batch order do not depend on the run's
     length (see the module docstring). `needed_sequences` is only the nominal
     epoch of a stream, whose length is unknown; `max_steps` is
-    `training.max_steps`, which a stream needs.
+    `training.max_steps`, which a stream needs. In-memory and token-file
+    batches cut their epochs in whole optimizer steps of `accumulation`
+    micro-batches, so that what a step sees depends on the global batch only
+    (`ava.data.batches`): a run can resume on another number of ranks.
     """
+    built = _build(data, model_vocab, micro_batch, eval_batch, rank, world_size, needed_sequences, max_steps)
+    if accumulation > 1 and isinstance(built.train, SequenceBatches | RandomWindows):
+        built = dataclasses.replace(built, train=built.train.in_steps_of(accumulation))
+    return built
+
+
+def _build(data: DataConfig, model_vocab: int, micro_batch: int, eval_batch: int, rank: int,
+           world_size: int, needed_sequences: int, max_steps: int | None) -> TrainingData:
     if data.data_dir is not None:
         return _token_files(data, model_vocab, micro_batch, eval_batch, rank, world_size)
     if data.sources:

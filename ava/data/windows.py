@@ -8,16 +8,18 @@ same row. A window is exactly the shape of a packed row, `max_length` tokens:
 the model shifts the labels itself (`labels=input_ids`), so a window of L
 tokens is L - 1 next-token predictions, as a row is.
 
-The offsets of micro-batch i of epoch e are a pure function of (seed, e, i):
-every rank draws the same `micro_batch * world_size` distinct offsets and
-takes its own slice of them, so the ranks' windows differ (no two windows of
+The offsets of optimizer step k of epoch e are a pure function of (seed, e,
+k): every rank draws the same G = micro_batch x world_size x accumulation
+distinct offsets, and micro-batch a of the step on rank r takes slice
+(a x world_size + r) of them, so the ranks' windows differ (no two windows of
 one global batch start at the same token; random windows may still overlap,
 as they do in nanoGPT) and a global batch is the same on any number of ranks
-with the same global batch. An epoch is as many windows as the stream holds
-tokens, `tokens // (max_length * micro_batch * world_size)` micro-batches per
-rank, which is where `eval_strategy: epoch` evaluates. Resuming is exact:
-the position is (epoch, micro-batches yielded), and the next batch is
-recomputed from it.
+with the same global batch -- which lets a run resume on another number of
+ranks with the windows it would have drawn. (With accumulation 1 this is the
+draw per micro-batch of earlier versions.) An epoch is as many windows as the
+stream holds tokens, in whole steps, which is where `eval_strategy: epoch`
+evaluates. Resuming is exact: the position is (epoch, windows consumed over
+all ranks), and the next batch is recomputed from it.
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ class RandomWindows:
     """
 
     def __init__(self, tokens: np.ndarray, length: int, micro_batch: int, rank: int, world_size: int, seed: int,
-                 reshuffle_each_epoch: bool, pin_memory: bool = False) -> None:
+                 reshuffle_each_epoch: bool, pin_memory: bool = False, accumulation: int = 1) -> None:
         if tokens.ndim != 1:
             raise UserError(f"random windows need a flat token stream, got shape {tuple(tokens.shape)}",
                             "pass the training tokens as one 1-D array")
-        if length < 1 or micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size or seed < 0:
+        if (length < 1 or micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size or seed < 0
+                or accumulation < 1):
             raise UserError(
                 f"invalid random windows: length = {length}, micro_batch = {micro_batch}, rank = {rank}, "
                 f"world_size = {world_size}, seed = {seed}",
@@ -63,32 +66,61 @@ class RandomWindows:
         self._world_size = world_size
         self._seed = seed
         self._reshuffle = reshuffle_each_epoch
+        self._accumulation = accumulation
         self._pin_memory = pin_memory
         self._epoch = 0
         self._batch_index = 0  # micro-batches of the current epoch this rank has already yielded
 
+    def in_steps_of(self, accumulation: int) -> RandomWindows:
+        """These windows at the start of their data, drawn per optimizer step of `accumulation` micro-batches
+        per rank."""
+        return RandomWindows(self._tokens, self._length, self._micro_batch, self._rank, self._world_size,
+                             self._seed, self._reshuffle, self._pin_memory, accumulation)
+
     @property
     def batches_per_epoch(self) -> int:
-        """Micro-batches per rank in an epoch: as many windows as the stream has tokens (the same on every rank)."""
-        return int(self._tokens.size) // (self._length * self._micro_batch * self._world_size)
+        """Micro-batches per rank in an epoch: as many windows as the stream has tokens, in whole optimizer steps
+        (the same on every rank); a stream too short for one step keeps the micro-batches that fit."""
+        per_batch = self._length * self._micro_batch * self._world_size
+        steps = int(self._tokens.size) // (per_batch * self._accumulation)
+        return steps * self._accumulation if steps else int(self._tokens.size) // per_batch
 
     def offsets(self, epoch: int, index: int) -> np.ndarray:
         """Start offsets of all ranks' windows of micro-batch `index` of `epoch`, distinct; rank r takes slice r."""
-        rng = np.random.default_rng([self._seed, epoch if self._reshuffle else 0, index])
+        step, part = divmod(index, self._accumulation)
+        per_batch = self._micro_batch * self._world_size
         starts = int(self._tokens.size) - self._length + 1
-        return rng.choice(starts, size=self._micro_batch * self._world_size, replace=False)
+        size = min(per_batch * self._accumulation, starts)
+        rng = np.random.default_rng([self._seed, epoch if self._reshuffle else 0, step])
+        drawn = rng.choice(starts, size=size, replace=False)
+        if drawn.size < per_batch * (part + 1):  # a stream too short for a whole step: draw per micro-batch
+            rng = np.random.default_rng([self._seed, epoch if self._reshuffle else 0, step, part])
+            return rng.choice(starts, size=per_batch, replace=False)
+        return drawn[part * per_batch:(part + 1) * per_batch]
 
     def state_dict(self) -> dict[str, int]:
-        """Position in the data: the epoch, and how many of its windowed micro-batches this rank has yielded.
+        """Position in the data: the epoch, how many of its windowed micro-batches this rank has yielded, and the
+        windows all ranks have consumed in it (`window_samples`, for a resume on another number of ranks).
 
         Named `window_batch` (not `batch_index`), so a checkpoint of packed batches
         is not taken for one of random windows, or the other way round.
         """
-        return {"epoch": self._epoch, "window_batch": self._batch_index}
+        return {"epoch": self._epoch, "window_batch": self._batch_index,
+                "window_samples": self._batch_index * self._micro_batch * self._world_size}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Continue from a position taken by `state_dict()` (same data, batch size, world size and seed)."""
+        """Continue from a position taken by `state_dict()`: same data, global batch and seed; when it holds
+        `window_samples`, the micro batch and number of ranks may differ (an elastic resume)."""
         epoch, index = state.get("epoch"), state.get("window_batch")
+        samples, per_batch = state.get("window_samples"), self._micro_batch * self._world_size
+        if isinstance(samples, int) and samples >= 0 and samples % per_batch == 0:
+            index = samples // per_batch
+        elif samples is not None:
+            raise UserError(
+                f"data position {dict(state)} is not a whole number of micro-batches here ({samples} windows "
+                f"consumed; a micro-batch over all ranks is {self._micro_batch} x {self._world_size} = {per_batch})",
+                "resume with the global batch the checkpoint was written with, split so that micro batch x ranks "
+                "divides it")
         if (not isinstance(epoch, int) or not isinstance(index, int) or epoch < 0
                 or not 0 <= index <= self.batches_per_epoch):
             raise UserError(

@@ -110,4 +110,47 @@ def test_position_beyond_the_epoch_is_refused_on_resume() -> None:
     batches = SequenceBatches(_sequences(8), micro_batch=2, rank=0, world_size=1, seed=0, reshuffle_each_epoch=True)
     with pytest.raises(UserError, match="4 batches per rank"):
         batches.load_state_dict({"epoch": 0, "batch_index": 5})
-    assert batches.state_dict() == {"epoch": 0, "batch_index": 0}  # unchanged after the refusal
+    assert batches.state_dict() == {"epoch": 0, "batch_index": 0, "samples": 0}  # unchanged after the refusal
+
+
+def _global_steps(batches_by_rank: list[SequenceBatches], accumulation: int, steps: int) -> list[set[int]]:
+    """The sequence ids each optimizer step takes over all ranks: `accumulation` micro-batches of every rank."""
+    streams = [iter(_forever(b)) for b in batches_by_rank]
+    return [{i for _ in range(accumulation) for s in streams for i in _ids(next(s))} for _ in range(steps)]
+
+
+def _forever(batches: SequenceBatches):
+    while True:
+        yield from batches
+
+
+@pytest.mark.parametrize("before, after", [((2, 2, 2), (2, 1, 4)), ((2, 1, 4), (2, 2, 2)), ((1, 2, 4), (4, 2, 1))],
+                         ids=["2-ranks-to-1", "1-rank-to-2", "micro-1-to-micro-4"])
+def test_a_global_batch_split_another_way_takes_the_same_sequences_each_step_and_resumes_between_them(before, after):
+    """(micro, ranks, accumulation) splits of one global batch of 8 over 43 sequences: every step takes the same
+    8 sequences, epochs end at the same step (5 whole steps; 3 sequences dropped), and a position saved under
+    one split resumes under the other with the next step's sequences, across the epoch boundary."""
+    data = _sequences(43)
+
+    def ranks(micro: int, world: int, accumulation: int) -> list[SequenceBatches]:
+        return [SequenceBatches(data, micro, r, world, seed=3, reshuffle_each_epoch=True, accumulation=accumulation)
+                for r in range(world)]
+
+    first, second = ranks(*before), ranks(*after)
+    expected = _global_steps(ranks(*before), before[2], 12)
+    assert _global_steps(ranks(*after), after[2], 12) == expected
+    assert all(len(step) == 8 for step in expected)
+    assert first[0].batches_per_epoch * before[0] * before[1] == 40  # 5 steps of 8: an epoch is whole steps
+    got = _global_steps(first, before[2], 4)
+    for old, new in zip(first, second, strict=False):
+        new.load_state_dict(old.state_dict())
+    for new in second[len(first):]:  # a rank the checkpoint did not have reads rank 0's position
+        new.load_state_dict(first[0].state_dict())
+    got += _global_steps(second, after[2], 8)
+    assert got == expected
+
+
+def test_an_elastic_position_that_splits_a_micro_batch_is_refused() -> None:
+    batches = SequenceBatches(_sequences(40), micro_batch=4, rank=0, world_size=1, seed=0, reshuffle_each_epoch=True)
+    with pytest.raises(UserError, match="not a whole number of micro-batches"):
+        batches.load_state_dict({"epoch": 0, "batch_index": 3, "samples": 6})

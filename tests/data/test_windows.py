@@ -95,3 +95,31 @@ def test_windows_read_a_memory_mapped_token_file_as_int64(tmp_path: Path) -> Non
     tokens = np.memmap(tmp_path / "train.bin", dtype=np.uint16, mode="r")
     batch = next(iter(RandomWindows(tokens, LENGTH, 4, 0, 1, 3, True)))
     assert batch.dtype == torch.long and (batch == batch[:, :1] + torch.arange(LENGTH)).all()
+
+
+@pytest.mark.parametrize("before, after", [((2, 2, 2), (2, 1, 4)), ((2, 1, 4), (2, 2, 2))],
+                         ids=["2-ranks-to-1", "1-rank-to-2"])
+def test_windows_of_a_global_batch_split_another_way_are_the_same_each_step_and_resume_between_them(before, after):
+    """(micro, ranks, accumulation) splits of a global batch of 8 windows: every step draws the same windows,
+    epochs end at the same step, and a position saved under one split resumes under the other."""
+
+    def ranks(micro: int, world: int, accumulation: int) -> list[RandomWindows]:
+        return [RandomWindows(TOKENS, LENGTH, micro, r, world, 7, True, accumulation=accumulation)
+                for r in range(world)]
+
+    def steps(batches: list[RandomWindows], accumulation: int, count: int) -> list[set[int]]:
+        streams = [iter(_loop(b)) for b in batches]
+        return [{int(x) for _ in range(accumulation) for s in streams for x in next(s)[:, 0]} for _ in range(count)]
+
+    expected = steps(ranks(*before), before[2], 40)  # 1000 tokens hold 15 steps of 8 windows: over two epochs
+    assert steps(ranks(*after), after[2], 40) == expected and all(len(s) == 8 for s in expected)
+    first, second = ranks(*before), ranks(*after)
+    got = steps(first, before[2], 17)
+    for r, new in enumerate(second):
+        new.load_state_dict(first[min(r, len(first) - 1)].state_dict())
+    assert got + steps(second, after[2], 23) == expected
+
+
+def _loop(batches: RandomWindows):
+    while True:
+        yield from batches

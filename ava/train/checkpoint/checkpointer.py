@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ava.train.checkpoint import elastic
 from ava.train.checkpoint import store as checkpoint
 from ava.train.runtime.faults import FaultPlan
 
@@ -47,8 +48,29 @@ class Checkpointer:
         return path
 
     def load(self, trainer: Trainer, point: Path) -> dict[str, Any]:
-        """Load `point` (a checkpoint directory) into the trainer's engines; returns this rank's Ava state."""
-        state = checkpoint.load(self._engines(trainer), point.parent, point.name, self.rank)
+        """Load `point` (a checkpoint directory) into the trainer's engines; returns this rank's Ava state.
+
+        A checkpoint written by another number of ranks loads through DeepSpeed's universal checkpoint
+        (`ava.train.checkpoint.elastic`); a rank it did not have takes rank 0's Ava state.
+        """
+        import torch.distributed as dist
+
+        written = elastic.written_ranks(point)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        engines = self._engines(trainer)
+        if written and written != world:
+            placed = engines.items() if isinstance(engines, dict) else [(None, engines)]
+            for name, engine in placed:
+                directory = point if name is None else point / name
+                if elastic.partitioned(directory):
+                    elastic.universal_copy(directory, self.rank == 0)
+                    elastic.load_universal(engine, directory)
+                else:  # one whole copy of everything: every rank loads it as it is
+                    checkpoint.load(engine if name is None else {name: engine}, point.parent, point.name, 0)
+            state = checkpoint.read_state(point / f"ava_state_rank{min(self.rank, written - 1)}.pt")
+            checkpoint.set_rng_state(state["rng"])
+        else:
+            state = checkpoint.load(engines, point.parent, point.name, self.rank)
         self.saved_step = int(state["step"])
         return state
 
