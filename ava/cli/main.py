@@ -1,9 +1,9 @@
 """The `ava` console script.
 
 User errors (`ConfigError`) are printed as one paragraph per problem and exit
-with status 2, without a traceback; anything else is a bug and keeps its
-traceback. A user error quotes the values it rejects, so its message is
-printed with secrets masked (`ava.secrets`).
+with status 2, without a traceback; Ctrl-C exits 130 with one line; anything
+else is a bug and keeps its traceback. A user error quotes the values it
+rejects, so its message is printed with secrets masked (`ava.secrets`).
 """
 
 from __future__ import annotations
@@ -167,6 +167,10 @@ def _entry(command: Callable[[Sequence[str]], int], argv: Sequence[str] | None) 
         elif rank == "0":
             _error(f"error: {exc}")
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (the first stops after a checkpoint): one line, no traceback
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted", file=sys.stderr)
+        return _leave(130)
     except OSError as exc:
         if _out_of_space(exc):
             return 2

@@ -10,8 +10,12 @@ how to continue; its checkpoints stay.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,19 +25,82 @@ from ava.secrets import redact, secret_values
 
 
 def output_dir_for(requested: str | Path | None, run_name: str, resume: bool, allow_existing: bool = False) -> Path:
-    """The run's output directory: refused when it already holds files, unless resuming (then it must exist)."""
+    """The run's output directory: refused when it already holds files, unless resuming (then it must exist).
+
+    Also refused, before any work, when it is a file or this process could
+    not write there (`require_writable`): a run must not fail on its first
+    file after minutes of setup.
+    """
     if resume:
-        if requested is None or not Path(requested).is_dir():
+        if requested is None or _kind(Path(requested), resume) != "dir":
             raise UserError(f"--resume needs the --output_dir of the run to continue (got {requested})",
                             "pass --output_dir RUN_DIR, the directory the interrupted run wrote")
+        require_writable(Path(requested), resume=True)
         return Path(requested)
     # The default (outputs/<run_name>) is checked too: a fixed training.run_name names the same directory twice.
     path = Path(requested) if requested is not None else Path("outputs") / run_name
-    if path.exists() and any(path.iterdir()) and not allow_existing:
+    kind = _kind(path, allow_existing)
+    if kind == "file":
+        raise UserError(f"the output directory {path} is a file, not a directory",
+                        "pass an --output_dir that is a directory, or a path that does not exist yet")
+    if kind == "dir" and _holds_files(path) and not allow_existing:
         raise UserError(f"the output directory {path} already holds files; Ava never overwrites a run",
                         "choose a new --output_dir (or training.run_name), or add --resume (with "
                         "--output_dir) to continue the run in it")
+    require_writable(path, resume=allow_existing)
     return path
+
+
+def require_writable(path: Path, resume: bool = False) -> None:
+    """Refuse an output directory this process cannot create or write in, found by writing, not by reading modes.
+
+    The probe creates and removes a file in `path`, or (when it does not exist
+    yet) in its nearest existing ancestor, where `mkdir` would create it:
+    permission bits say nothing for root and nothing of a read-only mount.
+    `resume`: the run to write in is already there (the fix differs).
+    """
+    existing = path
+    while (kind := _kind(existing, resume, path)) is None and existing.parent != existing:
+        existing = existing.parent
+    if kind == "file":
+        raise UserError(f"the output directory {path} cannot be created: {existing} is a file, not a directory",
+                        "pass an --output_dir whose parents are directories (or that does not exist yet)")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".ava-write-probe-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise _unwritable(path, existing, error, resume) from None
+
+
+def _kind(path: Path, resume: bool, asked: Path | None = None) -> str | None:
+    """"dir", "file" (whatever else is there) or None (nothing); a path that cannot even be looked up is refused."""
+    try:
+        return "dir" if stat.S_ISDIR(path.stat().st_mode) else "file"
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:  # a parent this user may not search, a loop of links
+        raise _unwritable(asked or path, path, error, resume, looking=True) from None
+
+
+def _holds_files(path: Path) -> bool:
+    try:
+        return any(path.iterdir())
+    except OSError:  # not even listable: require_writable says why
+        return False
+
+
+def _unwritable(path: Path, where: Path, error: OSError, resume: bool, looking: bool = False) -> UserError:
+    where = where.absolute()  # not "." for a relative --output_dir
+    if error.errno == errno.EROFS:
+        why = f"{where} is on a read-only file system"
+    elif error.errno in (errno.EACCES, errno.EPERM):
+        why = f"no permission to {'reach' if looking else 'write in'} {where}"
+    else:
+        why = f"{'looking up' if looking else 'writing a file in'} {where} failed ({error.strerror})"
+    fix = ("make it writable to continue the run there (or copy the run to a writable disk and resume the copy)"
+           if resume else "pass an --output_dir on a disk this user can write (or make that directory writable)")
+    return UserError(f"the output directory {path} cannot be written: {why}", fix)
 
 
 def same_on_every_rank(path: Path) -> Path:
@@ -101,9 +168,13 @@ def record_failure(out_dir: Path, exc: BaseException, started: float, wandb: Any
     """Leave a summary.json that says the run failed and why; the checkpoints already written stay."""
     if not out_dir.is_dir():
         return
-    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-    summary = {"status": status, "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - started}
+    interrupted = isinstance(exc, KeyboardInterrupt)  # a second Ctrl-C: stopped at once, without a checkpoint
+    summary = {"status": "interrupted" if interrupted else "failed",
+               "error": "stopped at once by Ctrl-C" if interrupted else f"{type(exc).__name__}: {exc}",
+               "seconds": time.perf_counter() - started}
     summary["resume_hint"] = resume_hint(out_dir)
+    if interrupted:
+        print(f"ava: stopped at once, without a new checkpoint; {summary['resume_hint']}", file=sys.stderr, flush=True)
     try:
         write_summary(out_dir, summary)
     except OSError as error:  # a full disk is often why the run failed: the original error matters more
@@ -112,15 +183,19 @@ def record_failure(out_dir: Path, exc: BaseException, started: float, wandb: Any
         wandb.finish(summary)
 
 
-def record_preempted(out_dir: Path, result: Any, started: float, wandb: Any) -> dict[str, Any]:
-    """summary.json for a run stopped by a signal: where it stopped and how it continues."""
-    summary = {"status": "preempted", "steps": result.steps, "planned_steps": result.planned_steps,
+def record_preempted(out_dir: Path, result: Any, started: float, wandb: Any,
+                     status: str = "preempted") -> dict[str, Any]:
+    """summary.json for a run stopped by a signal (`status` "interrupted": a Ctrl-C): where it stopped, how it continues."""
+    summary = {"status": status, "steps": result.steps, "planned_steps": result.planned_steps,
                "final_checkpoint": str(result.checkpoint) if result.checkpoint else None,
                "seconds": time.perf_counter() - started,
-               "resume_hint": f"continue with --output_dir {out_dir} --resume (or --auto_resume)"}
+               "resume_hint": f"continue with --output_dir {out_dir} --resume"
+                              + (" (or --auto_resume)" if status == "preempted" else "")}
     write_summary(out_dir, summary)
     if wandb is not None:
         wandb.finish(summary)
-    print(f"preempted at step {result.steps} of {result.planned_steps}: checkpoint {result.checkpoint} saved; "
-          f"exit code 75 asks the scheduler to requeue; {summary['resume_hint']}", flush=True)
+    why = ("exit code 75 asks the scheduler to requeue" if status == "preempted"
+           else "stopped by Ctrl-C (exit code 130)")
+    print(f"{status} at step {result.steps} of {result.planned_steps}: checkpoint {result.checkpoint} saved; "
+          f"{why}; {summary['resume_hint']}", flush=True)
     return summary

@@ -1,10 +1,12 @@
-"""A scheduler's stop signal (SIGTERM, SIGUSR1) ends the run cleanly: finish the step, checkpoint, exit for requeue.
+"""A stop signal ends the run cleanly: finish the step, checkpoint, exit (SIGTERM/SIGUSR1: for requeue; Ctrl-C: 130).
 
 `PreemptionFlag` (`ava.train.runtime.preemption`) catches the signal; every rank asks
 it after every step whether any rank has one (one small all-reduce), so all
 ranks stop after the same step and write the same checkpoint. The process
-then exits with `REQUEUE_EXIT_CODE`, and the requeued job resumes inside the
-run (or the RLHF stage) with `--resume` / `--auto_resume`.
+then exits with `REQUEUE_EXIT_CODE` (or, after a Ctrl-C, `INTERRUPT_EXIT_CODE`),
+and the job resumes inside the run (or the RLHF stage) with `--resume` /
+`--auto_resume`. The trainer's status is "preempted" either way; the flag's
+`status` tells the runner which of the two it was.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class Preemption(Callback):
             return
         trainer.save()
         step = outcome.step
+        received = "Ctrl-C (SIGINT)" if self.flag.status == "interrupted" else self.flag.signal_name or "a stop signal"
         trainer.stop("preempted", {
-            "step": step, "event": "preempted",
-            "reason": f"{self.flag.signal_name or 'a stop signal'} received (on some rank): checkpoint saved at "
-                      f"step {step}; the run can resume from it"})
+            "step": step, "event": self.flag.status,
+            "reason": f"{received} received (on some rank): checkpoint saved at step {step}; the run can resume "
+                      "from it"})
