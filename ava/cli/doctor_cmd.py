@@ -30,8 +30,8 @@ def main(argv: Sequence[str]) -> int:
     console = Console()
     env = gather()
     table = Table(title="ava doctor: environment", show_header=False)
-    table.add_column("", style="bold")
-    table.add_column("")
+    table.add_column("", style="bold", overflow="fold")
+    table.add_column("", overflow="fold")  # paths whole: a stale lock's row is the `rm` to type
     for label, value in env.rows():
         table.add_row(label, value)
     console.print(table)

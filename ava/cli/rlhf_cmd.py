@@ -48,6 +48,9 @@ def main(argv: Sequence[str], prog: str = "train_rlhf.py") -> int:
                 sys.stdout.write(render_yaml(resolved, with_origins=True))
                 print(f"\nconfig OK: RLHF stages {', '.join(resolved.config.rlhf.stages)}")  # type: ignore[union-attr]
             return 0
+        from ava.train.runtime.op_build import prepare_op_builds
+
+        prepare_op_builds()  # before DeepSpeed builds an op: this venv's cache, no silent wait on a stale lock
         from ava.rlhf.runner import run
 
         outcome = run(resolved, output_dir=ns.output_dir, resume=ns.resume, auto_resume=ns.auto_resume,

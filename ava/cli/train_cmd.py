@@ -47,7 +47,7 @@ def main(argv: Sequence[str], prog: str = "train.py") -> int:
                              "new run there (for jobs a scheduler may requeue)")
     from ava.train.runtime.preemption import PreemptionFlag
 
-    # First thing: a scheduler's stop signal during start-up must not kill the process outright.
+    # First thing: a scheduler's stop signal (or a first Ctrl-C) during start-up must not kill the process outright.
     with PreemptionFlag() as preemption:
         return _main(parser, argv, preemption)
 
@@ -63,6 +63,9 @@ def _main(parser: Any, argv: Sequence[str], preemption: Any) -> int:
         if main_rank:
             _print_plan(resolved, pretrained)
         return 0
+    from ava.train.runtime.op_build import prepare_op_builds
+
+    prepare_op_builds()  # before DeepSpeed builds an op: this venv's cache, no silent wait on a stale lock
     from ava.train.runner import run
 
     outcome = run(resolved, output_dir=ns.output_dir, resume=ns.resume, resume_from=ns.resume_from,

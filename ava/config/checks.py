@@ -144,10 +144,16 @@ def _precision(ctx: CheckContext) -> None:
         ctx.problem("training.mixed_precision", f"{device} has no bfloat16 support",
                     "use mixed_precision: fp16 (with loss scaling) or fp32", p)
     if p == "fp16" and not h.fp16:
-        reason = ("DeepSpeed's CPU accelerator supports fp16 only on CPUs with AMX-FP16"
-                  if h.accelerator == "cpu" else "the device has no float16 support")
+        # The hardware config declares the target, so a cluster's config validates anywhere; what DeepSpeed
+        # says on the machine itself is `ava doctor`'s fp16 probe, and the way to declare a CPU that has it.
+        cpu = h.accelerator == "cpu"
+        reason = (f"hardware.fp16 is false ({ctx.where('hardware.fp16')}): DeepSpeed's CPU accelerator trains fp16 "
+                  "only where oneDNN has fp16 kernels (CPUs with AVX512-FP16, AMX-FP16 ones included)"
+                  if cpu else "the device has no float16 support")
         ctx.problem("training.mixed_precision", f"fp16 is not supported by {device}: {reason}",
-                    "use mixed_precision: bf16 (or fp32)", p)
+                    "use mixed_precision: bf16 (or fp32)" + ("; where `ava doctor` reports 'precision fp16: yes' "
+                                                              "on the training machine, set hardware.fp16: true"
+                                                              if cpu else ""), p)
     if p == "fp8" and not h.fp8 and h.accelerator != "auto":
         ctx.notices.append(Notice(
             "warning", ctx.where("training.mixed_precision"), ctx.key("training.mixed_precision"),

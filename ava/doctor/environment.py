@@ -1,8 +1,11 @@
-"""What this machine offers a training run: versions, accelerator, backend, launcher, precisions, tools.
+"""What this machine offers a training run: versions, accelerator, backend, launcher, precisions, tools, op builds.
 
-Gathered without starting anything, so `ava doctor` answers in seconds even
-where a training job would hang; the one active check (a real multi-rank
-ZeRO-3 step) lives in `ava.doctor.zero3_probe`.
+Gathered without starting a job, so `ava doctor` answers in seconds even
+where a training job would hang: the fp16 verdict asks DeepSpeed and runs
+one tiny fp16 step in this process (`ava.doctor.fp16_probe`), and DeepSpeed's
+op-build cache is looked at, not built (`ava.train.runtime.op_build`). The
+one active check (a real multi-rank ZeRO-3 step) lives in
+`ava.doctor.zero3_probe`.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from ava.train.runtime.op_build import OpLock, default_root, extensions_dir, find_locks
 from ava.train.runtime.run_info import library_versions
 
 # Launcher and scheduler variables worth showing: a stale one explains many "wrong world size" reports.
@@ -34,6 +39,8 @@ class Environment:
     launch: dict[str, str]
     optional: dict[str, bool]
     tools: dict[str, str | None]
+    op_builds: str = ""  # where DeepSpeed's ops build for a run from here, and who chose it
+    op_locks: list[OpLock] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     def rows(self) -> list[tuple[str, str]]:
@@ -50,6 +57,8 @@ class Environment:
         rows += [(f"optional {name}", ("installed" if ok else "not installed") + f": {OPTIONAL[name]}")
                  for name, ok in self.optional.items()]
         rows += [(f"tool {name}", path or "not found") for name, path in self.tools.items()]
+        rows.append(("op builds", self.op_builds))
+        rows += [("op-build lock", f"{lock.path}: {lock.state()}") for lock in self.op_locks]
         return rows
 
 
@@ -65,22 +74,31 @@ def _cuda_devices() -> list[str]:
 def _precisions(accelerator: str) -> dict[str, str]:
     import torch
 
+    from ava.doctor.fp16_probe import probe_fp16
+
     optional_torchao = _installed("torchao")
+    fp16 = probe_fp16(accelerator).verdict()
     if accelerator == "cuda":
         capability = min(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
         fp8 = "yes" if capability >= (8, 9) else f"emulated: sm_{capability[0]}{capability[1]} has no FP8 units"
         return {"fp32": "yes", "bf16": "yes" if torch.cuda.is_bf16_supported() else "no: needs Ampere or newer",
-                "fp16": "yes", "fp8": fp8 if optional_torchao else "no: install torchao"}
-    return {"fp32": "yes", "bf16": "yes (DeepSpeed CPU accelerator)",
-            "fp16": "no: DeepSpeed's CPU accelerator needs AMX-FP16 for fp16",
+                "fp16": fp16, "fp8": fp8 if optional_torchao else "no: install torchao"}
+    return {"fp32": "yes", "bf16": "yes (DeepSpeed CPU accelerator)", "fp16": fp16,
             "fp8": "emulated (torch._scaled_mm on CPU): correct but slow" if optional_torchao
             else "no: install torchao"}
+
+
+def _op_locks(active: Path) -> list[OpLock]:
+    """Build locks in the directory a run from here uses, then in torch's cache root (every venv, every flavour)."""
+    locks = {lock.path: lock for lock in find_locks(active)}
+    for lock in find_locks(default_root(), depth=3):
+        locks.setdefault(lock.path, lock)
+    return list(locks.values())
 
 
 def launcher_path() -> str | None:
     """The deepspeed launcher on PATH, else the one beside this Python (a venv that is not activated)."""
     import sys
-    from pathlib import Path
 
     beside = Path(sys.executable).with_name("deepspeed")
     return shutil.which("deepspeed") or (str(beside) if beside.is_file() else None)
@@ -120,6 +138,12 @@ def gather() -> Environment:
     if env.tools["C++ compiler"] is None:
         env.problems.append("no C++ compiler: DeepSpeed builds its CPU ops (Adam, shared-memory all-reduce) on first "
                             "use; install one (apt install g++)")
+    builds = extensions_dir()
+    env.op_builds = builds.describe()
+    env.op_locks = _op_locks(builds.path)
+    for lock in env.op_locks:
+        if lock.stale and lock.path.parent.parent == builds.path:
+            env.problems.append(f"DeepSpeed op-build lock {lock.path} is {lock.state()}")
     if "WORLD_SIZE" in env.launch and "RANK" not in env.launch:
         env.problems.append(f"WORLD_SIZE={env.launch['WORLD_SIZE']} is set without RANK: a leftover from another "
                             "job makes train.py plan the batch for the wrong world size; unset it")

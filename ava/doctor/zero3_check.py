@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ava.doctor.environment import launcher_path
+from ava.train.runtime.op_build import use_per_venv_extensions_dir
 from ava.train.runtime.rendezvous import free_port
 
 PROBE = Path(__file__).with_name("zero3_probe.py")
@@ -43,6 +44,7 @@ def run_zero3_probe(ranks: int, accelerator: str, gpus: int, timeout: float) -> 
         env.pop(var, None)
     if accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
+    use_per_venv_extensions_dir(env)  # the ops build where train.py builds them: the check warms that cache
     with tempfile.TemporaryDirectory(prefix="ava-doctor-") as tmp:
         command = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(PROBE), tmp]
         started = time.perf_counter()

@@ -25,7 +25,9 @@ def main(result_dir: Path) -> None:
     from ava.model import AvaForCausalLM
     from ava.model.zero3 import mark_moe_zero3_leaves
     from ava.train.runtime.distributed import exit_launched_worker, init_distributed
+    from ava.train.runtime.op_build import guard_lock_waits
 
+    guard_lock_waits()  # a stale op-build lock fails the check with its `rm` fix instead of hanging it
     process = init_distributed()
     device = torch.device(get_accelerator().device_name(process.local_rank))
     torch.manual_seed(0)

@@ -12,6 +12,14 @@
 #   Not `kill -TERM <srun>`: srun answers SIGTERM by SIGKILLing its tasks. Not TERM to the steps: the
 #   deepspeed launcher answers it by terminating its ranks with a 30 s deadline and exit status 1
 #   (train.sbatch has the launcher ignore USR1, which its ranks inherit until Ava takes the signal).
+#
+# A failed rank. The steps run with `srun --kill-on-bad-exit=1`: the first task to exit non-zero makes
+# SLURM send TERM to the step's other tasks, then SIGKILL after KillWait (30 s by default), instead of
+# leaving them blocked in a collective with a dead peer until a timeout. A preempted run's exit 75 is
+# non-zero too, but every rank has written the checkpoint by then (they write it together), and a
+# rank that TERM reaches afterwards is only finishing: Ava's handler takes TERM, so it still writes
+# summary.json and exits 75. The requeue below reads 75 or that summary.json, whichever task srun
+# reports.
 
 # train.py and its arguments; AVA_EXTRA_ARGS is split on whitespace (no glob expansion).
 ava_train_args() {

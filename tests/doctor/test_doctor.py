@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +48,44 @@ def test_stale_world_size_and_missing_accelerator_setting_are_problems() -> None
     assert "WORLD_SIZE=8 is set without RANK" in done.stdout
     assert "export DS_ACCELERATOR=cpu" in done.stdout
     assert "2 problem(s) found" in done.stdout
+
+
+def test_doctor_names_stale_op_build_locks_with_their_rm_and_a_running_build_is_no_problem(tmp_path, monkeypatch):
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    from ava.train.runtime.op_build import torch_default_dir, venv_extensions_dir
+
+    cache = tmp_path / "cache"  # torch's cache root, here: the real one is shared with other runs
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    ours, legacy = venv_extensions_dir(), torch_default_dir()
+
+    def lock(directory: Path, op: str) -> Path:
+        (directory / op).mkdir(parents=True)
+        path = directory / op / "lock"
+        path.touch()
+        os.utime(path, (0, 0))  # written long ago
+        os.utime(directory / op, (0, 0))
+        return path
+
+    stale, building, elsewhere = lock(ours, "deepspeed_shm_comm"), lock(ours, "cpu_adam"), lock(legacy, "fused_adam")
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time\nfd = os.open(sys.argv[1], os.O_RDONLY)\n"
+                               "print('holding', flush=True)\ntime.sleep(600)", str(building)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        env = {**run_env(), "XDG_CACHE_HOME": str(cache), "COLUMNS": "500"}  # one line per row
+        env.pop("TORCH_EXTENSIONS_DIR", None)
+        done = _doctor("--no_launch", env=env)
+    finally:
+        holder.kill()
+        holder.wait()
+    out = re.sub(" +", " ", done.stdout)  # the table's padding
+    assert done.returncode == 1, out
+    assert f"op builds │ {ours} (this virtualenv's own; set TORCH_EXTENSIONS_DIR to choose another)" in out
+    assert f"problem: DeepSpeed op-build lock {stale} is stale:" in out and f"Remove it: rm {stale}" in out
+    assert f"{building}: a build is running (process {holder.pid} holds it)" in out
+    assert f"{elsewhere}: stale" in out  # another venv's (or the old shared) directory: shown, not this run's problem
+    assert "1 problem(s) found" in out
+    answer = CPU_Accelerator().is_fp16_supported()
+    assert f"precision fp16 │ {'yes' if answer else 'no'}: DeepSpeed's CPU_Accelerator.is_fp16_supported() " \
+           f"returned {answer!r}" in out

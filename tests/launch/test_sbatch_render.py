@@ -263,3 +263,39 @@ def test_shipped_template_renders_and_runs_the_validated_train_command(mode, cap
     assert argv == ["train.py", "--config", str(REPO / "configs/gpu/base.yaml"),
                     "--hardware_config", str(REPO / "configs/hardware/h100_80gb.yaml"),
                     "--output_dir", str(out), "--auto_resume", "--max_steps", "20000", "--learning_rate", "3e-4"]
+
+
+def _step_commands(script: str) -> list[str]:
+    """The `ava_run_step srun ...` command of a script, its continuation lines joined."""
+    joined = re.sub(r"\\\n\s*", " ", script)
+    return [line for line in joined.splitlines() if line.startswith("ava_run_step ")]
+
+
+@pytest.mark.parametrize("name", ["train.sbatch", "train_srun.sbatch", "train_cpu.sbatch"])
+def test_every_shipped_template_ends_the_step_when_one_rank_fails(name):
+    [step] = _step_commands((REPO / "launch" / "slurm" / name).read_text())
+    assert step.startswith("ava_run_step srun --kill-on-bad-exit=1 "), step
+
+
+@pytest.mark.parametrize("mode", ["launcher", "srun"])
+def test_rendered_scripts_keep_kill_on_bad_exit(mode, capsys):
+    script = render(capsys, *H100, "--nodes", "2", "--gpus_per_node", "4", *(["--srun"] if mode == "srun" else []))
+    [step] = _step_commands(script)
+    assert "srun --kill-on-bad-exit=1 " in step
+
+
+def test_the_per_node_launcher_outlives_term_so_its_ranks_can_finish(tmp_path):
+    """train.sbatch: TERM to the step (--kill-on-bad-exit, scancel) is the deepspeed launcher's to pass on to its
+    ranks; the shell and the runner above it must not die of it, or SLURM SIGKILLs ranks still writing."""
+    script = (REPO / "launch" / "slurm" / "train.sbatch").read_text()
+    body = script[script.index("ava_launch_node() {"):script.index("export -f ava_launch_node")]
+    # The `deepspeed` runner, faked: SLURM's TERM reaches every process of the step, then the ranks finish.
+    runner = tmp_path / "python"
+    runner.write_text(f"#!{sys.executable}\nimport os, signal, time\nos.killpg(os.getpgrp(), signal.SIGTERM)\n"
+                      "time.sleep(0.5)\nprint('ranks finished', flush=True)\nraise SystemExit(75)\n")
+    runner.chmod(0o755)
+    program = (f"{body}\nAVA_PYTHON={runner}; SLURM_JOB_NODELIST=n1; SLURM_JOB_ID=1; SLURM_NODEID=0; "
+               "SLURM_NNODES=1; GPUS_PER_NODE=1\nscontrol() { echo n1; }\nava_launch_node train.py")
+    done = subprocess.run(["bash", "-c", program], capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path)}, start_new_session=True)
+    assert (done.returncode, done.stdout) == (75, "ranks finished\n"), done.stderr

@@ -47,8 +47,9 @@ FLAGS = [*TINY, *COMMON, "--num_experts", "0", "--mixed_precision", "fp32",
 TIMEOUT_S = 300
 SHM_PREFIX = "deepspeed_allreduce_buffer"
 SHM_BUILT = "deepspeed_shm_comm_op built successfully"
-LOCK_HINT = ("a launch that never reaches its first step is often waiting on a stale torch-extension lock: "
-             "delete ~/.cache/torch_extensions/py*_cpu/deepspeed_shm_comm/lock")
+LOCK_HINT = ("a launch that never reaches its first step may be waiting on a DeepSpeed op-build lock: "
+             "`ava doctor --no_launch` lists them (under ~/.cache/torch_extensions/<venv>-<hash>/py*_cpu/) "
+             "and names the stale ones")
 # The start-up line train.py prints on every rank of a multi-rank run (ava.train.runtime.rendezvous).
 STARTUP = re.compile(r"^ava: rank (\d+)/(\d+) \(local (\d+)\).*master ([\d.]+):(\d+)", re.MULTILINE)
 

@@ -6,7 +6,8 @@
   launcher must get its own node rank;
 - preemption: the time-limit warning (USR1 to the batch shell) makes the run checkpoint and the job
   requeue itself; the same job resumes from that checkpoint and completes;
-- a job cancelled by the user stays cancelled, although its ranks stop as if preempted.
+- a job cancelled by the user stays cancelled, although its ranks stop as if preempted;
+- a rank that fails ends the step on every node (`srun --kill-on-bad-exit=1`), not only its own task.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,8 @@ def _submit(cluster: SlurmCluster, tmp_path: Path, launch: Launch, *run: str) ->
     env = {k: v for k, v in {**run_env(), **cluster.env}.items()
            if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) or k == "SLURM_CONF"}  # an outer job's stay out
     env.update(AVA_REPO=str(REPO), AVA_PYTHON=sys.executable, AVA_OUTPUT_DIR=str(out),
-               AVA_EXTRA_ARGS=" ".join([*RUN, *launch.run_args, *run]), **launch.settings)
+               AVA_EXTRA_ARGS=" ".join([*RUN, *launch.run_args, *run]))
+    env.update(launch.settings)  # a launch's own settings win (a test's AVA_PYTHON, say)
     script = REPO / "launch" / "slurm" / launch.script
     done = subprocess.run(["sbatch", "--parsable", f"--nodes={launch.nodes}", *launch.sbatch_args, str(script)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
@@ -198,3 +200,28 @@ def test_cancelled_job_is_not_requeued(slurm_cluster, tmp_path, shm_cleanup):
                 "the end of the cancelled job")
     log = _log(tmp_path, job_id)
     assert (job["JobState"], job["Restarts"]) == ("CANCELLED", "0"), log[-3000:]
+
+
+FAILING = {name: LAUNCHES[name] for name in ("srun-per-rank", "deepspeed-2-nodes")}
+
+
+@pytest.mark.parametrize("launch", FAILING.values(), ids=FAILING.keys())
+def test_a_task_that_fails_ends_the_step_and_the_job_fails_without_requeue(launch, slurm_cluster, tmp_path,
+                                                                           shm_cleanup):
+    """Task 1 exits 3 at once; task 0 waits for it at the rendezvous, with a 10-minute deadline here. SLURM must
+    stop task 0 (TERM, then SIGKILL after KillWait = 30 s) instead of letting the step run out that deadline."""
+    python = tmp_path / "python-task1-fails"
+    python.write_text(f'#!/bin/bash\nif [ "$SLURM_PROCID" = 1 ]; then echo "injected: task 1 exits 3" >&2; exit 3; fi\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    failing = replace(launch, settings={**launch.settings, "AVA_PYTHON": str(python), "AVA_RENDEZVOUS_TIMEOUT": "600"})
+    job_id, out = _submit(slurm_cluster, tmp_path, failing, "--max_steps", "20")
+    shm_cleanup.append(_port(job_id))
+    job = _wait(slurm_cluster, job_id, lambda job: job.get("JobState") in FINISHED, "the end of the failed step",
+                timeout=240)
+    log = _log(tmp_path, job_id)
+    assert (job["JobState"], job["Restarts"]) == ("FAILED", "0"), log[-3000:]
+    assert "injected: task 1 exits 3" in log and "task 1: Exited with exit code 3" in log, log[-3000:]
+    assert "could not reach the master" not in log and "requeueing" not in log
+    assert re.search(r"training step ended with status [1-9]", log), log[-3000:]
+    assert not (out / "summary.json").exists()
