@@ -328,7 +328,8 @@ def time_cli(ns: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Any]
           + ("" if called is not None else " [train.py's 'outputs:' line not seen: judged on train() -> first step]"))
     if seen.get("deepspeed comm op loaded", 0.0) > COMPILE_HINT_S:
         print(f"  (over {COMPILE_HINT_S:.0f} s to load DeepSpeed's comm op: probably a JIT compile of "
-              "deepspeed_shm_comm into ~/.cache/torch_extensions, paid once per install; run again to see the "
+              "deepspeed_shm_comm into this virtualenv's op cache (`ava doctor` shows it), paid once per install; "
+              "run again to see the "
               "cached cost)")
     return {"command": cmd[1:-1], "wall_seconds": wall, "milestone_seconds": seen,
             "launch_to_first_step_seconds": first_from_launch, "summary": summary,

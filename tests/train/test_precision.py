@@ -235,3 +235,21 @@ assert "torchao" in sys.modules and report.fp8_modules
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Failed to load" not in result.stderr and "Enum subclass" not in result.stderr, result.stderr
+
+
+def test_fp16_on_a_machine_without_it_is_a_user_error_before_deepspeed_refuses_it(monkeypatch):
+    """Without a hardware config saying fp16: false, DeepSpeed's sanity check raised a bare ValueError traceback."""
+    import deepspeed.accelerator as accelerators
+
+    from ava.errors import UserError
+    from ava.train.engine.build import refuse_unsupported_fp16
+
+    class NoFp16:
+        def is_fp16_supported(self) -> bool:
+            return False
+
+    monkeypatch.setattr(accelerators, "get_accelerator", lambda: NoFp16())
+    with pytest.raises(UserError) as err:
+        refuse_unsupported_fp16({"fp16": {"enabled": True}})
+    assert "NoFp16 has no fp16 support" in err.value.message and "bf16" in err.value.fix
+    refuse_unsupported_fp16({"bf16": {"enabled": True}})  # other precisions are not asked about

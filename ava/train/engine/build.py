@@ -71,6 +71,7 @@ def build_engine(module: nn.Module, cfg: AvaConfig, ds_config: dict, *, name: st
     import deepspeed
 
     say = note or (lambda _: None)
+    refuse_unsupported_fp16(ds_config)
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     if zero_stage == 3:
         from ava.model.zero3 import mark_moe_zero3_leaves
@@ -106,6 +107,26 @@ def build_engine(module: nn.Module, cfg: AvaConfig, ds_config: dict, *, name: st
         say(f"torch.compile: on for the {len(module.layers)} transformer blocks (training.compile: "  # type: ignore[arg-type]
             f"{compile_setting}); the first step includes the compilation")
     return built
+
+
+def refuse_unsupported_fp16(ds_config: dict) -> None:
+    """fp16 where DeepSpeed's accelerator has none is a user error, not DeepSpeed's traceback from its sanity check.
+
+    The config check judges the declared hardware (hardware.fp16); without a hardware config, or with one that
+    says yes on a machine that has not, this is where the machine itself answers (`ava doctor` asks the same).
+    """
+    if not ds_config.get("fp16", {}).get("enabled"):
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if not accelerator.is_fp16_supported():
+        from ava.errors import UserError
+
+        raise UserError(
+            f"training.mixed_precision is fp16, but DeepSpeed's {type(accelerator).__name__} has no fp16 support on "
+            "this machine (on a CPU: oneDNN has no fp16 kernels for it), so DeepSpeed would refuse to build the engine",
+            "use --mixed_precision bf16 (or fp32); `ava doctor` shows what this machine supports")
 
 
 def _nothing_to_reduce(engine: Any, zero_stage: int) -> bool:
