@@ -38,6 +38,7 @@ from ava.rlhf.tasks import Task, make_task
 from ava.train.checkpoint.resume import check_resumable
 from ava.train.checkpoint.store import latest_complete, read_state
 from ava.train.runtime.distributed import ProcessInfo
+from ava.train.runtime.faults import FaultPlan
 from ava.train.runtime.preemption import PreemptionFlag
 
 SUMMARY = "summary.json"
@@ -121,14 +122,15 @@ def prepare_pipeline(cfg: AvaConfig) -> PipelinePlan:
 
 def run_pipeline(plan: PipelinePlan, out_dir: Path, process: ProcessInfo, log: Callable[[dict], None],
                  note: Callable[[str], None], resume: bool = False,
-                 preemption: PreemptionFlag | None = None, trust_checkpoint: bool = False) -> PipelineResult:
+                 preemption: PreemptionFlag | None = None, trust_checkpoint: bool = False,
+                 faults: FaultPlan | None = None) -> PipelineResult:
     """Run the plan's stages in order under `out_dir`.
 
     `resume` skips the stages that completed and continues the first one that
     did not from its latest in-stage checkpoint, if it wrote one (a stage that
     failed starts over: continuing would repeat the failure). A stop signal
     (`preemption`) checkpoints the running stage and ends the pipeline with
-    status "preempted".
+    status "preempted". `faults` injects faults for tests (`ava.train.runtime.faults`).
     """
     cfg, tokenizer, task, scorer = plan.config, plan.tokenizer, plan.task, plan.scorer
     r = cfg.rlhf
@@ -156,7 +158,7 @@ def run_pipeline(plan: PipelinePlan, out_dir: Path, process: ProcessInfo, log: C
             elif resume and _failed(stage_dir):
                 _clear_checkpoints(stage_dir, process)
                 note(f"{stage}: failed before; starting it over")
-            env = StageEnv(cfg, process, tokenizer, task, stage_dir, seed, log, note, preemption, point)
+            env = StageEnv(cfg, process, tokenizer, task, stage_dir, seed, log, note, preemption, point, faults)
             start = _start_model(r, stage, policies, latest)
             ppo_reward = _ppo_reward(r, reward_model, out_dir, task, scorer) if stage == "ppo" else None
             try:

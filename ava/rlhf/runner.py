@@ -24,7 +24,7 @@ from ava.config.loader import ResolvedConfig
 from ava.config.render import render_yaml
 from ava.errors import UserError
 from ava.train import run_dir
-from ava.train.runtime.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from ava.train.runtime.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, PreemptionFlag
 
 
 @dataclass
@@ -39,6 +39,8 @@ class PipelineOutcome:
     def exit_code(self) -> int:
         if self.status == "preempted":
             return REQUEUE_EXIT_CODE
+        if self.status == "interrupted":  # a Ctrl-C: checkpointed like "preempted", but not for a requeue
+            return INTERRUPT_EXIT_CODE
         return 0 if self.status == "completed" else 1
 
 
@@ -57,7 +59,8 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
                        trust_checkpoint=trust_checkpoint, preemption=flag)
     from ava.rlhf.console import RLHFConsole
     from ava.rlhf.pipeline import forget_unsaved_records, prepare_pipeline, run_pipeline
-    from ava.train.runtime.distributed import init_distributed, leave_process_group
+    from ava.train.runtime.distributed import RankWatch, init_distributed
+    from ava.train.runtime.faults import plan_for_run
     from ava.train.runtime.run_info import peak_memory
 
     started = time.perf_counter()
@@ -73,38 +76,48 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
     name = cfg.training.run_name or f"rlhf-{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     out_dir = run_dir.output_dir_for(output_dir, name, resume, allow_existing=auto_resume)
     plan = prepare_pipeline(cfg)  # every path and the reward function, before any rank starts
+    faults = plan_for_run(os.environ)
     process = init_distributed()
-    out_dir = run_dir.same_on_every_rank(out_dir)
+    # From here an error on one rank ends every rank, each saying which rank failed and why (RankWatch).
+    watch = RankWatch.start(process, lambda: f"continue with --output_dir {out_dir} --resume")
     console = RLHFConsole({s: getattr(cfg.rlhf, s).steps for s in cfg.rlhf.stages}, enabled=main_rank)
     metrics = None
-    if main_rank:
-        from ava.config import build_deepspeed_config
-
-        run_dir.write_header(out_dir, render_yaml(resolved, with_origins=True), build_deepspeed_config(cfg))
-        if resume:
-            forget_unsaved_records(out_dir / "metrics.jsonl", out_dir, list(cfg.rlhf.stages))
-        metrics = (out_dir / "metrics.jsonl").open("a")
-        console.note(f"RLHF pipeline: {' -> '.join(cfg.rlhf.stages)}; {process.world_size} rank(s); "
-                     f"precision {cfg.training.mixed_precision}; outputs: {out_dir}")
-        # The stages log to metrics.jsonl and the console only: a logger key must not look as if it worked.
-        for key, on in (("training.wandb_log", cfg.training.wandb_log),
-                        ("training.tensorboard_dir", cfg.training.tensorboard_dir is not None)):
-            if on:
-                console.note(f"WARNING: {key} is not used by RLHF stages (they log to metrics.jsonl and the console); "
-                             "plot metrics.jsonl, or remove the key for RLHF runs")
     try:
+        out_dir = run_dir.same_on_every_rank(out_dir)
+        if main_rank:
+            from ava.config import build_deepspeed_config
+
+            run_dir.write_header(out_dir, render_yaml(resolved, with_origins=True), build_deepspeed_config(cfg))
+            if resume:
+                forget_unsaved_records(out_dir / "metrics.jsonl", out_dir, list(cfg.rlhf.stages))
+            metrics = (out_dir / "metrics.jsonl").open("a")
+            console.note(f"RLHF pipeline: {' -> '.join(cfg.rlhf.stages)}; {process.world_size} rank(s); "
+                         f"precision {cfg.training.mixed_precision}; outputs: {out_dir}")
+            # The stages log to metrics.jsonl and the console only: a logger key must not look as if it worked.
+            for key, on in (("training.wandb_log", cfg.training.wandb_log),
+                            ("training.tensorboard_dir", cfg.training.tensorboard_dir is not None)):
+                if on:
+                    console.note(f"WARNING: {key} is not used by RLHF stages (they log to metrics.jsonl and the "
+                                 "console); plot metrics.jsonl, or remove the key for RLHF runs")
         result = run_pipeline(plan, out_dir, process, _sink(metrics, out_dir, console), console.note, resume=resume,
-                              preemption=preemption, trust_checkpoint=trust_checkpoint)
+                              preemption=preemption, trust_checkpoint=trust_checkpoint, faults=faults)
+    except BaseException as exc:
+        failure = watch.account(exc)
+        if failure is not exc:
+            raise failure from None
+        raise
     finally:
         if metrics is not None:
             metrics.close()
-        leave_process_group()
+        watch.leave()
+    if result.status == "preempted":  # by a signal: the flag says whether a scheduler's or a Ctrl-C ("interrupted")
+        result.status = preemption.status
     outcome = PipelineOutcome(result.status, out_dir, result.stages)
     if not main_rank:
         return outcome
     summary = {"status": result.status, "stages": result.stages, "seconds": time.perf_counter() - started,
                "output_dir": str(out_dir), **peak_memory()}
-    if result.status == "preempted":
+    if result.status in ("preempted", "interrupted"):
         summary["resume_hint"] = f"continue with --output_dir {out_dir} --resume (or --auto_resume)"
     run_dir.write_summary(out_dir, summary)
     console.final_table(result.stages)

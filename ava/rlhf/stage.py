@@ -37,6 +37,7 @@ from ava.train.engine.gradient_health import HealthMonitor
 from ava.train.engine.lr_schedule import LRSchedule
 from ava.train.engine.optimizer_step import OptimizerStep
 from ava.train.runtime.distributed import ProcessInfo
+from ava.train.runtime.faults import FaultPlan
 from ava.train.runtime.preemption import PreemptionFlag
 from ava.train.trainer.callback import Callback
 from ava.train.trainer.trainer import StepOutput, Trainer, TrainResult
@@ -61,6 +62,7 @@ class StageEnv:
     note: Callable[[str], None]
     preemption: PreemptionFlag | None = None  # a stop signal checkpoints the stage and ends it "preempted"
     resume_from: Path | None = None  # an in-stage checkpoint to continue from
+    faults: FaultPlan | None = None  # injected faults, for tests: process faults at a step start, checkpoint faults
 
     @property
     def rlhf(self) -> Any:
@@ -175,6 +177,8 @@ class StageSteps:
         return self.updaters[0].role.device
 
     def train_step(self, step: int, logs: bool, before_update: Callable[[], None]) -> StepOutput:
+        if self.env.faults is not None:
+            self.env.faults.at_step(step, self.env.process.rank)
         try:
             record = self.step(step, logs)
         except StageFailed:  # the health events that explain why go out before the failure does
@@ -261,7 +265,7 @@ def fit_stage(env: StageEnv, module: StageSteps, steps: int, logging_steps: int,
     stage = module.stage
     callbacks.append(Records(lambda record: env.log(record if "stage" in record else {**record, "stage": stage})))
     trainer = Trainer(module, steps, logging_steps=logging_steps, callbacks=callbacks,
-                      checkpointer=Checkpointer(env.out_dir / "checkpoints", env.process.rank, keep_last),
+                      checkpointer=Checkpointer(env.out_dir / "checkpoints", env.process.rank, keep_last, env.faults),
                       rank=env.process.rank)
     return trainer.fit(env.resume_from), evaluation
 

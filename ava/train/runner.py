@@ -36,7 +36,7 @@ from ava.config.render import render_yaml
 from ava.errors import UserError
 from ava.model.memory_fit import check_run_memory
 from ava.train import run_dir
-from ava.train.runtime.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from ava.train.runtime.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, PreemptionFlag
 from ava.train.trainer.callback import Callback
 from ava.train.trainer.trainer import TrainResult
 
@@ -45,7 +45,7 @@ from ava.train.trainer.trainer import TrainResult
 class RunOutcome:
     """What a run produced: how it ended, where its outputs are, and (on rank 0) its summary.json."""
 
-    status: str  # "completed", "early_stopped", "preempted" or "failed"
+    status: str  # "completed", "early_stopped", "preempted", "interrupted" (Ctrl-C) or "failed"
     output_dir: Path
     result: TrainResult
     summary: dict[str, Any] | None = None  # summary.json's content; None on the other ranks
@@ -60,6 +60,8 @@ class RunOutcome:
         """The process exit status a command should end with: 75 asks a scheduler to requeue a preempted run."""
         if self.status == "preempted":
             return REQUEUE_EXIT_CODE
+        if self.status == "interrupted":
+            return INTERRUPT_EXIT_CODE
         if self.summary is None:  # not rank 0: rank 0 reports
             return 0
         return 0 if self.checks_passed else 1
@@ -79,8 +81,9 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
     `trust_checkpoint` loads a checkpoint whose pickles hold more than
     tensors. `callbacks` see every record and may keep state in checkpoints.
     A stop signal (SIGTERM, SIGUSR1) checkpoints and ends the run with status
-    "preempted"; `preemption` is the flag to read (by default one is installed
-    for the duration of the run).
+    "preempted", a Ctrl-C likewise with status "interrupted" (a second one
+    raises KeyboardInterrupt); `preemption` is the flag to read (by default one
+    is installed for the duration of the run).
     """
     if preemption is None:
         with PreemptionFlag() as flag:
@@ -90,12 +93,12 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
     from ava.data.model_tokens import tokens_for_data
     from ava.data.setup import build_training_data
     from ava.train.checkpoint.resume import auto_resume as has_checkpoint
-    from ava.train.checkpoint.resume import refuse_other_model, resume_point
+    from ava.train.checkpoint.resume import check_resume, elastic_batch, locate, refuse_other_model
     from ava.train.inputs.init_from import pretrained_for_run
     from ava.train.pretraining import total_steps
     from ava.train.report.console import RunConsole
-    from ava.train.runtime.distributed import init_distributed
-    from ava.train.runtime.lost_rank import Peers, is_lost_peer, lost_rank_error
+    from ava.train.runtime.distributed import RankWatch, init_distributed
+    from ava.train.runtime.faults import plan_for_run
 
     started = time.perf_counter()
     cfg = resolved.config
@@ -107,14 +110,22 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
         resume = has_checkpoint(output_dir, resume, resume_from)
         fresh_in_place = not resume
     out_dir = run_dir.output_dir_for(output_dir, run_name, resume, allow_existing=fresh_in_place)  # refuse early
-    faults = _fault_plan()
+    faults = plan_for_run(os.environ)
     if cfg.training.tensorboard_dir is not None:
         from ava.train.callbacks.tensorboard import require_tensorboard
 
         require_tensorboard()  # on every rank, before any work: a missing package is the user's to fix
+    point = locate(out_dir, resume=resume, resume_from=resume_from)
+    elastic_note = None
+    if point is not None:  # on another number of ranks: the checkpoint's global batch, accumulation re-derived
+        resolved, elastic_note = elastic_batch(resolved, point)
+        cfg = resolved.config
     ds_config = build_deepspeed_config(cfg)
-    point = resume_point(out_dir, ds_config, resolved.batch.world.size, resume=resume, resume_from=resume_from,
-                         force=force_resume, trusted=trust_checkpoint)
+    from ava.train.engine.build import refuse_unsupported_fp16
+
+    refuse_unsupported_fp16(ds_config)  # before the run directory is written: the machine's own answer
+    if point is not None:
+        check_resume(point, ds_config, resolved.batch.world.size, force=force_resume, trusted=trust_checkpoint)
     resolved, pretrained = pretrained_for_run(resolved, point.parent.parent if point else None)
     cfg = resolved.config
     if point is not None:
@@ -135,13 +146,14 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
             f"the launcher started {process.world_size} process(es) but the batch was planned for "
             f"{resolved.batch.world.size} ({resolved.batch.world.source})",
             "pass the same --num_gpus/--num_nodes to the launcher and to train.py, or set WORLD_SIZE")
-    peers = Peers.gather() if process.world_size > 1 else None  # so that a rank that dies can be named
+    # An error on one rank (or a rank that dies) ends every rank, each saying which rank and why.
+    watch = RankWatch.start(process, lambda: run_dir.resume_hint(out_dir))
     b = resolved.batch
     # needed_sequences is only a stream's nominal epoch: no data, held-out set or batch order depends on max_steps,
     # so a resume with another max_steps continues the same data (ava.data.setup).
     data = build_training_data(cfg.data, cfg.model.vocab_size, b.micro, cfg.data.eval_batch_size, process.rank,
                                process.world_size, needed_sequences=(cfg.training.max_steps or 1000) * b.global_batch,
-                               max_steps=cfg.training.max_steps)
+                               max_steps=cfg.training.max_steps, accumulation=b.accumulation)
     if data.eval is None and cfg.training.save_strategy == "best":
         raise UserError(
             "training.save_strategy is 'best', but there is no held-out data to evaluate on (fewer held-out "
@@ -159,6 +171,8 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
             run_dir.drop_records_after(out_dir / "metrics.jsonl", start_step)
         metrics = (out_dir / "metrics.jsonl").open("a")
         _print_header(console, resolved, data, point, pretrained, out_dir)
+        if elastic_note is not None:
+            console.note(elastic_note)
         wandb = _start_wandb(resolved, out_dir)
         sinks = _sinks(cfg, console, metrics, out_dir, wandb, start_step if resume else 0)
     from ava.hf.pretrained import load_weights
@@ -175,8 +189,7 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
                            reporter=console,
                            eos_id=data.tokenizer.eos_id if data.tokenizer is not None else cfg.data.eos_token_id)
     except BaseException as exc:
-        failure = (lost_rank_error(exc, peers, process.rank, run_dir.resume_hint(out_dir))
-                   if peers is not None and is_lost_peer(exc) else exc)
+        failure = watch.account(exc)
         if main_rank:
             run_dir.record_failure(out_dir, failure, started, wandb)
         if failure is not exc:
@@ -191,12 +204,10 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
                 metrics.close()
             except OSError as error:  # the disk filled up: what the run logged so far is on disk already
                 print(f"ava: could not close {out_dir / 'metrics.jsonl'} ({error.strerror})", file=sys.stderr)
-        from ava.train.runtime.distributed import leave_process_group
-
-        leave_process_group()  # without it gloo's threads can abort the process at exit
-    if result.status == "preempted":
-        summary = run_dir.record_preempted(out_dir, result, started, wandb) if main_rank else None
-        return RunOutcome("preempted", out_dir, result, summary)
+        watch.leave()  # leaves the process group: without it gloo's threads can abort the process at exit
+    if result.status == "preempted":  # by a signal: the flag says whether a scheduler's or a person's
+        summary = run_dir.record_preempted(out_dir, result, started, wandb, preemption.status) if main_rank else None
+        return RunOutcome(preemption.status, out_dir, result, summary)
     if not main_rank:
         return RunOutcome(result.status, out_dir, result)
     return RunOutcome(result.status, out_dir, result, _report(result, data, out_dir, started, cfg, pretrained, console,
@@ -296,20 +307,6 @@ def _health_plan(h: Any) -> str:
         plan += f"; explosions scale the LR by {h.lr_reduction_factor:g} for {h.lr_cooldown_steps} steps"
     if h.max_consecutive_bad_steps:
         plan += f"; {h.max_consecutive_bad_steps} bad steps in a row roll back to the last checkpoint"
-    return plan
-
-
-def _fault_plan() -> Any:
-    """Injected faults for tests (AVA_INJECT_FAULTS); a malformed value is a user error."""
-    from ava.train.runtime.faults import FaultPlan, FaultSpecError
-
-    try:
-        plan = FaultPlan.from_env(os.environ)
-    except FaultSpecError as exc:
-        raise UserError(str(exc), "fix or unset AVA_INJECT_FAULTS") from None
-    if plan is not None and os.environ.get("RANK", "0") == "0":
-        print(f"warning: AVA_INJECT_FAULTS is set: injecting {os.environ['AVA_INJECT_FAULTS']} "
-              "(a test hook; unset it for real training)", file=sys.stderr)
     return plan
 
 

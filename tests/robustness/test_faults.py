@@ -174,3 +174,83 @@ def test_a_rank_killed_mid_step_is_named_and_the_job_ends_then_resumes(tmp_path:
                              timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert sorted(step_losses(out)) == list(range(1, 9))
+
+
+# --- A full disk on 2 ranks -------------------------------------------------------------------------------------
+
+TWO_RANKS = ["--num_gpus", "2", "--zero_stage", "1"]  # ZeRO-1: each rank writes its own optimizer shard
+
+
+def train_on_two_ranks(out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    launch = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", free_port(),
+              "train.py", *RUN, *TWO_RANKS, "--output_dir", str(out), *extra]
+    env = run_env() | ({ENV_VAR: fault} if fault else {})
+    # A rank left waiting for one that failed would run into this timeout: the job must end on its own.
+    return subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference_two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    out = tmp_path_factory.mktemp("reference_two_ranks") / "run"
+    result = train_on_two_ranks(out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return step_losses(out)
+
+
+@pytest.mark.parametrize("who", ["both", "rank1"])
+def test_a_full_disk_on_two_ranks_stops_every_rank_keeps_the_previous_checkpoint_and_the_run_resumes(
+        tmp_path: Path, reference_two_ranks: dict[int, float], who: str) -> None:
+    """Both ranks write into a disk that fills (a real 11 MB tmpfs as root: one ZeRO-1 checkpoint of this
+    model, about 7.4 MB, fits, a second does not; else ENOSPC injected on both), or only rank 1's disk
+    fills (injected) while rank 0 has written its part and waits for rank 1 at the save's barrier."""
+    disk = tmp_path / "disk"
+    real = who == "both" and _mount_tmpfs(disk, "11m") is None
+    if who == "both" and not real:
+        print("NOTE: cannot mount a small tmpfs; injecting ENOSPC on both ranks instead of filling a real disk")
+    try:
+        out = disk / "run"
+        failing_step = 2 if real else KILL_STEP
+        full = train_on_two_ranks(out, fault=None if real else f"disk_full@{KILL_STEP}" + (":rank1" if who == "rank1"
+                                                                                            else ""))
+        text = full.stdout + full.stderr
+        shown = f"\n--- exit {full.returncode}\n{full.stdout[-3000:]}\n{full.stderr[-3000:]}"
+        assert full.returncode == 2 and "Traceback" not in text, shown
+        root = out / "checkpoints"
+        partial, previous = root / f"step{failing_step:08d}", root / f"step{failing_step - 1:08d}"
+        hit = [rank for rank in (0, 1) if f"error (rank {rank}): rank {rank} could not write its part of checkpoint "
+               f"{partial}: No space left on device; the partial checkpoint is incomplete, so resuming ignores it "
+               f"(delete it to free its space) and {previous} is intact" in text]
+        assert hit == [1] if who == "rank1" else hit, shown
+        for rank in {0, 1} - set(hit):  # a rank that did not hit it names one that did, instead of waiting for it
+            assert (f"error (rank {rank}): rank {1 - rank} failed: rank {1 - rank} could not write its part of "
+                    f"checkpoint {partial}: No space left on device") in text, shown
+        assert text.count(f"Fix: free space on {root}") == 2, shown  # one paragraph per rank
+        assert not (partial / COMPLETE).exists()  # not trusted: resume ignores it
+        assert (root / "latest").read_text().strip() == previous.name
+        assert latest_complete(root) == previous.name and loadable_checkpoints(root) == 1
+        if not real:
+            assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+        if real:
+            subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        resumed = train_on_two_ranks(out, "--resume")
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert f"resuming from {previous}" in resumed.stdout
+        assert step_losses(out) == reference_two_ranks
+    finally:
+        if real:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_barrier_broken_by_another_rank_is_not_blamed_on_this_ranks_disk(tmp_path: Path, monkeypatch) -> None:
+    """Rank 0 waits in DeepSpeed's barrier while rank 1 fails; on a full disk the probe would fail too."""
+    import errno
+
+    import ava.train.checkpoint.store as store
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "open", full, raising=False)
+    broken = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:2704")
+    assert store._out_of_space(broken, tmp_path) is None
+    assert store._out_of_space(RuntimeError("basic_ios::clear: iostream error"), tmp_path) == "No space left on device"

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ava.errors import UserError
+from ava.train.runtime.lost_rank import is_lost_peer
 
 LATEST = "latest"
 BEST = "best"
@@ -176,7 +177,11 @@ def _out_of_space(exc: BaseException, root: Path) -> str | None:
     ...", "iostream error") whose chain may or may not include the OSError
     (ENOSPC), so the chain is searched and, failing that, a small write is
     tried beside the checkpoint: free-space figures would miss a quota.
+    A DeepSpeed barrier broken by another rank leaving (its own disk full,
+    say) is that rank's failure, not this rank's write: None.
     """
+    if is_lost_peer(exc):
+        return None
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:

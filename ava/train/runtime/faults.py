@@ -10,12 +10,15 @@ Set `AVA_INJECT_FAULTS` to a comma-separated list of `KIND@STEP[-LAST][xFACTOR][
 Process faults, for the fault-tolerance tests (`tests/robustness/test_faults.py`):
 
 - `kill@5:rank1`                rank 1 SIGKILLs itself in the middle of step 5 (after its forward pass);
+- `error@5:rank1`               rank 1 raises a RuntimeError there instead: a bug met on one rank only;
 - `kill_in_save@4/after_state`  SIGKILL at one point of writing checkpoint 4 (`SAVE_POINTS`);
 - `disk_full@4`                 writing checkpoint 4 fails with ENOSPC after DeepSpeed's files are written.
 
 A fault fires at most once per step number in a process, like a bad batch:
 after a rollback the replayed steps train on other batches and are clean.
-Faults apply to the first micro batch of the step.
+Faults apply to the first micro batch of the step. RLHF stages take the
+process faults (`kill`, `error`, at the start of a stage step) and the
+checkpoint ones; the numeric ones are for pre-training.
 """
 
 from __future__ import annotations
@@ -24,14 +27,18 @@ import errno
 import os
 import re
 import signal
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
+from ava.errors import UserError
+
 ENV_VAR = "AVA_INJECT_FAULTS"
 NUMERIC_KINDS = ("grad_spike", "nan_loss", "nan_grad")
-KINDS = (*NUMERIC_KINDS, "kill", "kill_in_save", "disk_full")
+PROCESS_KINDS = ("kill", "error")
+KINDS = (*NUMERIC_KINDS, *PROCESS_KINDS, "kill_in_save", "disk_full")
 # The moments of `ava.train.checkpoint.store.save`, in order, at which a process can die.
 SAVE_POINTS = ("before_deepspeed", "after_deepspeed", "after_state", "after_complete", "after_latest",
                "during_prune")
@@ -42,6 +49,10 @@ _SPEC = re.compile(r"^(?P<kind>[a-z_]+)@(?P<first>\d+)(?:-(?P<last>\d+))?(?:x(?P
 
 class FaultSpecError(ValueError):
     """`AVA_INJECT_FAULTS` does not parse."""
+
+
+class InjectedError(RuntimeError):
+    """The `error` fault: stands for a bug that one rank meets on its own."""
 
 
 @dataclass(frozen=True)
@@ -105,12 +116,11 @@ class FaultPlan:
 
     def apply(self, step: int, rank: int, loss: torch.Tensor) -> torch.Tensor:
         """The loss to backpropagate at `step` on `rank`: `loss` itself unless a fault fires."""
+        self.at_step(step, rank)
         for index, fault in enumerate(self.faults):
-            if fault.kind not in (*NUMERIC_KINDS, "kill") or not fault.hits(step, rank) or (index, step) in self.fired:
+            if fault.kind not in NUMERIC_KINDS or not fault.hits(step, rank) or (index, step) in self.fired:
                 continue
             self.fired.add((index, step))
-            if fault.kind == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
             if fault.kind == "nan_loss":
                 loss = loss * float("nan")
             elif fault.kind == "nan_grad":
@@ -118,6 +128,16 @@ class FaultPlan:
             else:
                 loss = _ScaleGrad.apply(loss, fault.factor)
         return loss
+
+    def at_step(self, step: int, rank: int) -> None:
+        """The process faults of `step` on `rank`: die there (`kill`) or raise (`error`) if planned."""
+        for index, fault in enumerate(self.faults):
+            if fault.kind not in PROCESS_KINDS or not fault.hits(step, rank) or (index, step) in self.fired:
+                continue
+            self.fired.add((index, step))
+            if fault.kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise InjectedError(f"injected error at step {step} on rank {rank} ({ENV_VAR})")
 
     def at_save(self, step: int, rank: int, point: str) -> None:
         """Called at each of `SAVE_POINTS` while checkpoint `step` is written: die or fail there if planned."""
@@ -128,3 +148,15 @@ class FaultPlan:
                 os.kill(os.getpid(), signal.SIGKILL)
             if fault.kind == "disk_full" and point == "after_deepspeed":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"checkpoint step {step} (injected)")
+
+
+def plan_for_run(environ: Mapping[str, str]) -> FaultPlan | None:
+    """The faults a run injects (`AVA_INJECT_FAULTS`), with a warning from rank 0; a malformed value is a user error."""
+    try:
+        plan = FaultPlan.from_env(environ)
+    except FaultSpecError as exc:
+        raise UserError(str(exc), f"fix or unset {ENV_VAR}") from None
+    if plan is not None and environ.get("RANK", "0") == "0":
+        print(f"warning: {ENV_VAR} is set: injecting {environ[ENV_VAR]} (a test hook; unset it for real training)",
+              file=sys.stderr)
+    return plan
