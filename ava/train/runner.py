@@ -148,33 +148,40 @@ def run(resolved: ResolvedConfig, *, output_dir: str | Path | None = None, resum
             "pass the same --num_gpus/--num_nodes to the launcher and to train.py, or set WORLD_SIZE")
     # An error on one rank (or a rank that dies) ends every rank, each saying which rank and why.
     watch = RankWatch.start(process, lambda: run_dir.resume_hint(out_dir))
-    b = resolved.batch
-    # needed_sequences is only a stream's nominal epoch: no data, held-out set or batch order depends on max_steps,
-    # so a resume with another max_steps continues the same data (ava.data.setup).
-    data = build_training_data(cfg.data, cfg.model.vocab_size, b.micro, cfg.data.eval_batch_size, process.rank,
-                               process.world_size, needed_sequences=(cfg.training.max_steps or 1000) * b.global_batch,
-                               max_steps=cfg.training.max_steps, accumulation=b.accumulation)
-    if data.eval is None and cfg.training.save_strategy == "best":
-        raise UserError(
-            "training.save_strategy is 'best', but there is no held-out data to evaluate on (fewer held-out "
-            f"sequences than data.eval_batch_size {cfg.data.eval_batch_size} x {process.world_size} rank(s)), "
-            "so the run would never save a checkpoint",
-            "provide more validation data (val.bin), lower data.eval_batch_size, or use save_strategy: steps")
-    planned = total_steps(cfg.training, data.train.batches_per_epoch, b.accumulation)
-    start_step = int(point.name.removeprefix("step")) if point is not None else 0
-    console = RunConsole(planned, enabled=main_rank, start_step=start_step)
-    metrics, wandb, sinks = None, None, []
-    if main_rank:
-        run_dir.write_header(out_dir, render_yaml(resolved, with_origins=True), ds_config)
-        run_dir.write_tokens(out_dir, tokens_for_data(cfg.data, data.tokenizer))
-        if point is not None and resume:
-            run_dir.drop_records_after(out_dir / "metrics.jsonl", start_step)
-        metrics = (out_dir / "metrics.jsonl").open("a")
-        _print_header(console, resolved, data, point, pretrained, out_dir)
-        if elastic_note is not None:
-            console.note(elastic_note)
-        wandb = _start_wandb(resolved, out_dir)
-        sinks = _sinks(cfg, console, metrics, out_dir, wandb, start_step if resume else 0)
+    try:  # the data and the header: an error one rank meets here ends the others too
+        b = resolved.batch
+        # needed_sequences is only a stream's nominal epoch: no data, held-out set or batch order depends on max_steps,
+        # so a resume with another max_steps continues the same data (ava.data.setup).
+        data = build_training_data(cfg.data, cfg.model.vocab_size, b.micro, cfg.data.eval_batch_size, process.rank,
+                                   process.world_size, needed_sequences=(cfg.training.max_steps or 1000) * b.global_batch,
+                                   max_steps=cfg.training.max_steps, accumulation=b.accumulation)
+        if data.eval is None and cfg.training.save_strategy == "best":
+            raise UserError(
+                "training.save_strategy is 'best', but there is no held-out data to evaluate on (fewer held-out "
+                f"sequences than data.eval_batch_size {cfg.data.eval_batch_size} x {process.world_size} rank(s)), "
+                "so the run would never save a checkpoint",
+                "provide more validation data (val.bin), lower data.eval_batch_size, or use save_strategy: steps")
+        planned = total_steps(cfg.training, data.train.batches_per_epoch, b.accumulation)
+        start_step = int(point.name.removeprefix("step")) if point is not None else 0
+        console = RunConsole(planned, enabled=main_rank, start_step=start_step)
+        metrics, wandb, sinks = None, None, []
+        if main_rank:
+            run_dir.write_header(out_dir, render_yaml(resolved, with_origins=True), ds_config)
+            run_dir.write_tokens(out_dir, tokens_for_data(cfg.data, data.tokenizer))
+            if point is not None and resume:
+                run_dir.drop_records_after(out_dir / "metrics.jsonl", start_step)
+            metrics = (out_dir / "metrics.jsonl").open("a")
+            _print_header(console, resolved, data, point, pretrained, out_dir)
+            if elastic_note is not None:
+                console.note(elastic_note)
+            wandb = _start_wandb(resolved, out_dir)
+            sinks = _sinks(cfg, console, metrics, out_dir, wandb, start_step if resume else 0)
+    except BaseException as exc:
+        failure = watch.account(exc)
+        watch.leave()
+        if failure is not exc:
+            raise failure from None
+        raise
     from ava.hf.pretrained import load_weights
 
     # Loaded inside the loop and dropped once copied into the model: no second full copy lives through training.
