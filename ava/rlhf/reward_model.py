@@ -36,7 +36,12 @@ def run_reward(env: StageEnv, init: AvaForCausalLM) -> tuple[StageResult, RoleEn
         env.note(note)
     batch = s.batch_size or cfg.training.batch_size
     lr = stage_lr(env, s)
-    model = value_model_from_policy(init, head_std=head_std_for(cfg.model.hidden_size))
+    # The head's random start comes from the run's seed, not from whatever the stages before this one left in
+    # the global RNG: otherwise the same SFT model and seed gave another reward model when SFT had run in this
+    # process than when it had not (a resumed pipeline), or when any earlier code drew one number more.
+    with torch.random.fork_rng(devices=[]):  # the CPU generator, where the model is built; restored after
+        torch.random.default_generator.manual_seed(env.seed)
+        model = value_model_from_policy(init, head_std=head_std_for(cfg.model.hidden_size))
     critic = build_engine(model, cfg, "reward model", env.zero_stage("critic"), micro_batch=2 * batch,
                           world_size=env.process.world_size, learning_rate=lr)
     env.note(f"reward: {len(encoded)} pairs, {batch} pairs x {env.process.world_size} rank(s) per step, lr {lr:g}, "

@@ -7,12 +7,21 @@ That message names a socket, not a rank. So at start-up every rank shares its
 host and process id (`Peers.gather`), and when a collective fails that way,
 each survivor checks which of the processes on its own host are gone and
 reports them by rank, with the checkpoint the run can resume from.
+
+A dying process closes its sockets before it is a zombie, so a survivor can
+meet the broken collective while the peer still looks alive ("R" in /proc):
+a survivor that looked at once missed about one SIGKILL in five, the window
+lasting up to 12 ms on a loaded 2-core machine, longer the busier it is. A
+process that has begun to exit (the kernel's PF_EXITING) therefore counts as
+gone, and a survivor that finds no peer gone yet waits for one
+(`EXIT_WAIT_S`) before it settles for "lost contact".
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +30,16 @@ from ava.train.runtime.rendezvous import LaunchError
 # Fragments of the errors torch.distributed raises when a peer process disappears (gloo and NCCL).
 _LOST_PEER = ("connection reset by peer", "connection closed by peer", "broken pipe", "connection refused",
               "communicator was aborted", "remote process exited", "socket timeout", "nccl watchdog")
+
+
+# How long a survivor waits for a peer's death to show when every rank runs on this host: one of them left, so
+# it is only a matter of the dying process being scheduled. Far below the 30 s the deepspeed launcher gives
+# the others between its SIGTERM and its SIGKILL, so the message is out before they are killed.
+EXIT_WAIT_S = 10.0
+# With ranks on other hosts the lost one may be there, out of sight: a short wait, not to delay the message.
+EXIT_WAIT_ELSEWHERE_S = 1.0
+_POLL_S = 0.05
+PF_EXITING = 0x4  # include/linux/sched.h: the task has begun to exit (/proc/<pid>/stat field 9, flags)
 
 
 class LostRankError(LaunchError):
@@ -43,10 +62,18 @@ class Peers:
         dist.all_gather_object(everyone, mine)
         return cls(tuple(p for p in everyone if p is not None))
 
-    def dead_on_this_host(self) -> list[int]:
-        """Ranks on this host whose process no longer runs."""
+    def dead_on_this_host(self, wait_s: float = 0.0) -> list[int]:
+        """Ranks on this host whose process no longer runs (or has begun to exit).
+
+        With `wait_s`, waits up to that long for at least one to be gone (see the module docstring).
+        """
         host = socket.gethostname()
-        return [rank for rank, (where, pid) in enumerate(self.processes) if where == host and not _alive(pid)]
+        deadline = time.monotonic() + wait_s
+        while True:
+            dead = [rank for rank, (where, pid) in enumerate(self.processes) if where == host and not _alive(pid)]
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(_POLL_S)
 
     def elsewhere(self) -> list[int]:
         host = socket.gethostname()
@@ -54,17 +81,33 @@ class Peers:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` runs and has not begun to exit."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, owned by someone else
+    except PermissionError:  # exists, owned by someone else: /proc still says whether it is exiting
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (not Linux): kill() said it exists (if just reaped, the next look sees it gone)
         return True
-    try:  # a killed child not yet reaped by the launcher is a zombie: gone for our purposes
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
+    return not exiting(stat)
+
+
+def exiting(stat: str) -> bool:
+    """Whether a /proc/<pid>/stat line shows a process exiting, or exited and not yet reaped (a zombie).
+
+    A killed child the launcher has not reaped yet is a zombie; before that it
+    is exiting (PF_EXITING) from the moment it took the signal, which is
+    before it closes its sockets and its peers' collectives fail.
+    """
+    fields = stat.rsplit(")", 1)[-1].split()  # the name, in parentheses, may hold spaces
+    try:
+        state, flags = fields[0], int(fields[6])
+    except (IndexError, ValueError):
+        return False
+    return state in ("Z", "X", "x") or bool(flags & PF_EXITING)
 
 
 def is_lost_peer(exc: BaseException) -> bool:
@@ -75,7 +118,10 @@ def is_lost_peer(exc: BaseException) -> bool:
 
 def lost_rank_error(exc: BaseException, peers: Peers, rank: int, resume_hint: str) -> LostRankError:
     """The one-paragraph account of a lost rank, for the survivors to print."""
-    dead = [r for r in peers.dead_on_this_host() if r != rank]
+    host = socket.gethostname()
+    neighbours = [r for r, (where, _) in enumerate(peers.processes) if where == host and r != rank]
+    wait = 0.0 if not neighbours else EXIT_WAIT_ELSEWHERE_S if peers.elsewhere() else EXIT_WAIT_S
+    dead = [r for r in peers.dead_on_this_host(wait) if r != rank]
     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     cause = first_line.split("] ", 1)[-1].split(". ")[0][:160]
     if dead:
