@@ -181,7 +181,9 @@ def test_ctrl_c_under_the_deepspeed_launcher_checkpoints_both_ranks_and_reports_
     finally:
         for stale in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
             stale.unlink(missing_ok=True)
-    assert code == -signal.SIGINT, stdout[-3000:]  # the shell shows 128 + 2 = 130
+    # DeepSpeed's own command ends by the SIGINT (-2, the shell shows 130) or, when its launch.py child's handler
+    # exits first, with that child's status 1: either way a failure, and neither is Ava's to choose.
+    assert code in (-signal.SIGINT, 1), stdout[-3000:]
     ranks = [line for line in stdout.splitlines() if line.startswith("[rank")]
     assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in ranks), stdout[-3000:]
     summary = json.loads((out / "summary.json").read_text())
