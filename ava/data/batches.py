@@ -33,6 +33,25 @@ class Batches(Protocol):
     def __iter__(self) -> Iterator[torch.Tensor]: ...
 
 
+def micro_batches_done(state: Mapping[str, int], index_key: str, samples_key: str, micro_batch: int,
+                       world_size: int) -> object:
+    """The micro-batches per rank a data position has consumed, under this split of the global batch.
+
+    A position with `samples_key` (sequences or windows consumed over all
+    ranks) loads under any micro batch x ranks that divides it (an elastic
+    resume); an older one has only `index_key`, the count under its own split.
+    """
+    samples, per_batch = state.get(samples_key), micro_batch * world_size
+    if samples is None:
+        return state.get(index_key)
+    if isinstance(samples, int) and samples >= 0 and samples % per_batch == 0:
+        return samples // per_batch
+    raise UserError(
+        f"data position {dict(state)} is not a whole number of micro-batches here ({samples} {samples_key} "
+        f"consumed; a micro-batch over all ranks is {micro_batch} x {world_size} = {per_batch})",
+        "resume with the global batch the checkpoint was written with, split so that micro batch x ranks divides it")
+
+
 class SequenceBatches:
     """Iterate micro-batches of shape (micro_batch, L) from a packed (N, L) array for one rank.
 
@@ -166,17 +185,8 @@ class SequenceBatches:
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Continue from a position taken by `state_dict()`: same data, global batch and seed; when it holds
         `samples`, the micro batch and number of ranks may differ (an elastic resume)."""
-        epoch, batch_index = state.get("epoch"), state.get("batch_index")
-        samples = state.get("samples")
-        per_batch = self._micro_batch * self._world_size
-        if isinstance(samples, int) and samples >= 0 and samples % per_batch == 0:
-            batch_index = samples // per_batch
-        elif samples is not None:
-            raise UserError(
-                f"data position {dict(state)} is not a whole number of micro-batches here ({samples} sequences "
-                f"consumed; a micro-batch over all ranks is {self._micro_batch} x {self._world_size} = {per_batch})",
-                "resume with the global batch the checkpoint was written with, split so that micro batch x ranks "
-                "divides it")
+        epoch = state.get("epoch")
+        batch_index = micro_batches_done(state, "batch_index", "samples", self._micro_batch, self._world_size)
         if (not isinstance(epoch, int) or not isinstance(batch_index, int) or epoch < 0
                 or not 0 <= batch_index <= self.batches_per_epoch):
             raise UserError(

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
+from ava.data.batches import micro_batches_done
 from ava.errors import UserError
 
 
@@ -111,16 +112,8 @@ class RandomWindows:
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Continue from a position taken by `state_dict()`: same data, global batch and seed; when it holds
         `window_samples`, the micro batch and number of ranks may differ (an elastic resume)."""
-        epoch, index = state.get("epoch"), state.get("window_batch")
-        samples, per_batch = state.get("window_samples"), self._micro_batch * self._world_size
-        if isinstance(samples, int) and samples >= 0 and samples % per_batch == 0:
-            index = samples // per_batch
-        elif samples is not None:
-            raise UserError(
-                f"data position {dict(state)} is not a whole number of micro-batches here ({samples} windows "
-                f"consumed; a micro-batch over all ranks is {self._micro_batch} x {self._world_size} = {per_batch})",
-                "resume with the global batch the checkpoint was written with, split so that micro batch x ranks "
-                "divides it")
+        epoch = state.get("epoch")
+        index = micro_batches_done(state, "window_batch", "window_samples", self._micro_batch, self._world_size)
         if (not isinstance(epoch, int) or not isinstance(index, int) or epoch < 0
                 or not 0 <= index <= self.batches_per_epoch):
             raise UserError(
