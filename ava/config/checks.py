@@ -17,6 +17,7 @@ from ava.config.check_context import CheckContext
 from ava.config.errors import Notice
 from ava.config.feature_checks import check_features
 from ava.config.lora_checks import check_lora_targets
+from ava.config.provenance import Layer, Origin
 from ava.config.quantization_checks import check_quantization
 from ava.config.rlhf_checks import check_rlhf
 from ava.config.schema import (
@@ -68,16 +69,46 @@ def _model(ctx: CheckContext) -> None:
                     "or set num_experts_per_token: 1", m.router_type)
 
 
-def _training(ctx: CheckContext) -> None:
-    t = ctx.sections["training"]
-    assert isinstance(t, TrainingConfig)
-    if t.max_steps is not None and t.warmup_steps >= t.max_steps:
+def _warmup(ctx: CheckContext, t: TrainingConfig) -> None:
+    if t.max_steps is None or t.warmup_steps < t.max_steps:
+        return
+    if ctx.origin("training.warmup_steps").layer < ctx.origin("training.max_steps").layer:
+        _shorten_warmup(ctx, t)
+    else:
         ctx.problem("training.warmup_steps",
                     f"must be smaller than training.max_steps = {t.max_steps} ({ctx.where('training.max_steps')}); "
                     "otherwise the learning rate never reaches its peak",
                     f"set warmup_steps to at most {t.max_steps - 1} (10% of max_steps, {t.max_steps // 10}, is "
                     "typical), or raise max_steps",
                     t.warmup_steps)
+
+
+def _shorten_warmup(ctx: CheckContext, t: TrainingConfig) -> None:
+    """A warmup from a lower layer than a `max_steps` it does not fit: lower it to 10% of the run, with a note.
+
+    The usual case is a smoke test: `--max_steps 8` on a config whose schedule
+    was written for a long run. Lowering `max_steps` in a higher layer says
+    "this run is shorter"; a warmup as long as the run would never reach the
+    peak learning rate, so it is scaled down the way the batch solver
+    re-derives values a lower layer set. Both keys in one layer stay an error:
+    there the user wrote the contradiction.
+    """
+    assert t.max_steps is not None
+    was, where = t.warmup_steps, ctx.where("training.warmup_steps")
+    t.warmup_steps = t.max_steps // 10
+    ctx.origins[("training", "warmup_steps")] = Origin(
+        Layer.DERIVED, detail=f"10% of training.max_steps {t.max_steps}; replaces {was} from {where}")
+    ctx.notices.append(Notice(
+        "note", where, ctx.key("training.warmup_steps"),
+        f"lowered from {was} to {t.warmup_steps} (10% of training.max_steps = {t.max_steps} from "
+        f"{ctx.where('training.max_steps')}), since a warmup as long as the run never reaches the peak "
+        f"learning rate; pass --warmup_steps N (below {t.max_steps}) to choose another"))
+
+
+def _training(ctx: CheckContext) -> None:
+    t = ctx.sections["training"]
+    assert isinstance(t, TrainingConfig)
+    _warmup(ctx, t)
     if t.lr_end > t.learning_rate:
         ctx.problem("training.lr_end",
                     f"must not exceed training.learning_rate = {t.learning_rate} "

@@ -110,14 +110,16 @@ def load_config(files: ConfigFiles, overrides: Sequence[str] = (),
     notices += ctx.notices
     if problems or ctx.batch is None:
         raise ConfigError(problems or [Problem("", "", "internal error: batch plan missing")])
-    return _finish(sections, tree, ctx.batch, notices, files, tuple(overrides))
+    return _finish(sections, tree, ctx.origins, ctx.batch, notices, files, tuple(overrides))
 
 
-def _finish(sections: dict[str, Any], tree: MergedTree, plan: BatchPlan, notices: list[Notice],
-            files: ConfigFiles, overrides: tuple[str, ...]) -> ResolvedConfig:
+def _finish(sections: dict[str, Any], tree: MergedTree, checked: dict[KeyPath, Origin], plan: BatchPlan,
+            notices: list[Notice], files: ConfigFiles, overrides: tuple[str, ...]) -> ResolvedConfig:
+    """The resolved config: the checked sections (a check may have re-derived a value, e.g. a warmup that
+    did not fit the run) with the batch plan, and `checked`, the origins as the checks left them."""
     data: dict[str, Any] = {name: (s.model_dump(mode="json") if s is not None else None)
                             for name, s in sections.items()}
-    origins = dict(tree.origins)
+    origins = dict(checked)
     data["training"]["batch_size"] = plan.micro
     data["training"]["gradient_accumulation_steps"] = plan.accumulation
     data["deepspeed"]["train_batch_size"] = plan.global_batch

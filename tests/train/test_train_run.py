@@ -46,3 +46,16 @@ def test_train_py_lowers_the_loss_and_writes_config_metrics_and_summary(tmp_path
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["status"] == "completed" and resumed["checks_passed"] and resumed["steps"] == 16
     assert resumed["eval_loss"] == summary["eval_loss"] and resumed["checks"]["checkpoint_reloads_exactly"]
+
+
+def test_a_smoke_test_that_only_lowers_max_steps_runs_with_a_note_on_the_warmup(tmp_path):
+    # tiny.yaml's warmup (10 steps) is longer than the run; the command line's max_steps outranks the file.
+    out = tmp_path / "smoke"
+    result = subprocess.run([sys.executable, "train.py", *TINY, "--max_steps", "8", "--output_dir", str(out)],
+                            cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    assert ("note: configs/gpu/tiny.yaml:43: training.warmup_steps: lowered from 10 to 0 (10% of "
+            "training.max_steps = 8 from command line (--max_steps 8))") in console
+    assert json.loads((out / "summary.json").read_text())["steps"] == 8
+    assert "warmup_steps: 0" in (out / "config.yaml").read_text()
