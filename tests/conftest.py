@@ -18,10 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from ava.train.runtime.op_build import use_per_venv_extensions_dir
+
 REPO = Path(__file__).resolve().parents[1]
 
 # DeepSpeed on a machine without a GPU needs its CPU accelerator.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Every process a test starts builds DeepSpeed's ops in this virtualenv's own directory, as train.py's do. In
+# torch's shared default, workers of two checkouts' suites rebuilt each other's ops, and a worker killed while
+# it held the build lock left a lock every later worker waited on forever.
+use_per_venv_extensions_dir()
 
 
 @pytest.fixture
