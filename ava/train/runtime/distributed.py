@@ -52,10 +52,12 @@ def init_distributed() -> ProcessInfo:
     from deepspeed.accelerator import get_accelerator
 
     from ava.train.runtime.rendezvous import discover, export, rendezvous, timeout_seconds
+    from ava.train.runtime.threads import set_rank_threads
 
     env = discover(os.environ)
     if "RANK" not in os.environ:  # no launcher: a group of one
         export(env, os.environ)
+    set_rank_threads(os.environ, print_note=env.rank == 0)  # before any compute: ranks sharing cores must not spin
     store = None
     if not dist.is_initialized():
         backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
