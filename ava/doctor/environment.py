@@ -84,7 +84,7 @@ def _precisions(accelerator: str) -> dict[str, str]:
         return {"fp32": "yes", "bf16": "yes" if torch.cuda.is_bf16_supported() else "no: needs Ampere or newer",
                 "fp16": fp16, "fp8": fp8 if optional_torchao else "no: install torchao"}
     return {"fp32": "yes", "bf16": "yes (DeepSpeed CPU accelerator)", "fp16": fp16,
-            "fp8": "emulated (torch._scaled_mm on CPU): correct but slow" if optional_torchao
+            "fp8": "emulated (a bf16 matmul of the FP8 values): correct, slower than bf16" if optional_torchao
             else "no: install torchao"}
 
 

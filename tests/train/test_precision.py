@@ -1,6 +1,6 @@
 """What `apply_precision` does to a model: which matmuls run in FP8, which stay in high precision and why.
 
-Small models on CPU, where torch._scaled_mm computes FP8 in software; the
+Small models on CPU, where FP8 is emulated (test_fp8_cpu_matmul: how); the
 multi-rank training runs are in test_fp8_zero.
 """
 
@@ -20,6 +20,7 @@ from ava.config.schema import AvaConfig
 from ava.model import AvaForCausalLM
 from ava.model.moe.experts import GroupedExperts
 from ava.train.engine import precision
+from ava.train.engine.fp8_cpu import use_cpu_matmuls
 from ava.train.engine.precision import Fp8Matmul, apply_precision, torchao_config
 from tests.conftest import REPO
 
@@ -118,9 +119,13 @@ def test_tensorwise_and_rowwise_recipes_configure_different_scaling():
     assert scaling["rowwise"] == (ScalingGranularity.AXISWISE, ScalingGranularity.AXISWISE, True)
 
 
+@pytest.mark.parametrize("cpu_matmuls", [False, True], ids=["scaled_mm", "cpu_matmuls"])
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_expert_fp8_matmul_is_exactly_torchaos_float8_linear(recipe):
-    """An expert's (in, out) weight is Float8Linear's weight.t(): same FP8 casts, same result, bit for bit."""
+def test_expert_fp8_matmul_is_exactly_torchaos_float8_linear(recipe, cpu_matmuls):
+    """An expert's (in, out) weight is Float8Linear's weight.t(): same FP8 casts, same result, bit for bit.
+
+    Also with the CPU kernel (`fp8_cpu`), which the experts and the converted linears share on a CPU.
+    """
     torch.manual_seed(0)
     config = torchao_config(recipe)
     x = torch.randn(24, 64, dtype=torch.bfloat16)
@@ -128,7 +133,10 @@ def test_expert_fp8_matmul_is_exactly_torchaos_float8_linear(recipe):
     linear = nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
     with torch.no_grad():
         linear.weight.copy_(w.t())
-    assert torch.equal(Fp8Matmul(config)(x, w), Float8Linear.from_float(linear, config=config)(x))
+    layer = Float8Linear.from_float(linear, config=config)
+    if cpu_matmuls:
+        use_cpu_matmuls(layer)
+    assert torch.equal(Fp8Matmul(config, cpu_matmuls=cpu_matmuls)(x, w), layer(x))
 
 
 def _experts(dtype: torch.dtype) -> GroupedExperts:
@@ -188,7 +196,8 @@ def test_cpu_fp8_is_reported_as_emulated_with_one_note():
     report = apply_precision(_model(_config()), _config(), device="cpu")
     assert report.emulated
     emulated = [n for n in report.notes if "emulated" in n]
-    assert emulated == ["fp8: CPU has no FP8 matrix units; FP8 matmuls are emulated (same numerics, slower than bf16)"]
+    assert emulated == ["fp8: CPU has no FP8 matrix units; FP8 matmuls are emulated with a bf16 matmul of the FP8 "
+                        "values (same casts and scales, slower than bf16)"]
     assert not any("fp8_margin" in n for n in report.notes)
 
 

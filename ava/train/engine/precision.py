@@ -14,16 +14,20 @@ With the torchao backend (`torchao.float8`):
   function `Float8Linear` itself uses (`matmul_with_hp_or_float8_args`), with
   the same recipe. torchao's grouped FP8 (`torchao.prototype.moe_training`)
   is not used: it swaps the parameters for tensor subclasses, which DeepSpeed
-  ZeRO cannot flatten, and needs SM90.
+  ZeRO cannot flatten, and needs SM90;
+- on a CPU both compute their FP8 matmuls with `ava.train.engine.fp8_cpu`
+  (a bf16 matmul of the FP8 values) instead of `torch._scaled_mm`, whose CPU
+  fallbacks made a tiny.yaml step take minutes.
 Kept in high precision: the router gates (routing decisions flip on small
 logit changes; `Router` computes them in fp32 anyway), the output head (the
 logits feed the loss directly; it may also be tied to the embedding) and any
 matmul whose widths are not multiples of 16 (`torch._scaled_mm` requires it).
 
-torchao internals this relies on (`Fp8Matmul`; unchanged from torchao 0.10
-to 0.18, the version tested): the autograd function
-`torchao.float8.float8_linear.matmul_with_hp_or_float8_args` and the way
-`Float8Linear.__init__` builds its `LinearMMConfig`.
+torchao internals this relies on (`Fp8Matmul`, `fp8_cpu`; unchanged from
+torchao 0.10 to 0.18, the version tested): the autograd function
+`torchao.float8.float8_linear.matmul_with_hp_or_float8_args`, the way
+`Float8Linear.__init__` builds its `LinearMMConfig` and its `forward`, and
+`torchao.float8.float8_ops.preprocess_addmm`.
 """
 
 from __future__ import annotations
@@ -90,14 +94,16 @@ def apply_precision(model: nn.Module, config: AvaConfig, *, device: str | torch.
     if ds.fp8_backend == "transformer_engine":
         return _apply_transformer_engine(model, ds.fp8_margin, device_type)
     report = PrecisionReport("fp8", backend="torchao", recipe=ds.fp8_recipe, emulated=not has_fp8_units)
-    # torch._scaled_mm where it takes float8 operands: FP8 units, and CPUs (in software there, but the kernel
-    # path a GPU runs); elsewhere (CUDA before Ada) torchao's emulation: dequantise, then an fp32 matmul.
-    scaled_mm = has_fp8_units or (device_type == "cpu" and _cpu_scaled_mm_works())
-    fp8_config = torchao_config(ds.fp8_recipe, emulate=not scaled_mm)
-    _convert_torchao(model, fp8_config, report)
+    # The FP8 matmuls: torch._scaled_mm on FP8 units; on a CPU, a bf16 matmul of the FP8 values
+    # (ava.train.engine.fp8_cpu: _scaled_mm there is an fp32 or oneDNN fallback many times slower);
+    # elsewhere (CUDA before Ada) torchao's emulation: dequantise, then an fp32 matmul.
+    on_cpu = device_type == "cpu"
+    fp8_config = torchao_config(ds.fp8_recipe, emulate=not (has_fp8_units or on_cpu))
+    _convert_torchao(model, fp8_config, report, cpu_matmuls=on_cpu)
     if report.emulated:
-        report.notes.append(f"fp8: {device_name} has no FP8 matrix units; FP8 matmuls are emulated "
-                            "(same numerics, slower than bf16)")
+        how = "a bf16 matmul of the FP8 values" if on_cpu else "an fp32 matmul of the FP8 values"
+        report.notes.append(f"fp8: {device_name} has no FP8 matrix units; FP8 matmuls are emulated with {how} "
+                            "(same casts and scales, slower than bf16)")
     if ds.fp8_margin:
         report.notes.append(f"fp8: deepspeed.fp8_margin = {ds.fp8_margin} has no effect with fp8_backend torchao, "
                             "which scales from each tensor's current maximum (the margin is for Transformer "
@@ -122,7 +128,9 @@ class Fp8Matmul:
     built the way `Float8Linear.__init__` builds it.
     """
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, cpu_matmuls: bool = False) -> None:
+        """`cpu_matmuls`: compute the FP8 matmuls with `ava.train.engine.fp8_cpu` (as `Float8Linear` layers
+        converted for a CPU do) instead of `torch._scaled_mm`."""
         f8 = _torchao_float8()
         from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
 
@@ -133,6 +141,10 @@ class Fp8Matmul:
         self.mm_config = f8.LinearMMConfig(gemm(config.gemm_config_output), gemm(config.gemm_config_grad_input),
                                            gemm(config.gemm_config_grad_weight))
         self.function = matmul_with_hp_or_float8_args
+        if cpu_matmuls:
+            from ava.train.engine.fp8_cpu import cpu_matmul_function
+
+            self.function = cpu_matmul_function()
 
     def __call__(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self.function.apply(rows, weight, self.mm_config, self.config)
@@ -175,13 +187,18 @@ def _plan(model: nn.Module, report: PrecisionReport, experts_reason: str | None 
     return linears, experts
 
 
-def _convert_torchao(model: nn.Module, config: Any, report: PrecisionReport) -> None:
+def _convert_torchao(model: nn.Module, config: Any, report: PrecisionReport, cpu_matmuls: bool = False) -> None:
     linears, experts = _plan(model, report)
     convert = set(linears)
     _torchao_float8().convert_to_float8_training(model, config=config,
                                                  module_filter_fn=lambda _module, name: name in convert)
+    if cpu_matmuls:
+        from ava.train.engine.fp8_cpu import use_cpu_matmuls
+
+        for name in linears:
+            use_cpu_matmuls(model.get_submodule(name))
     if experts:
-        matmul = Fp8Matmul(config)
+        matmul = Fp8Matmul(config, cpu_matmuls=cpu_matmuls)
         for name in experts:
             module = model.get_submodule(name)
             assert isinstance(module, GroupedExperts)
@@ -208,18 +225,6 @@ def _describe_device(device: str | torch.device | None) -> tuple[str, str, bool]
         # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later; AMD (ROCm) reports its own capabilities.
         return kind, torch.cuda.get_device_name(index), (major, minor) >= (8, 9)
     return kind, "CPU" if kind == "cpu" else kind, False
-
-
-@functools.cache
-def _cpu_scaled_mm_works() -> bool:
-    """Whether this torch runs `torch._scaled_mm` on float8 CPU tensors (torch >= 2.7 does)."""
-    try:
-        a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
-        one = torch.ones((), dtype=torch.float32)
-        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return False
-    return True
 
 
 class _ImportNoise(logging.Filter):
