@@ -102,6 +102,11 @@ def _features(result: dict[str, Any]) -> str:
             + "; tokens/s vs off: " + ", ".join(f"{r['variant']} {r['speed_vs_off']:.2f}x" for r in rows))
 
 
+def _rank_threads(result: dict[str, Any]) -> str:
+    return (f"{result['ranks']} ranks under OMP_NUM_THREADS={result['threads']}: step time {result['ratio']:.2f}x "
+            f"OMP_NUM_THREADS=1's (target <= {result['target']})")
+
+
 def _vs_plain(result: dict[str, Any]) -> str:
     return "; ".join(f"{r['shape']}: ava / plain PyTorch whole-run wall = {r['wall_ratio']:.2f} (target <= "
                      f"{r['target_ratio']}), held-out loss {r['eval_loss_delta']:+.4f}" for r in result["results"])
@@ -131,6 +136,8 @@ BENCHMARKS = (
     Benchmark("features", "features.py", ("--steps", "100"),
               ("--steps", "2", "--only", "moh", "--training.eval_steps", "2", "--data.max_eval_examples", "16"),
               _features),
+    Benchmark("rank_threads", "rank_threads.py", (),
+              ("--steps", "3", "--num_layers", "1", "--max_length", "32", "--batch_size", "2"), _rank_threads),
     Benchmark("vs_plain_pytorch", "vs_plain_pytorch.py", (),
               ("--shapes", "small", "--small_steps", "16", "--rounds", "1"), _vs_plain),
 )
