@@ -33,7 +33,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ava.model.compile import run_outside_graph
 
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _aten = torch.ops.aten
 
 
@@ -69,10 +68,16 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     return out.to(out_dtype)
 
 
+@functools.cache
+def _float8_tensor_class() -> type:
+    from torchao.float8.float8_training_tensor import Float8TrainingTensor
+
+    return Float8TrainingTensor
+
+
 def _is_fp8_training_tensor(value: Any) -> bool:
-    data = getattr(value, "_data", None)
-    return isinstance(value, torch.Tensor) and isinstance(data, torch.Tensor) and data.dtype in _FP8_DTYPES \
-        and hasattr(value, "_scale") and hasattr(value, "_orig_dtype")
+    """A torchao FP8 tensor (FP8 `_data`, `_scale`, `_orig_dtype`): what its matmul dispatch receives."""
+    return isinstance(value, _float8_tensor_class())
 
 
 class _MatmulsHere(TorchDispatchMode):
