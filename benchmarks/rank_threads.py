@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,12 +38,22 @@ from benchmarks.timing import print_table, write_json  # noqa: E402
 TARGET = 1.3  # shared run's step time over OMP_NUM_THREADS=1's
 
 
+def _launcher() -> str:
+    """The `deepspeed` command of this Python's environment (a virtualenv's bin/ need not be on PATH)."""
+    beside = Path(sys.executable).with_name("deepspeed")
+    found = str(beside) if beside.exists() else shutil.which("deepspeed")
+    if found is None:
+        raise SystemExit(f"no `deepspeed` command beside {sys.executable} or on PATH: install deepspeed "
+                         "in this environment")
+    return found
+
+
 def _run(ns: argparse.Namespace, overrides: list[str], env_extra: dict[str, str], out: Path) -> dict:
     """One whole run; its median later-step seconds, first step, wall time and the threads each rank used."""
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     env.pop("AVA_THREADS", None)  # the user's own setting would decide every case alike
     env.update(env_extra)
-    command = ["deepspeed", "--num_gpus", str(ns.ranks), "--master_port", str(ns.port), "train.py",
+    command = [_launcher(), "--num_gpus", str(ns.ranks), "--master_port", str(ns.port), "train.py",
                "--config", "configs/gpu/tiny.yaml", "--hardware_config", "configs/hardware/cpu.yaml",
                "--distributed_config", "configs/distributed/deepspeed_zero2.yaml",
                "--max_steps", str(ns.steps), "--warmup_steps", "1", "--logging_steps", "1",
