@@ -69,15 +69,16 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
 
 
 @functools.cache
-def _float8_tensor_class() -> type:
-    from torchao.float8.float8_training_tensor import Float8TrainingTensor
+def _torchao() -> Any:
+    """torchao's FP8 ops module, imported once on first use (not per matmul: this is the hot path)."""
+    import torchao.float8.float8_ops as ops
 
-    return Float8TrainingTensor
+    return ops
 
 
 def _is_fp8_training_tensor(value: Any) -> bool:
     """A torchao FP8 tensor (FP8 `_data`, `_scale`, `_orig_dtype`): what its matmul dispatch receives."""
-    return isinstance(value, _float8_tensor_class())
+    return isinstance(value, _torchao().Float8TrainingTensor)
 
 
 class _MatmulsHere(TorchDispatchMode):
@@ -100,9 +101,7 @@ class _MatmulsHere(TorchDispatchMode):
 
     @staticmethod
     def _scaled(a: Any, b: Any, bias: torch.Tensor | None) -> torch.Tensor:
-        from torchao.float8.float8_ops import preprocess_addmm
-
-        a_data, a_scale, b_data, b_scale = preprocess_addmm(a, b)
+        a_data, a_scale, b_data, b_scale = _torchao().preprocess_addmm(a, b)
         return scaled_mm(a_data, a_scale, b_data, b_scale, a._orig_dtype, bias)
 
 
